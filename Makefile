@@ -1,0 +1,38 @@
+# Every target bootstraps .venv on first use, so a fresh machine needs one command.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch. On a CUDA machine: make TORCH_SPEC='torch==2.13.0' with your CUDA index configured.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test bench bench-smoke lint format clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/advantages_demo.py
+
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/pytest benchmarks/ --benchmark-only
+
+bench-smoke: $(VENV)/.installed
+	$(BIN)/pytest benchmarks/ --benchmark-disable -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,66 @@
+"""Backend dispatch and the input checks every op shares.
+
+Dispatch rule (DESIGN §4): CUDA tensors run the Triton kernels, CPU tensors the PyTorch path;
+``backend="triton"`` or ``backend="torch"`` forces one. Triton on CPU tensors works only under the
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the tests check
+every kernel on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """Pick "torch" or "triton" for ``tensors``; raise a ValueError that says why not."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    on_cuda = bool(present) and present[0].is_cuda
+    if backend == "auto":
+        return "triton" if on_cuda else "torch"
+    if backend == "triton" and not on_cuda and not triton_interpreting():
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+            "imported to run the kernels in Triton's CPU interpreter"
+        )
+    return backend
+
+
+def check_vector(name: str, t: torch.Tensor, n: int | None = None) -> None:
+    """A 1-D tensor, of length ``n`` when given."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if n is not None and t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {n} (one per response)")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise naming ``name`` and the first non-finite position (one host sync)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        where = idx[0] if len(idx) == 1 else idx
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s); first at index {where}: "
+            f"{t[idx].item()}"
+        )
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")

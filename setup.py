@@ -1,0 +1,32 @@
+"""Installs papo_fast; the Triton kernels in kernels/ ship as papo_fast.kernels."""
+
+from setuptools import setup
+
+setup(
+    name="papo_fast",
+    version="0.1.0",
+    description="Triton-accelerated PAPO / GRPO for LLM reinforcement learning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # kernels/ is not a top-level package (PyPI's `kernels` is another project).
+    packages=["papo_fast", "papo_fast.kernels"],
+    package_dir={"papo_fast": "papo_fast", "papo_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "liger-kernel==0.8.5",
+            "packaging",  # liger-kernel imports it without declaring it
+        ],
+        "gpu": ["flash-attn>=2.6", "vllm>=0.8"],
+    },
+)
