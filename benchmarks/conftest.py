@@ -1,0 +1,30 @@
+"""Shared benchmark plumbing.
+
+Each suite defines ``SIZES`` (what `pytest benchmarks/ --benchmark-only` times) and ``SMOKE_SIZES``
+(what CI runs with --benchmark-disable: every benchmark body once, small, so the suites never rot).
+A test that takes a ``size`` argument is parametrized over the one that fits the run.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_generate_tests(metafunc):
+    if "size" not in metafunc.fixturenames:
+        return
+    smoke = metafunc.config.getoption("benchmark_disable", False)
+    sizes = metafunc.module.SMOKE_SIZES if smoke else metafunc.module.SIZES
+    metafunc.parametrize("size", sizes, ids=[str(s) for s in sizes])
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
