@@ -1,12 +1,14 @@
 """Installs papo_fast; the Triton kernels in kernels/ ship as papo_fast.kernels."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="papo_fast",
     version="0.1.0",
     description="Triton-accelerated PAPO / GRPO for LLM reinforcement learning",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

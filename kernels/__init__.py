@@ -1,1 +1,1 @@
-"""Triton kernels of papo_fast, each beside its plain-PyTorch reference (imported as papo_fast.kernels)."""
+"""Triton kernels, each beside its plain-PyTorch path (installed as papo_fast.kernels)."""

@@ -23,13 +23,15 @@ def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, bad: torch.T
 
 
 def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, msg: str = "") -> None:
-    """allclose that never lets NaN through and explains where it failed."""
+    """allclose that lets NaN through only where the expected value is NaN too, and explains
+    where it failed."""
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     assert actual.shape == expected.shape, f"{msg} shape {actual.shape} != {expected.shape}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     ok = (a - e).abs() <= atol + rtol * e.abs()
     ok &= torch.isfinite(a) == torch.isfinite(e)
     ok |= (a == e) & torch.isinf(e)  # equal infinities
+    ok |= torch.isnan(a) & torch.isnan(e)  # an undefined statistic, e.g. no correct response
     bad = ~ok
     assert not bad.any(), f"{msg}\n{describe_mismatch(actual, expected, bad)}"
 

@@ -1,0 +1,416 @@
+"""PAPO advantages: segmented group normalization of rewards, in one pass.
+
+For one prompt's group of responses (DESIGN §1, the authors' released code to the last detail):
+
+    A_out  = (r_out - mean) / (std + eps)        over all responses of the group
+    A_proc = (r_proc - mean_C) / (std_C + eps)   over the correct responses C only; 0 elsewhere
+    A      = A_out + lam * A_proc
+
+std is the unbiased (N-1) standard deviation. A part is *active* in a group only when it has at
+least two members and std > eps; otherwise the whole group gets 0 for that part (a group of one
+gets 0). ``scale_by_std=False`` centres without dividing (Dr. GRPO), for both parts, under the
+same activity rule. The paper's baselines are other ways of wiring the same normalization:
+
+    mode       outcome part            process part                weight
+    papo       r_out over all          r_proc over correct only    lam
+    orm        r_out over all          -                           -
+    prm        -                       r_proc over all             1
+    mult       r_out * r_proc over all -                           -
+    fullnorm   r_out over all          r_proc over all             lam
+
+Layers: ``_papo_adv_kernel`` (one program per group) -> ``_launch`` -> ``papo_advantages_torch``
+(vectorized segment reductions, the CPU path) beside it -> ``papo_advantages`` (checks, grouping,
+dispatch). No autograd: advantages are constants of the loss.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from papo_fast._backend import check_finite, check_vector, resolve_backend
+
+# mode -> (outcome reward: None | "outcome" | "product", process members: None | "correct" | "all")
+MODES: dict[str, tuple[str | None, str | None]] = {
+    "papo": ("outcome", "correct"),
+    "orm": ("outcome", None),
+    "prm": (None, "all"),
+    "mult": ("product", None),
+    "fullnorm": ("outcome", "all"),
+}
+_STAT_SLOTS = 7  # zero-adv count, active process groups, n/sum/min correct, n/sum wrong
+
+
+class Advantages(NamedTuple):
+    """Per-response advantages and the group statistics of the same pass.
+
+    ``stats`` holds 0-dim float32 tensors on the input's device (no host sync): ``zero_adv_frac``
+    (responses whose advantage is exactly 0), ``proc_active_frac`` (groups whose process part is
+    active), ``correct_adv_min``, ``correct_adv_mean``, ``wrong_adv_mean`` (NaN when there is no
+    such response) and ``num_groups``.
+    """
+
+    advantages: torch.Tensor  # [N] float32, outcome_adv + weight * process_adv
+    outcome_adv: torch.Tensor  # [N] float32, 0 in modes without an outcome part
+    process_adv: torch.Tensor  # [N] float32, 0 in modes without a process part
+    stats: dict[str, torch.Tensor]
+
+
+def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> dict:
+    """sums: [7] = zero count, active groups, n/sum/min over correct, n/sum over wrong."""
+    nan = torch.full_like(sums[0], float("nan"))
+    has_c, has_w = sums[2] > 0, sums[5] > 0
+    groups = num_groups.to(sums.dtype)
+    return {
+        "zero_adv_frac": sums[0] / max(n, 1),
+        "proc_active_frac": torch.where(groups > 0, sums[1] / groups.clamp_min(1), nan),
+        "correct_adv_min": torch.where(has_c, sums[4], nan),
+        "correct_adv_mean": torch.where(has_c, sums[3] / sums[2].clamp_min(1), nan),
+        "wrong_adv_mean": torch.where(has_w, sums[6] / sums[5].clamp_min(1), nan),
+        "num_groups": groups,
+    }
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _segment_norm(
+    X, PERM, MEMBER, start, end, eps,
+    BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr,
+):  # fmt: skip
+    """Mean, 1 / (std + eps) and activity of X over the members of one group (two-pass, fp32)."""
+    n = 0.0
+    total = 0.0
+    for i in range(start, end, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        inb = offs < end
+        idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
+        m = inb if ALL_MEMBERS else inb & (tl.load(MEMBER + idx, mask=inb, other=0) != 0)
+        n += tl.sum(m.to(tl.float32), axis=0)
+        total += tl.sum(tl.load(X + idx, mask=m, other=0.0).to(tl.float32), axis=0)
+    mean = total / tl.maximum(n, 1.0)
+    ss = 0.0
+    for i in range(start, end, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        inb = offs < end
+        idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
+        m = inb if ALL_MEMBERS else inb & (tl.load(MEMBER + idx, mask=inb, other=0) != 0)
+        d = tl.where(m, tl.load(X + idx, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+        ss += tl.sum(d * d, axis=0)
+    std = tl.sqrt(ss / tl.maximum(n - 1.0, 1.0))
+    return mean, 1.0 / (std + eps), (n >= 2.0) & (std > eps)
+
+
+@triton.heuristics({"HAS_PERM": lambda args: args["PERM"] is not None})
+@triton.jit
+def _papo_adv_kernel(
+    # inputs in the caller's order; PERM (optional) lists them group by group
+    OUT_REWARD, PROC_REWARD, CORRECT, PERM, OFFSETS,
+    # outputs in the caller's order, and the [7] statistics accumulators
+    ADV, ADV_OUT, ADV_PROC, STATS,
+    # constants
+    lam, eps,
+    BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, OUT_PART: tl.constexpr,
+    PROC_PART: tl.constexpr, PROC_ALL: tl.constexpr, SCALE_BY_STD: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0).to(tl.int64)
+    start = tl.load(OFFSETS + g).to(tl.int64)
+    end = tl.load(OFFSETS + g + 1).to(tl.int64)
+    if start < end:  # with group ids the grid is only a bound on the number of groups
+        if OUT_PART:
+            o_mean, o_inv, o_act = _segment_norm(
+                OUT_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, True
+            )
+        if PROC_PART:
+            p_mean, p_inv, p_act = _segment_norm(
+                PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL
+            )
+        n_zero = 0.0
+        n_c = 0.0
+        sum_c = 0.0
+        min_c = float("inf")
+        n_w = 0.0
+        sum_w = 0.0
+        for i in range(start, end, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            inb = offs < end
+            idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
+            corr = inb & (tl.load(CORRECT + idx, mask=inb, other=0) != 0)
+            a_out = tl.zeros([BLOCK], dtype=tl.float32)
+            a_proc = tl.zeros([BLOCK], dtype=tl.float32)
+            if OUT_PART:
+                a_out = tl.load(OUT_REWARD + idx, mask=inb, other=0.0).to(tl.float32) - o_mean
+                if SCALE_BY_STD:
+                    a_out = a_out * o_inv
+                a_out = tl.where(o_act, a_out, 0.0)
+            if PROC_PART:
+                a_proc = tl.load(PROC_REWARD + idx, mask=inb, other=0.0).to(tl.float32) - p_mean
+                if SCALE_BY_STD:
+                    a_proc = a_proc * p_inv
+                a_proc = tl.where(p_act, a_proc, 0.0)
+                a_proc = tl.where(inb if PROC_ALL else corr, a_proc, 0.0)
+            adv = a_out + lam * a_proc
+            tl.store(ADV + idx, adv, mask=inb)
+            tl.store(ADV_OUT + idx, a_out, mask=inb)
+            tl.store(ADV_PROC + idx, a_proc, mask=inb)
+            wrong = inb & ~corr
+            n_zero += tl.sum((inb & (adv == 0.0)).to(tl.float32), axis=0)
+            n_c += tl.sum(corr.to(tl.float32), axis=0)
+            sum_c += tl.sum(tl.where(corr, adv, 0.0), axis=0)
+            min_c = tl.minimum(min_c, tl.min(tl.where(corr, adv, float("inf")), axis=0))
+            n_w += tl.sum(wrong.to(tl.float32), axis=0)
+            sum_w += tl.sum(tl.where(wrong, adv, 0.0), axis=0)
+        # statistics of the same pass: seven atomics per group
+        tl.atomic_add(STATS + 0, n_zero)
+        if PROC_PART:
+            tl.atomic_add(STATS + 1, p_act.to(tl.float32))
+        tl.atomic_add(STATS + 2, n_c)
+        tl.atomic_add(STATS + 3, sum_c)
+        tl.atomic_min(STATS + 4, min_c)
+        tl.atomic_add(STATS + 5, n_w)
+        tl.atomic_add(STATS + 6, sum_w)
+
+
+def _new_stats(device: torch.device) -> torch.Tensor:
+    stats = torch.zeros(_STAT_SLOTS, dtype=torch.float32, device=device)
+    stats[4] = float("inf")
+    return stats
+
+
+def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, out_part, proc_all, scale_by_std):
+    """One program per group. Bytes: read ~(2 rewards + flag + perm) x N, write 3 x 4 x N."""
+    n = correct.numel()
+    num_programs = offsets.numel() - 1
+    adv, adv_out, adv_proc = (
+        torch.empty(n, dtype=torch.float32, device=correct.device) for _ in range(3)
+    )
+    stats = _new_stats(correct.device)
+    # groups of ~8 are the norm; larger groups loop over BLOCK-wide tiles
+    block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
+    _papo_adv_kernel[(num_programs,)](
+        out_r, proc_r, correct, perm, offsets,
+        adv, adv_out, adv_proc, stats,
+        float(lam), float(eps),
+        BLOCK=block, OUT_PART=out_r is not None, PROC_PART=proc_r is not None,
+        PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, num_warps=1 if block <= 128 else 4,
+    )  # fmt: skip
+    return adv, adv_out, adv_proc, stats
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def _segment_norm_torch(x, seg, member, num_slots: int, eps: float, scale_by_std: bool):
+    """Vectorized _segment_norm over all groups at once. seg: [N] group slot; member: [N] bool."""
+    w = member.to(x.dtype)
+    n = x.new_zeros(num_slots).index_add_(0, seg, w)
+    mean = x.new_zeros(num_slots).index_add_(0, seg, x * w) / n.clamp_min(1)
+    d = (x - mean[seg]) * w
+    std = (x.new_zeros(num_slots).index_add_(0, seg, d * d) / (n - 1).clamp_min(1)).sqrt()
+    active = (n >= 2) & (std > eps)  # [num_slots]; empty slots are inactive
+    a = d / (std[seg] + eps) if scale_by_std else d
+    return torch.where(active[seg] & member, a, torch.zeros_like(a)), active
+
+
+def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, scale_by_std):
+    """The CPU path: segment reductions with index_add_, no loop over groups, no host sync.
+
+    Sums run in float64 (sequential index_add_ in float32 loses ~1e-5 on 1024-response groups);
+    the results are float32 like the kernel's.
+    """
+    zeros = torch.zeros_like(correct, dtype=torch.float32)
+    everyone = torch.ones_like(correct)
+    adv_out, adv_proc, proc_active = zeros, zeros, None
+    if out_r is not None:
+        adv_out, _ = _segment_norm_torch(
+            out_r.double(), seg, everyone, num_slots, eps, scale_by_std
+        )
+    if proc_r is not None:
+        member = everyone if proc_all else correct
+        adv_proc, proc_active = _segment_norm_torch(
+            proc_r.double(), seg, member, num_slots, eps, scale_by_std
+        )
+    adv_out, adv_proc = adv_out.float(), adv_proc.float()
+    adv = (adv_out.double() + lam * adv_proc.double()).float()
+    wrong = ~correct
+    inf = torch.full_like(adv, float("inf"))
+    stats = torch.stack([
+        (adv == 0).sum().float(),
+        proc_active.sum().float() if proc_active is not None else adv.new_zeros(()),
+        correct.sum().float(),
+        torch.where(correct, adv, zeros).sum(),
+        torch.where(correct, adv, inf).min() if adv.numel() else adv.new_tensor(float("inf")),
+        wrong.sum().float(),
+        torch.where(wrong, adv, zeros).sum(),
+    ])  # fmt: skip
+    return adv, adv_out, adv_proc, stats
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def _check_reward(name: str, t: torch.Tensor, n: int | None) -> None:
+    check_vector(name, t, n)
+    if t.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got {t.dtype}")
+    if t.is_floating_point():
+        check_finite(name, t)
+
+
+def _groups_from_offsets(group_offsets: torch.Tensor, n: int):
+    check_vector("group_offsets", group_offsets)
+    if group_offsets.is_floating_point() or group_offsets.dtype == torch.bool:
+        raise ValueError(f"group_offsets must be an integer tensor, got {group_offsets.dtype}")
+    offs = group_offsets.long()
+    if offs.numel() == 0 or int(offs[0]) != 0:
+        raise ValueError("group_offsets must start at 0 (like cu_seqlens: [G + 1] boundaries)")
+    if int(offs[-1]) != n:
+        raise ValueError(f"group_offsets must end at N = {n} (the number of responses), "
+                         f"got {int(offs[-1])}")  # fmt: skip
+    sizes = offs.diff()
+    if bool((sizes <= 0).any()):
+        g = int((sizes <= 0).nonzero()[0])
+        raise ValueError(
+            f"group_offsets must be strictly increasing: group {g} is "
+            f"{'empty' if int(sizes[g]) == 0 else 'negative'} "
+            f"(offsets[{g}] = {int(offs[g])}, offsets[{g + 1}] = {int(offs[g + 1])})"
+        )
+    num_groups = offs.numel() - 1
+    seg = torch.repeat_interleave(
+        torch.arange(num_groups, device=offs.device), sizes, output_size=n
+    )
+    return seg, num_groups, None, offs, offs.new_tensor(num_groups)
+
+
+def _groups_from_ids(group_ids: torch.Tensor, n: int):
+    """Sort ids into contiguous segments without a host sync: N is a bound on the group count."""
+    check_vector("group_ids", group_ids, n)
+    if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    sorted_ids, perm = torch.sort(group_ids, stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    slot_sorted = starts.cumsum(0) - 1  # [N] dense group index, sorted order
+    seg = torch.empty_like(slot_sorted).scatter_(0, perm, slot_sorted)
+    positions = torch.arange(n, device=group_ids.device)
+    offsets = torch.full((n + 1,), n, dtype=torch.long, device=group_ids.device)
+    offsets.scatter_reduce_(0, slot_sorted, positions, reduce="amin")  # start of each group
+    num_groups = slot_sorted[-1] + 1
+    return seg, n, perm, offsets, num_groups
+
+
+def papo_advantages(
+    outcome: torch.Tensor,
+    process: torch.Tensor | None = None,
+    *,
+    group_ids: torch.Tensor | None = None,
+    group_offsets: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None,
+    mode: str = "papo",
+    lam: float = 1.0,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+    backend: str = "auto",
+) -> Advantages:
+    """PAPO advantages (or a baseline's) for N responses in groups, in one segmented pass.
+
+    Args:
+        outcome: [N] outcome rewards (verifier; may be shaped), any real dtype.
+        process: [N] rubric scores (0 / 0.5 / 1). Needed by every mode but ``"orm"``. Scores of
+            wrong responses are ignored in ``"papo"`` mode.
+        group_ids: [N] integers naming each response's prompt: any values, any order, ragged.
+        group_offsets: [G + 1] boundaries of contiguous groups (like cu_seqlens). Give exactly one
+            of group_ids / group_offsets.
+        correct: [N] bool correctness; default ``outcome == 1`` (pass it when outcome is shaped).
+        mode: "papo", "orm", "prm", "mult" or "fullnorm" (see the module docstring).
+        lam: weight of the process part in "papo" and "fullnorm".
+        eps: std threshold and denominator epsilon of the released code.
+        scale_by_std: False centres without dividing by std (Dr. GRPO), both parts.
+        backend: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
+
+    Returns:
+        Advantages with [N] float32 tensors in the caller's order and 0-dim stats.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    out_kind, proc_kind = MODES[mode]
+    _check_reward("outcome", outcome, None)
+    n = outcome.numel()
+    if process is not None:
+        _check_reward("process", process, n)
+    elif proc_kind is not None or out_kind == "product":
+        raise ValueError(f"mode={mode!r} needs process rewards (process=None given)")
+    if correct is None:
+        correct = outcome == 1
+    else:
+        check_vector("correct", correct, n)
+        if correct.dtype != torch.bool:
+            raise ValueError(f"correct must be a bool tensor, got {correct.dtype}")
+    if (group_ids is None) == (group_offsets is None):
+        raise ValueError("give exactly one of group_ids ([N] ids) or group_offsets ([G + 1])")
+    if not (lam == lam and abs(lam) < float("inf")) or not eps >= 0:
+        raise ValueError(f"lam must be finite and eps >= 0, got lam={lam}, eps={eps}")
+    which = resolve_backend(backend, outcome, process, correct, group_ids, group_offsets)
+
+    if group_offsets is not None:
+        seg, num_slots, perm, offsets, num_groups = _groups_from_offsets(group_offsets, n)
+    elif n == 0:
+        check_vector("group_ids", group_ids, 0)
+        seg, num_slots, perm, offsets = group_ids.long(), 0, None, group_ids.new_zeros(1).long()
+        num_groups = offsets[0]
+    else:
+        seg, num_slots, perm, offsets, num_groups = _groups_from_ids(group_ids, n)
+
+    out_r = None
+    if out_kind is not None:
+        out_r = outcome * process if out_kind == "product" else outcome
+        out_r = out_r if out_r.is_floating_point() else out_r.float()
+    proc_r = None
+    if proc_kind is not None:
+        proc_r = process if process.is_floating_point() else process.float()
+    proc_all = proc_kind == "all"
+    lam = 1.0 if mode == "prm" else float(lam)
+    correct = correct.contiguous()
+    if which == "triton" and n > 0:
+        adv, adv_out, adv_proc, sums = _launch(
+            out_r.contiguous() if out_r is not None else None,
+            proc_r.contiguous() if proc_r is not None else None,
+            correct, perm, offsets, lam, eps, out_r is not None, proc_all, scale_by_std,
+        )  # fmt: skip
+    else:
+        adv, adv_out, adv_proc, sums = papo_advantages_torch(
+            out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, scale_by_std
+        )
+    return Advantages(adv, adv_out, adv_proc, _stats_from_sums(sums, n, num_groups))
+
+
+def token_advantages(
+    advantages: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Spread one advantage per response over its tokens.
+
+    Args:
+        advantages: [B] per-response advantages.
+        mask: [B, L] token mask of the padded layout -> returns [B, L], 0 where mask is 0.
+        cu_seqlens: [B + 1] boundaries of the packed layout -> returns [T], T = cu_seqlens[-1].
+    """
+    check_vector("advantages", advantages)
+    if (mask is None) == (cu_seqlens is None):
+        raise ValueError("give exactly one of mask ([B, L]) or cu_seqlens ([B + 1])")
+    b = advantages.numel()
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[0] != b:
+            raise ValueError(f"mask must be [B, L] with B = {b}, got shape {tuple(mask.shape)}")
+        return torch.where(mask.bool(), advantages[:, None], advantages.new_zeros(()))
+    check_vector("cu_seqlens", cu_seqlens, b + 1)
+    lengths = cu_seqlens.long().diff()
+    if bool((lengths < 0).any()) or int(cu_seqlens[0]) != 0:
+        raise ValueError("cu_seqlens must start at 0 and never decrease")
+    return torch.repeat_interleave(advantages, lengths)

@@ -1,0 +1,309 @@
+"""papo_advantages against a per-group float64 loop that follows the released training code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close, assert_close_to_ref
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from papo_fast import papo_advantages, token_advantages
+
+MODES = ["papo", "orm", "prm", "mult", "fullnorm"]
+BACKENDS = ["torch", "triton"]
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+def _norm(x: torch.Tensor, members: list[int], eps: float, scale: bool) -> torch.Tensor:
+    """The released code's normalization of x[members]; everything else stays 0."""
+    a = torch.zeros_like(x)
+    if len(members) < 2:
+        return a
+    vals = x[members]
+    mean, std = vals.mean(), vals.std()  # torch.std is the unbiased (N - 1) estimator
+    if std <= eps:
+        return a
+    a[members] = (vals - mean) / (std + eps) if scale else vals - mean
+    return a
+
+
+def oracle(outcome, process, correct, groups, mode, lam=1.0, eps=1e-6, scale=True, dtype=None):
+    """A plain loop over groups, in ``dtype`` (float64 for the oracle). Returns adv, out, proc."""
+    dtype = dtype or torch.float64
+    out = outcome.to(dtype)
+    proc = process.to(dtype) if process is not None else None
+    adv_out, adv_proc = torch.zeros_like(out), torch.zeros_like(out)
+    for idx in groups:
+        idx_t = torch.tensor(idx, dtype=torch.long)
+        corr = [i for i in idx if bool(correct[i])]
+        if mode in ("papo", "orm", "fullnorm"):
+            adv_out[idx_t] = _norm(out, idx, eps, scale)[idx_t]
+        if mode == "mult":
+            adv_out[idx_t] = _norm(out * proc, idx, eps, scale)[idx_t]
+        if mode == "papo":
+            adv_proc[idx_t] = _norm(proc, corr, eps, scale)[idx_t]
+        if mode in ("prm", "fullnorm"):
+            adv_proc[idx_t] = _norm(proc, idx, eps, scale)[idx_t]
+    weight = 1.0 if mode == "prm" else lam
+    return adv_out + weight * adv_proc, adv_out, adv_proc
+
+
+def oracle_stats(adv, correct, groups, mode, process, eps=1e-6):
+    def active(members):
+        if len(members) < 2:
+            return False
+        return bool(process.double()[members].std() > eps)
+
+    if mode in ("papo", "prm", "fullnorm"):
+        members = [[i for i in g if bool(correct[i])] if mode == "papo" else g for g in groups]
+        proc_active = sum(active(m) for m in members) / max(len(groups), 1)
+    else:
+        proc_active = 0.0
+    c, w = adv[correct], adv[~correct]
+    nan = float("nan")
+    return {
+        "zero_adv_frac": (adv == 0).double().mean().item(),
+        "proc_active_frac": proc_active if groups else nan,
+        "correct_adv_min": c.min().item() if c.numel() else nan,
+        "correct_adv_mean": c.mean().item() if c.numel() else nan,
+        "wrong_adv_mean": w.mean().item() if w.numel() else nan,
+        "num_groups": float(len(groups)),
+    }
+
+
+def groups_of(group_ids: torch.Tensor) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids.tolist()):
+        groups.setdefault(g, []).append(i)
+    return list(groups.values())
+
+
+def check(outcome, process, group_ids, mode, backend, correct=None, scale=True, lam=1.0):
+    """Run ours with group ids, compare all outputs and stats with the oracle."""
+    groups = groups_of(group_ids)
+    corr = correct if correct is not None else outcome == 1
+    res = papo_advantages(
+        outcome, process, group_ids=group_ids, correct=correct, mode=mode, lam=lam,
+        scale_by_std=scale, backend=backend,
+    )  # fmt: skip
+    ref64 = oracle(outcome, process, corr, groups, mode, lam, scale=scale)
+    ref32 = oracle(outcome, process, corr, groups, mode, lam, scale=scale, dtype=torch.float32)
+    for name, ours, r64, r32 in zip(
+        ("advantages", "outcome_adv", "process_adv"), res[:3], ref64, ref32, strict=True
+    ):
+        assert ours.dtype == torch.float32
+        assert_close_to_ref(ours, r64, r32, atol=1e-6, msg=f"{mode} {backend} {name}")
+    want = oracle_stats(ref32[0], corr, groups, mode, process)
+    for key, value in want.items():
+        assert_close(res.stats[key], torch.tensor(value), atol=1e-5, msg=key)
+    return res
+
+
+# ----------------------------------------------------------------------------- hand-computed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_computed_group(backend):
+    # One group of 4: outcome [1, 0, 1, 1] -> mean 0.75, unbiased std sqrt(0.75 / 3) = 0.5,
+    #   A_out = [0.25, -0.75, 0.25, 0.25] / 0.5 = [0.5, -1.5, 0.5, 0.5]   (eps ignored below 1e-5).
+    # Correct ones {0, 2, 3} have process [1, 0.5, 1] -> mean 5/6, std sqrt((2/36 + 4/36) / 2)
+    #   = sqrt(1/12) = 0.288675; A_proc = [1/6, -1/3, 1/6] / 0.288675 = [0.57735, -1.1547, 0.57735];
+    #   the wrong response's process score (0.9) is ignored.
+    out = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    proc = torch.tensor([1.0, 0.9, 0.5, 1.0])
+    res = papo_advantages(out, proc, group_offsets=torch.tensor([0, 4]), backend=backend)
+    assert_close(res.outcome_adv, torch.tensor([0.5, -1.5, 0.5, 0.5]), atol=1e-5)
+    assert_close(res.process_adv, torch.tensor([0.57735, 0.0, -1.1547, 0.57735]), atol=1e-5)
+    assert_close(res.advantages, torch.tensor([1.07735, -1.5, -0.6547, 1.07735]), atol=1e-5)
+    assert res.stats["proc_active_frac"].item() == 1.0
+    assert_close(res.stats["correct_adv_min"], torch.tensor(-0.6547), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_centre_only_and_lambda(backend):
+    # scale_by_std=False: A_out = r - mean = [0.25, -0.75, 0.25, 0.25];
+    # A_proc among correct = [1/6, -1/3, 1/6]; lam = 0.5 halves the process part.
+    out = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    proc = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    res = papo_advantages(
+        out, proc, group_offsets=torch.tensor([0, 4]), scale_by_std=False, lam=0.5, backend=backend
+    )
+    want = torch.tensor([0.25 + 0.5 / 6, -0.75, 0.25 - 0.5 / 3, 0.25 + 0.5 / 6])
+    assert_close(res.advantages, want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_edge_groups(mode, backend):
+    # ids 10: group of one; 20: all correct, distinct process; 30: all wrong; 40: exactly one
+    # correct; 50: all correct with equal process scores; 60: mixed.
+    ids = [10, 20, 20, 20, 30, 30, 30, 40, 40, 40, 50, 50, 50, 60, 60, 60, 60]
+    out = [1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0]
+    proc = [1, 1, 0.5, 0, 0, 0, 0, 0.5, 0, 0, 0.5, 0.5, 0.5, 1, 0, 0.5, 0]
+    perm = torch.randperm(len(ids))
+    ids_t, out_t, proc_t = (torch.tensor(v)[perm] for v in (ids, out, proc))
+    res = check(out_t.float(), proc_t.float(), ids_t, mode, backend)
+    by_id = {g: res.advantages[ids_t == g] for g in ids}
+    assert (by_id[10] == 0).all() and (by_id[30] == 0).all()
+    if mode == "papo":
+        # all-correct group: ORM would give 0, PAPO keeps a signal from the rubric
+        assert (by_id[20] != 0).any()
+        assert (by_id[50] == 0).all()  # equal process scores: std 0 -> inactive
+        assert (res.process_adv[ids_t == 40] == 0).all()  # one correct: A_proc needs two
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_correct_given_separately_from_shaped_outcome(backend):
+    # An overlong penalty shapes outcome 1 -> 0.8; the response is still correct, so it joins
+    # the process normalization although outcome != 1.
+    out = torch.tensor([1.0, 0.8, 0.0, 1.0, 0.8, 0.0])
+    proc = torch.tensor([1.0, 0.5, 0.0, 0.5, 1.0, 1.0])
+    correct = torch.tensor([True, True, False, True, True, False])
+    ids = torch.tensor([5, 5, 5, 9, 9, 9])
+    res = check(out, proc, ids, "papo", backend, correct=correct)
+    assert (res.process_adv[[1, 4]] != 0).all()
+    default = papo_advantages(out, proc, group_ids=ids, backend=backend)
+    assert (default.process_adv == 0).all()  # only one outcome == 1 per group
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["papo", "fullnorm"])
+def test_large_groups(mode, backend):
+    # two ragged groups of 1024 and 1000 (not a multiple of any block) in shuffled order
+    ids = torch.cat([torch.zeros(1024), torch.ones(1000)]).long()[torch.randperm(2024)]
+    out = (torch.rand(2024) < 0.6).float()
+    proc = torch.randint(0, 3, (2024,)).float() / 2
+    check(out, proc, ids, mode, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_input_dtypes(dtype, backend):
+    # shaped outcomes and continuous process scores, exactly representable in every dtype
+    ids = torch.randint(0, 12, (96,))
+    out = (torch.randint(0, 4, (96,)) / 4).to(dtype)
+    proc = (torch.randint(0, 8, (96,)) / 8).to(dtype)
+    for mode in MODES:
+        check(out, proc, ids, mode, backend, correct=out > 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_noncontiguous_ids_and_offsets_agree(backend):
+    ids = torch.randint(-(2**62), 2**62, (40,)).unique()  # distinct, sorted, huge, gappy
+    sizes = torch.randint(1, 11, (ids.numel(),))
+    ids_sorted = torch.repeat_interleave(ids, sizes)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    n = ids_sorted.numel()
+    out, proc = torch.rand(n), torch.rand(n)
+    correct = torch.rand(n) < 0.5
+    by_offsets = papo_advantages(out, proc, group_offsets=offsets, correct=correct, backend=backend)
+    perm = torch.randperm(n)
+    by_ids = check(out[perm], proc[perm], ids_sorted[perm], "papo", backend, correct=correct[perm])
+    assert_close(by_ids.advantages, by_offsets.advantages[perm], atol=1e-6)  # summation order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend):
+    empty = torch.zeros(0)
+    for kwargs in (
+        {"group_ids": torch.zeros(0, dtype=torch.long)},
+        {"group_offsets": torch.tensor([0])},
+    ):
+        res = papo_advantages(empty, empty, backend=backend, **kwargs)
+        assert res.advantages.shape == (0,) and res.process_adv.shape == (0,)
+        assert math.isnan(res.stats["correct_adv_mean"].item())
+
+
+# ----------------------------------------------------------------------------- property test
+
+group_strategy = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1.0, 1.0, 0.7]),  # outcome (0.7 = shaped, still correct)
+            st.sampled_from([0.0, 0.5, 1.0]),  # rubric tier
+            st.floats(-3, 3, allow_nan=False),  # a continuous score, for "prm"/"mult" spread
+        ),
+        min_size=1,
+        max_size=9,
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups=group_strategy, data=st.data())
+def test_random_ragged_groups(groups, data):
+    backend = data.draw(st.sampled_from(BACKENDS))
+    mode = data.draw(st.sampled_from(MODES))
+    scale = data.draw(st.booleans())
+    tiered = data.draw(st.booleans())
+    rows = [(gi * 7919 + 3, o, t if tiered else c) for gi, g in enumerate(groups) for o, t, c in g]
+    order = data.draw(st.permutations(range(len(rows))))
+    ids = torch.tensor([rows[i][0] for i in order])
+    out = torch.tensor([rows[i][1] for i in order])
+    proc = torch.tensor([rows[i][2] for i in order])
+    check(out, proc, ids, mode, backend, correct=out > 0.5, scale=scale, lam=0.7)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"outcome": torch.tensor([1.0, float("nan"), 0.0])}, r"outcome .*index 1"),
+        ({"process": torch.tensor([1.0, 0.0, float("inf")])}, r"process .*index 2"),
+        ({"process": torch.ones(4)}, "process has 4 elements"),
+        ({"group_ids": None}, "exactly one of group_ids"),
+        ({"group_offsets": torch.tensor([0, 3])}, "exactly one of group_ids"),
+        ({"group_ids": None, "group_offsets": torch.tensor([0, 2, 2, 3])}, "group 1 is empty"),
+        ({"group_ids": None, "group_offsets": torch.tensor([0, 2])}, "end at N = 3"),
+        ({"group_ids": None, "group_offsets": torch.tensor([1, 3])}, "start at 0"),
+        ({"group_ids": torch.tensor([0.0, 0.0, 1.0])}, "integer"),
+        ({"group_ids": torch.tensor([0, 1])}, "group_ids has 2 elements"),
+        ({"mode": "grpo"}, "mode must be one of"),
+        ({"process": None}, "needs process"),
+        ({"correct": torch.tensor([1, 0, 1])}, "bool"),
+        ({"outcome": torch.ones(3, 1)}, "1-D"),
+        ({"backend": "cuda"}, "backend must be"),
+        ({"eps": -1.0}, "eps"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = {
+        "outcome": torch.tensor([1.0, 0.0, 1.0]),
+        "process": torch.tensor([1.0, 0.0, 0.5]),
+        "group_ids": torch.tensor([0, 0, 0]),
+    } | kwargs
+    with pytest.raises(ValueError, match=match):
+        papo_advantages(args.pop("outcome"), args.pop("process"), **args)
+
+
+def test_orm_needs_no_process():
+    res = papo_advantages(torch.tensor([1.0, 0.0]), group_offsets=torch.tensor([0, 2]), mode="orm")
+    assert_close(res.advantages, torch.tensor([0.7071, -0.7071]), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def test_token_advantages_both_layouts():
+    adv = torch.tensor([1.5, -0.5, 2.0])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    padded = token_advantages(adv, mask=mask)
+    assert_close(padded, torch.tensor([[1.5, 1.5, 0, 0], [-0.5] * 4, [2.0, 0, 0, 0]]), atol=0)
+    packed = token_advantages(adv, cu_seqlens=torch.tensor([0, 2, 6, 7]))
+    assert_close(packed, padded[mask], atol=0)
+    with pytest.raises(ValueError, match="exactly one of mask"):
+        token_advantages(adv)
+    with pytest.raises(ValueError, match="mask must be"):
+        token_advantages(adv, mask=mask[:2])
