@@ -1,0 +1,185 @@
+"""fused_linear_logprobs against the materialized float64 formula: logits, log_softmax, gather."""
+
+import pytest
+import torch
+from helpers import assert_close, assert_close_to_ref
+
+import papo_fast.kernels.fused_linear_logprobs as fll
+from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs, launch_grid
+
+
+def materialized(hidden, weight, targets, bias=None, temperature=1.0):
+    """The formula a trainer writes: full logits in the inputs' dtype, softmax math in fp32+."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+    logsm = (z / temperature).log_softmax(-1)
+    logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp, entropy
+
+
+def make_inputs(shape, H, V, dtype, bias):
+    hidden = torch.randn(*shape, H, dtype=dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    b = torch.randn(V, dtype=dtype) if bias else None
+    targets = torch.randint(0, V, shape)
+    return hidden, weight, b, targets
+
+
+def grads_of(fn, hidden, weight, bias, upstream):
+    """(logp, entropy, grad_hidden, grad_weight, grad_bias) of fn on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (hidden, weight, bias)]  # fmt: skip
+    logp, ent = fn(*leaves)
+    (logp.double() * upstream).sum().backward()
+    return logp, ent, *(t.grad if t is not None else None for t in leaves)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several token chunks at test sizes (the real budget keeps [rows, V] near 64 MiB)."""
+    monkeypatch.setattr(fll, "chunk_rows", lambda *a: 16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(45,), (3, 17)], ids=["packed", "padded"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp32_matches_fp64_reference(small_chunks, backend, shape, bias, temperature):
+    hidden, weight, b, targets = make_inputs(shape, 24, 203, torch.float32, bias)
+    upstream = torch.randn(shape, dtype=torch.float64)
+
+    def ours(h, w, bb):
+        return fused_linear_logprobs(h, w, targets, bias=bb, temperature=temperature,
+                                     return_entropy=True, backend=backend)  # fmt: skip
+
+    def ref(h, w, bb):
+        return materialized(h, w, targets, bb, temperature)
+
+    got = grads_of(ours, hidden, weight, b, upstream)
+    want = grads_of(ref, hidden.double(), weight.double(), b.double() if bias else None, upstream)
+    same = grads_of(ref, hidden, weight, b, upstream)  # the fp32 formula's own error
+    assert got[0].dtype == torch.float32 and got[0].shape == shape
+    assert not got[1].requires_grad  # entropy is a detached metric
+    names = ["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, g, w, s in zip(names, got, want, same, strict=True):
+        if w is None:
+            assert g is None
+            continue
+        assert g.dtype == s.dtype, name
+        assert_close_to_ref(g, w, s, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_within_the_reference_bf16_error(small_chunks, backend):
+    hidden, weight, b, targets = make_inputs((40,), 32, 301, torch.bfloat16, True)
+    upstream = torch.randn(40, dtype=torch.float64)
+
+    def ours(h, w, bb):
+        return fused_linear_logprobs(h, w, targets, bias=bb, temperature=0.9,
+                                     return_entropy=True, backend=backend)  # fmt: skip
+
+    def ref(h, w, bb):
+        return materialized(h, w, targets, bb, 0.9)
+
+    got = grads_of(ours, hidden, weight, b, upstream)
+    want = grads_of(ref, hidden.double(), weight.double(), b.double(), upstream)
+    same = grads_of(ref, hidden, weight, b, upstream)
+    for name, g, w, s in zip(["logp", "entropy", "gh", "gw", "gb"], got, want, same, strict=True):
+        assert_close_to_ref(g, w, s, atol=1e-3, msg=name)
+
+
+def test_vocab_spanning_several_triton_blocks():
+    """V = 5003 > BLOCK_V = 4096: the online logsumexp crosses a block with a ragged tail."""
+    hidden, weight, b, targets = make_inputs((6,), 8, 5003, torch.float32, True)
+    targets[0] = 5002  # a target in the ragged tail
+    upstream = torch.randn(6, dtype=torch.float64)
+    kw = dict(bias=b, temperature=1.3, return_entropy=True)
+    t = fused_linear_logprobs(hidden, weight, targets, backend="triton", **kw)
+    ref = materialized(hidden.double(), weight.double(), targets, b.double(), 1.3)
+    for got, want in zip(t, ref, strict=True):
+        assert_close(got, want, atol=2e-5)
+
+    def ours(h, w, bb):
+        return fused_linear_logprobs(h, w, targets, bias=bb, temperature=1.3, backend="triton")
+
+    g = grads_of(ours, hidden, weight, b, upstream)
+    r = grads_of(lambda h, w, bb: materialized(h, w, targets, bb, 1.3),
+                 hidden.double(), weight.double(), b.double(), upstream)  # fmt: skip
+    for got, want in zip(g[2:], r[2:], strict=True):
+        assert_close(got, want, atol=2e-5)
+
+
+def test_float64_gradcheck(small_chunks):
+    hidden, weight, b, targets = make_inputs((20,), 5, 11, torch.float64, True)
+    hidden.requires_grad_(), weight.requires_grad_(), b.requires_grad_()
+
+    def f(h, w, bb):
+        return fused_linear_logprobs(h, w, targets, bias=bb, temperature=0.8, backend="torch")[0]
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, b))
+
+
+def test_no_grad_and_frozen_weight():
+    hidden, weight, _, targets = make_inputs((30,), 8, 50, torch.float32, False)
+    with torch.no_grad():
+        logp, ent = fused_linear_logprobs(hidden.requires_grad_(), weight, targets)
+    assert ent is None and not logp.requires_grad
+    logp, _ = fused_linear_logprobs(hidden, weight, targets)  # weight frozen: only grad_hidden
+    logp.sum().backward()
+    h2 = hidden.detach().double().requires_grad_()
+    materialized(h2, weight.double(), targets)[0].sum().backward()
+    assert weight.grad is None
+    assert_close(hidden.grad, h2.grad, atol=1e-5)
+
+
+def test_packed_sequence_longer_than_a_grid_dimension():
+    """T = 70,000 > 65,535 tokens (one packed sequence): chunked rows on the torch path, and the
+    Triton launcher puts rows on grid dimension 0 only (its limit is 2^31 - 1)."""
+    T = 70_000
+    hidden, weight, _, targets = make_inputs((T,), 4, 8, torch.float32, False)
+    logp, ent = fused_linear_logprobs(hidden, weight, targets, return_entropy=True)
+    ref = materialized(hidden.double(), weight.double(), targets)
+    assert_close(logp, ref[0], atol=1e-5)
+    assert_close(ent, ref[1], atol=1e-5)
+    assert launch_grid(T) == (T,)
+    assert launch_grid(2**31 - 1) == (2**31 - 1,)
+
+
+def test_chunk_rows_budget():
+    cpu = torch.device("cpu")
+    assert fll.chunk_rows(4096, 512, 32000, cpu) == 512  # 512 x 32000 x 4 B = 62.5 MiB
+    assert fll.chunk_rows(4096, 512, 152064, cpu) == 128  # the floor of the clamp
+    assert fll.chunk_rows(100, 512, 32000, cpu) == 100  # never more rows than tokens
+    assert fll.chunk_rows(16384, 4096, 152064, torch.device("cuda")) == 1024
+
+
+def test_bad_inputs_raise():
+    hidden, weight, b, targets = make_inputs((10,), 8, 20, torch.float32, True)
+    call = fused_linear_logprobs
+    with pytest.raises(ValueError, match="weight"):
+        call(hidden, weight[:, :7], targets)  # H mismatch
+    with pytest.raises(ValueError, match="targets"):
+        call(hidden, weight, targets[:9])
+    with pytest.raises(ValueError, match="targets"):
+        call(hidden, weight, targets.float())
+    bad = targets.clone()
+    bad[3] = 20
+    with pytest.raises(ValueError, match=r"\[0, V=20\)"):
+        call(hidden, weight, bad)
+    bad[3] = -1
+    with pytest.raises(ValueError, match=r"\[0, V=20\)"):
+        call(hidden, weight, bad)
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            call(hidden, weight, targets, temperature=temperature)
+    with pytest.raises(ValueError, match="bias"):
+        call(hidden, weight, targets, bias=b[:19])
+    with pytest.raises(ValueError, match="dtype"):
+        call(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="one device"):
+        call(hidden, weight.to("meta"), targets)
+    with pytest.raises(ValueError, match="backend"):
+        call(hidden, weight, targets, backend="cuda")
