@@ -1,0 +1,369 @@
+"""The clipped GRPO-family token loss, forward and backward in one pass over the tokens.
+
+    policy_loss(logp, old_logp, advantages, mask=... | cu_seqlens=..., ...) -> PolicyLoss
+
+Layers: the PyTorch path (policy_loss_torch.py, the CPU path and the spec of the per-token formulas)
+→ ``PolicyLossFunction`` → ``policy_loss`` → ``PolicyLossModule``.
+
+The loss is linear in the upstream gradient, so the forward pass writes d(loss)/d(logp) up to the
+global denominator D, and backward only scales it by grad_output / D. Aggregation (m = mask, ℓ =
+per-token loss):
+
+    token-mean               Σ m·ℓ / N_tokens
+    seq-mean-token-mean      Σ_i (Σ_t m·ℓ / |y_i|) / N_seqs
+    seq-mean-token-sum       Σ m·ℓ / N_seqs
+    seq-mean-token-sum-norm  Σ m·ℓ / (N_seqs · L_max)
+
+N_tokens, N_seqs and L_max are the caller's ``num_tokens``/``num_seqs``/``max_len`` when given
+(counts over the whole optimizer step, so summed micro-batch losses have exactly the full-batch
+gradient), else local: valid tokens, sequences with at least one valid token (an empty sequence adds
+0, never NaN), longest valid sequence. Sequences must not be split across calls (the ratio and
+1/|y_i| are per sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from papo_fast._backend import check_float, resolve_backend
+
+from .policy_loss_torch import (
+    AGGS,
+    CHECKED,
+    CLIP_HIGH,
+    CLIP_LOW,
+    COUNT,
+    DUAL_CLIP,
+    KL_SUM,
+    KLS,
+    LOSS,
+    NONFINITE,
+    RATIO_LEVELS,
+    RATIO_MAX,
+    RATIO_MIN,
+    RATIO_SUM,
+    LossConfig,
+    advantages_per_token,
+    policy_loss_torch,
+)
+
+Count = int | float | torch.Tensor
+
+
+class PolicyLoss(NamedTuple):
+    """The loss and its metrics, all 0-dim tensors from the same pass (metrics are detached).
+
+    Means and fractions are over the valid tokens of this call (0 when there are none).
+    """
+
+    loss: torch.Tensor  # [] float32 (float64 for float64 logp); differentiable w.r.t. logp
+    clip_frac_low: torch.Tensor  # [] share of tokens clipped at 1 - eps_low (A < 0)
+    clip_frac_high: torch.Tensor  # [] share of tokens clipped at 1 + eps_high (A > 0)
+    dual_clip_frac: torch.Tensor  # [] share of tokens bounded by the dual clip (A < 0)
+    kl: torch.Tensor  # [] mean KL_t (0 when beta == 0: ref_logp is not read)
+    ratio_mean: torch.Tensor  # [] mean ratio (the sequence ratio under ratio_level="sequence")
+    ratio_min: torch.Tensor  # []
+    ratio_max: torch.Tensor  # []
+    num_tokens: torch.Tensor  # [] valid tokens in this call
+    num_nonfinite: (
+        torch.Tensor
+    )  # [] non-finite inputs among valid tokens (logp, old, ref, adv, rollout)
+
+
+# -------------------------------------------------------------------------------------------------
+# Checks
+# -------------------------------------------------------------------------------------------------
+
+
+def _check_like(name: str, t: torch.Tensor | None, logp: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_float(name, t)
+    if t.shape != logp.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected logp's {tuple(logp.shape)}")
+
+
+def _check_count(name: str, value: Count | None) -> None:
+    if value is None or isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got {value.shape}")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_inputs(
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
+) -> None:
+    if not isinstance(logp, torch.Tensor):
+        raise ValueError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
+    check_float("logp", logp)
+    if (mask is None) == (cu_seqlens is None):
+        raise ValueError(
+            "pass exactly one of mask (padded logp [B, L]) and cu_seqlens (packed logp [T]), got "
+            + ("both" if mask is not None else "neither")
+        )
+    if mask is not None:
+        if logp.dim() != 2:
+            raise ValueError(f"logp must be [B, L] with mask, got shape {tuple(logp.shape)}")
+        if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask has shape {shape}, expected logp's {tuple(logp.shape)}")
+        b = logp.shape[0]
+    else:
+        if logp.dim() != 1:
+            raise ValueError(f"logp must be [T] with cu_seqlens, got shape {tuple(logp.shape)}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens must be a 1-D integer tensor [B + 1]")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be int32/int64 with B + 1 >= 2 entries, got {cu_seqlens.dtype} "
+                f"with {cu_seqlens.numel()}"
+            )
+        b = cu_seqlens.numel() - 1
+        if verify_cu:  # one host sync; skipped with check_finite=False on CUDA
+            cu = cu_seqlens.tolist()
+            if (
+                cu[0] != 0
+                or cu[-1] != logp.numel()
+                or any(x > y for x, y in zip(cu, cu[1:], strict=False))
+            ):
+                raise ValueError(
+                    f"cu_seqlens must rise from 0 to len(logp) = {logp.numel()}, got "
+                    f"{cu if len(cu) <= 8 else cu[:4] + ['...'] + cu[-3:]}"
+                )
+    if b == 0:
+        raise ValueError("logp holds no sequence (B = 0)")
+    if not isinstance(advantages, torch.Tensor):
+        raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    check_float("advantages", advantages)
+    if advantages_per_token(advantages, b) and advantages.shape != logp.shape:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}, expected [{b}] (per sequence) or "
+            f"logp's {tuple(logp.shape)} (per token)"
+        )
+    _check_like("old_logp", old_logp, logp)
+    _check_like("ref_logp", ref_logp, logp)
+    _check_like("rollout_logp", rollout_logp, logp)
+    if cfg.agg not in AGGS:
+        raise ValueError(f"agg must be one of {AGGS}, got {cfg.agg!r}")
+    if cfg.kl not in KLS:
+        raise ValueError(f"kl must be one of {KLS}, got {cfg.kl!r}")
+    if cfg.ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {cfg.ratio_level!r}")
+    if not 0.0 <= cfg.eps_low < 1.0:
+        raise ValueError(f"eps_low must be in [0, 1), got {cfg.eps_low!r}")
+    if not 0.0 <= cfg.eps_high < math.inf:
+        raise ValueError(f"eps_high must be a finite number >= 0, got {cfg.eps_high!r}")
+    if cfg.dual_clip is not None and not 1.0 < cfg.dual_clip < math.inf:
+        raise ValueError(f"dual_clip must be None or a finite number > 1, got {cfg.dual_clip!r}")
+    if not 0.0 <= cfg.beta < math.inf:
+        raise ValueError(f"beta must be a finite number >= 0, got {cfg.beta!r}")
+    if cfg.beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta > 0")
+    if cfg.is_cap is not None and not cfg.is_cap > 0.0:
+        raise ValueError(f"is_cap must be None or a number > 0, got {cfg.is_cap!r}")
+    for name, value in counts.items():
+        _check_count(name, value)
+
+
+# -------------------------------------------------------------------------------------------------
+# autograd.Function: forward writes the gradient, backward scales it
+# -------------------------------------------------------------------------------------------------
+
+
+def _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len) -> torch.Tensor:
+    """D of the aggregation (module docstring): a 0-dim tensor, no host sync."""
+
+    def value(given: Count | None, local: torch.Tensor) -> torch.Tensor:
+        return local if given is None else torch.as_tensor(given).to(local).reshape(())
+
+    if cfg.agg == "token-mean":
+        return value(num_tokens, stats[COUNT])
+    denom = value(num_seqs, (seq_counts > 0).sum().to(stats))
+    if cfg.agg == "seq-mean-token-sum-norm":
+        denom = denom * value(max_len, seq_counts.max().to(stats))
+    return denom
+
+
+class PolicyLossFunction(torch.autograd.Function):
+    """loss = stats[LOSS] / D; d loss / d logp = grad_output · grad / D (forward saves grad)."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
+                num_tokens, num_seqs, max_len, backend):  # fmt: skip
+        run = policy_loss_torch
+        grad, stats, seq_counts = run(
+            logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
+        )
+        denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
+        inv_denom = torch.where(denom > 0, 1.0 / denom, 0.0)  # nothing valid: loss 0, not NaN
+        n = stats[COUNT].clamp(min=1)
+        empty = stats[COUNT] == 0
+        metrics = torch.stack(
+            [
+                stats[CLIP_LOW] / n,
+                stats[CLIP_HIGH] / n,
+                stats[DUAL_CLIP] / n,
+                stats[KL_SUM] / n,
+                stats[RATIO_SUM] / n,
+                torch.where(empty, 0.0, stats[RATIO_MIN]),
+                torch.where(empty, 0.0, stats[RATIO_MAX]),
+                stats[COUNT],
+                *stats[NONFINITE : NONFINITE + len(CHECKED)],
+            ]
+        )
+        ctx.save_for_backward(grad, inv_denom)
+        ctx.mark_non_differentiable(metrics)
+        return stats[LOSS] * inv_denom, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        grad, inv_denom = ctx.saved_tensors
+        return (grad * (grad_loss * inv_denom),) + (None,) * 11
+
+
+# -------------------------------------------------------------------------------------------------
+# Functional API and module
+# -------------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    kl: str = "k3",
+    ratio_level: str = "token",
+    agg: str = "token-mean",
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    max_len: Count | None = None,
+    is_cap: float | None = None,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> PolicyLoss:
+    """The clipped policy-gradient loss of GRPO / PAPO / DAPO / GSPO / Dr. GRPO, fused.
+
+    Per token (DESIGN §2): ρ = exp(logp − old_logp),
+    pg = −min(ρ·A, clip(ρ, 1 − eps_low, 1 + eps_high)·A), with dual_clip=c pg = min(pg, −c·A) where
+    A < 0; loss_t = w·pg + beta·KL_t, aggregated by ``agg``.
+
+    Args:
+        logp: [B, L] (with ``mask``) or [T] (with ``cu_seqlens``) log-probs of the sampled tokens
+            under the current policy; float32/bf16/fp16/float64. The only input given a gradient.
+        old_logp: like logp, the log-probs at sampling time (the PPO "old" policy). None means
+            on-policy: the ratio is exp(logp − sg(logp)) = 1, gradient A·∂logp.
+        advantages: [B] one per sequence (broadcast over its tokens) or per token, like logp.
+        mask: [B, L], nonzero = valid token (padded layout). Masked positions may hold anything.
+        cu_seqlens: [B + 1] int32/int64 offsets of the sequences in logp (packed layout, all valid).
+        ref_logp: like logp, the reference policy's log-probs; read only when beta > 0.
+        rollout_logp: like logp, the sampler's log-probs (e.g. vLLM's). Given, pg_t is multiplied by
+            the detached weight min(exp(old_logp − rollout_logp), is_cap) (truncated importance
+            sampling; old_logp None uses logp's value); the KL term is not weighted.
+        eps_low, eps_high: the clip range [1 − eps_low, 1 + eps_high]; eps_low in [0, 1).
+        dual_clip: c > 1 bounds the loss of A < 0 tokens at −c·A (verl's dual clip); None: off.
+        beta: weight of the KL term; 0 skips it (ref_logp is not read).
+        kl: "k1" (δ), "k2" (δ²/2) or "k3" (e^−δ + δ − 1), δ = logp − ref_logp.
+        ratio_level: "token", or "sequence" (GSPO): every token of sequence i uses
+            s_i = exp(masked mean of logp − old_logp) as its ratio, with d s/d logp_t = s_i.
+        agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm".
+        num_tokens, num_seqs, max_len: the global N_tokens, N_seqs and L_max of the optimizer step
+            (numbers or 1-element tensors); None uses this call's own counts (module docstring).
+        is_cap: the truncation C of the rollout weight; None leaves it untruncated. Ignored without
+            rollout_logp.
+        check_finite: raise a ValueError naming the first input with a non-finite valid value (one
+            host sync; the counts come from the same pass). False: no sync, the loss goes NaN/inf.
+        backend: "auto" (CUDA → Triton, CPU → PyTorch), "torch" or "triton".
+
+    Returns:
+        PolicyLoss: the scalar loss and its metrics (0-dim tensors).
+    """
+    cfg = LossConfig(
+        float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip),
+        float(beta), kl, ratio_level, agg, None if is_cap is None else float(is_cap),
+    )  # fmt: skip
+    counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
+    verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
+    _check_inputs(
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
+    )
+    ref_logp = ref_logp if cfg.uses_ref else None
+    backend = resolve_backend(
+        backend, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp
+    )
+    loss, metrics = PolicyLossFunction.apply(
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
+        num_tokens, num_seqs, max_len, backend,
+    )  # fmt: skip
+    if check_finite:
+        bad = metrics[8:].tolist()
+        for name, k in zip(CHECKED, bad, strict=True):
+            if k:
+                raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
+    return PolicyLoss(loss, *metrics[:8], metrics[8:].sum())
+
+
+class PolicyLossModule(torch.nn.Module):
+    """``policy_loss`` with its hyper-parameters held by a module (see ``policy_loss`` for each)."""
+
+    def __init__(
+        self,
+        *,
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        dual_clip: float | None = None,
+        beta: float = 0.0,
+        kl: str = "k3",
+        ratio_level: str = "token",
+        agg: str = "token-mean",
+        is_cap: float | None = None,
+        check_finite: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.eps_low, self.eps_high, self.dual_clip = eps_low, eps_high, dual_clip
+        self.beta, self.kl, self.ratio_level, self.agg = beta, kl, ratio_level, agg
+        self.is_cap, self.check_finite, self.backend = is_cap, check_finite, backend
+
+    def forward(
+        self,
+        logp: torch.Tensor,
+        old_logp: torch.Tensor | None,
+        advantages: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        ref_logp: torch.Tensor | None = None,
+        rollout_logp: torch.Tensor | None = None,
+        num_tokens: Count | None = None,
+        num_seqs: Count | None = None,
+        max_len: Count | None = None,
+    ) -> PolicyLoss:
+        return policy_loss(
+            logp, old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
+            rollout_logp=rollout_logp, eps_low=self.eps_low, eps_high=self.eps_high,
+            dual_clip=self.dual_clip, beta=self.beta, kl=self.kl, ratio_level=self.ratio_level,
+            agg=self.agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
+            is_cap=self.is_cap, check_finite=self.check_finite, backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"agg={self.agg!r}, ratio_level={self.ratio_level!r}, eps_low={self.eps_low}, "
+            f"eps_high={self.eps_high}, dual_clip={self.dual_clip}, beta={self.beta}, "
+            f"kl={self.kl!r}, is_cap={self.is_cap}, backend={self.backend!r}"
+        )
