@@ -2,8 +2,9 @@
 
     policy_loss(logp, old_logp, advantages, mask=... | cu_seqlens=..., ...) -> PolicyLoss
 
-Layers: the PyTorch path (policy_loss_torch.py, the CPU path and the spec of the per-token formulas)
-→ ``PolicyLossFunction`` → ``policy_loss`` → ``PolicyLossModule``.
+Layers: two backends with the same outputs, the Triton kernels and their launcher
+(policy_loss_triton.py) and the PyTorch path (policy_loss_torch.py: the CPU path and the spec of the
+per-token formulas) → ``PolicyLossFunction`` → ``policy_loss`` → ``PolicyLossModule``.
 
 The loss is linear in the upstream gradient, so the forward pass writes d(loss)/d(logp) up to the
 global denominator D, and backward only scales it by grad_output / D. Aggregation (m = mask, ℓ =
@@ -49,6 +50,7 @@ from .policy_loss_torch import (
     advantages_per_token,
     policy_loss_torch,
 )
+from .policy_loss_triton import policy_loss_triton
 
 Count = int | float | torch.Tensor
 
@@ -197,7 +199,7 @@ class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
                 num_tokens, num_seqs, max_len, backend):  # fmt: skip
-        run = policy_loss_torch
+        run = policy_loss_triton if backend == "triton" else policy_loss_torch
         grad, stats, seq_counts = run(
             logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
         )

@@ -1,0 +1,246 @@
+"""The clipped GRPO token loss in Triton: the CUDA path of ``policy_loss`` (kernels + launcher).
+
+Two kernels, both over flat token arrays of either layout (padded [B, L] + mask, packed [T] +
+cu_seqlens) and never with a sequence length on a grid dimension:
+
+- ``_policy_loss_seq_stats_kernel``, one program per sequence looping over it: |y_i| and, at
+  sequence level, the mean log-ratio. O(B) output; at token level it reads only the mask.
+- ``_policy_loss_fwd_kernel``, BLOCK tokens per program: the per-token loss and its gradient
+  (written once) and one row of stat sums per program (loss, counts, clip/dual-clip/KL/ratio sums,
+  ratio min/max, non-finite counts), reduced by a small deterministic torch sum. A packed token
+  finds its sequence by binary search over cu_seqlens (log2 B cached loads): no per-token index.
+
+The formulas follow policy_loss_torch.py line by line; fp32 math whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .policy_loss_torch import (
+    KLS,
+    NUM_STATS,
+    RATIO_MAX,
+    RATIO_MIN,
+    advantages_per_token,
+    compute_dtype,
+)
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@triton.jit
+def _policy_loss_seq_stats_kernel(
+    # inputs
+    logp_ptr, old_ptr, mask_ptr, cu_ptr,
+    # outputs, [B] float32
+    count_ptr, lr_mean_ptr,
+    # shapes
+    L,
+    # switches
+    PACKED: tl.constexpr, HAS_OLD: tl.constexpr, SEQ_LEVEL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program per sequence: valid tokens |y_i| and, at sequence level, the mean log-ratio."""
+    seq = tl.program_id(0).to(tl.int64)
+    if PACKED:
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    else:
+        start = seq * L
+        end = start + L
+    count = tl.zeros([BLOCK], tl.float32)
+    lr_sum = tl.zeros([BLOCK], tl.float32)
+    for block_start in range(start, end, BLOCK):  # a loop, not a grid dim: any length works
+        offs = block_start + tl.arange(0, BLOCK)
+        valid = offs < end
+        if not PACKED:
+            valid &= tl.load(mask_ptr + offs, mask=valid, other=0) != 0
+        count += valid.to(tl.float32)
+        if SEQ_LEVEL and HAS_OLD:
+            lp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            lr_sum += lp - old
+    n = tl.sum(count, axis=0)
+    tl.store(count_ptr + seq, n)
+    if SEQ_LEVEL:
+        tl.store(lr_mean_ptr + seq, tl.sum(lr_sum, axis=0) / tl.maximum(n, 1.0))
+
+
+@triton.heuristics({"BLOCK": lambda args: min(1024, triton.next_power_of_2(max(args["N"], 16)))})
+@triton.jit
+def _policy_loss_fwd_kernel(
+    # inputs
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, cu_ptr, ref_ptr, rollout_ptr,
+    # per-sequence stats from _policy_loss_seq_stats_kernel
+    count_ptr, lr_mean_ptr,
+    # outputs: grad like logp, partials [programs, NUM_STATS] float32
+    grad_ptr, partials_ptr,
+    # shapes
+    N, L, B, search_steps,
+    # hyper-parameters: runtime floats, a new value does not recompile
+    eps_low, eps_high, dual_clip, beta, is_cap,
+    # switches
+    PACKED: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+    SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+    KL_TYPE: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """BLOCK flat tokens per program: per-token loss and gradient, and one row of stat sums.
+
+    KL_TYPE: 0 = no KL term (ref_logp not read), 1/2/3 = k1/k2/k3. policy_loss_torch.py holds the
+    formulas this kernel follows line by line.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < N
+    if PACKED:  # seq = the last i with cu[i] <= t (empty sequences are skipped over)
+        lo = tl.zeros([BLOCK], tl.int64)
+        hi = lo + (B - 1)
+        for _ in range(search_steps):
+            mid = (lo + hi + 1) // 2
+            right = tl.load(cu_ptr + mid, mask=in_range, other=0).to(tl.int64) <= offs
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid - 1)
+        seq = lo
+        valid = in_range
+    else:
+        seq = offs // L
+        valid = in_range & (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0)
+
+    lp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    old = lp
+    if HAS_OLD:
+        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if ADV_PER_TOKEN:
+        adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        adv = tl.load(adv_ptr + seq, mask=valid, other=0.0).to(tl.float32)
+    if SEQ_LEVEL:
+        ratio = tl.exp(tl.load(lr_mean_ptr + seq, mask=valid, other=0.0))
+    else:
+        ratio = tl.exp(lp - old)
+
+    clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
+    clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
+    clipped = clip_high | clip_low
+    ratio_clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    pg = -adv * tl.where(clipped, ratio_clipped, ratio)
+    dpg = tl.where(clipped, 0.0, -adv)  # d pg / d ratio
+    bound = -dual_clip * adv  # dual_clip = float32 max when off (not inf: inf * 0 is NaN)
+    dual = (adv < 0) & (pg > bound)
+    pg = tl.where(dual, bound, pg)
+    dloss = tl.where(dual, 0.0, dpg) * ratio
+    if HAS_ROLLOUT:
+        rollout = tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        w = tl.minimum(tl.exp(old - rollout), is_cap)  # is_cap = inf when off
+        pg *= w
+        dloss *= w
+    loss = pg
+    kl = tl.zeros([BLOCK], tl.float32)
+    nonfinite_ref = tl.zeros([BLOCK], tl.int1)
+    if KL_TYPE != 0:
+        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        nonfinite_ref = ~(tl.abs(ref) < float("inf"))
+        delta = lp - ref
+        if KL_TYPE == 1:
+            kl = delta
+            dkl = tl.full([BLOCK], 1.0, tl.float32)
+        elif KL_TYPE == 2:
+            kl = 0.5 * delta * delta
+            dkl = delta
+        else:
+            e = tl.exp(-delta)
+            kl = e + delta - 1.0
+            dkl = 1.0 - e
+        loss += beta * kl
+        dloss += beta * dkl
+
+    coef = valid.to(tl.float32)
+    if PER_SEQ_MEAN:
+        coef = coef / tl.maximum(tl.load(count_ptr + seq, mask=valid, other=1.0), 1.0)
+    grad = tl.where(valid, coef * dloss, 0.0)
+    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
+
+    # One row of sums (slots of policy_loss_torch.py); finite means |x| < inf (NaN fails it too).
+    row = partials_ptr + pid.to(tl.int64) * NUM_STATS
+    tl.store(row + 0, tl.sum(tl.where(valid, coef * loss, 0.0), axis=0))
+    tl.store(row + 1, tl.sum(valid.to(tl.float32), axis=0))
+    tl.store(row + 2, tl.sum((valid & clip_low).to(tl.float32), axis=0))
+    tl.store(row + 3, tl.sum((valid & clip_high).to(tl.float32), axis=0))
+    tl.store(row + 4, tl.sum((valid & dual).to(tl.float32), axis=0))
+    tl.store(row + 5, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+    tl.store(row + 6, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
+    tl.store(row + 7, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
+    tl.store(row + 8, tl.max(tl.where(valid, ratio, -float("inf")), axis=0))
+    tl.store(row + 9, tl.sum((valid & ~(tl.abs(lp) < float("inf"))).to(tl.float32), axis=0))
+    tl.store(row + 10, tl.sum((valid & ~(tl.abs(old) < float("inf"))).to(tl.float32), axis=0))
+    tl.store(row + 11, tl.sum((valid & nonfinite_ref).to(tl.float32), axis=0))
+    tl.store(row + 12, tl.sum((valid & ~(tl.abs(adv) < float("inf"))).to(tl.float32), axis=0))
+    if HAS_ROLLOUT:
+        bad_rollout = valid & ~(tl.abs(rollout) < float("inf"))
+        tl.store(row + 13, tl.sum(bad_rollout.to(tl.float32), axis=0))
+    else:
+        tl.store(row + 13, 0.0)
+
+
+# Bytes moved per token (b = bytes per input element): forward reads logp, old_logp, ref_logp,
+# rollout_logp and per-token advantages when given (b each), the mask (1) in the padded layout, and
+# writes the gradient (b); backward reads and writes it once more (2b). Per-sequence advantages,
+# cu_seqlens and the stats are O(B). ~10 FLOPs a token: memory-bound everywhere.
+def policy_loss_triton(
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton twin of policy_loss_torch (same outputs); inputs are checked."""
+    packed = cu_seqlens is not None
+    n = logp.numel()
+    b = cu_seqlens.numel() - 1 if packed else logp.shape[0]
+    length = 0 if packed else logp.shape[1]
+    logp = logp.detach().contiguous()
+    flat = [
+        None if t is None else t.detach().contiguous()
+        for t in (old_logp, advantages, ref_logp, rollout_logp)
+    ]
+    old_logp, advantages, ref_logp, rollout_logp = flat
+    if mask is not None:
+        mask = mask.contiguous()
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    if packed:
+        cu_seqlens = cu_seqlens.contiguous()
+
+    def ptr(t: torch.Tensor | None) -> torch.Tensor:  # absent inputs: a valid, never-read pointer
+        return logp if t is None else t
+
+    seq_level = cfg.ratio_level == "sequence"
+    counts = torch.empty(b, dtype=torch.float32, device=logp.device)  # [B]
+    lr_mean = torch.empty(b if seq_level else 1, dtype=torch.float32, device=logp.device)  # [B]
+    _policy_loss_seq_stats_kernel[(b,)](
+        logp, ptr(old_logp), ptr(mask), ptr(cu_seqlens),
+        counts, lr_mean,
+        length,
+        PACKED=packed, HAS_OLD=old_logp is not None, SEQ_LEVEL=seq_level,
+        BLOCK=min(1024, triton.next_power_of_2(max(n // b, 16))),
+    )  # fmt: skip
+
+    grad = torch.empty_like(logp)
+    programs = max(1, triton.cdiv(n, min(1024, triton.next_power_of_2(max(n, 16)))))
+    partials = torch.empty((programs, NUM_STATS), dtype=torch.float32, device=logp.device)
+    _policy_loss_fwd_kernel[(programs,)](
+        logp, ptr(old_logp), advantages, ptr(mask), ptr(cu_seqlens),
+        ptr(ref_logp), ptr(rollout_logp),
+        counts, lr_mean,
+        grad, partials,
+        n, length, b, (b - 1).bit_length(),
+        cfg.eps_low, cfg.eps_high, _FLOAT32_MAX if cfg.dual_clip is None else cfg.dual_clip,
+        cfg.beta, math.inf if cfg.is_cap is None else cfg.is_cap,
+        PACKED=packed, HAS_OLD=old_logp is not None,
+        ADV_PER_TOKEN=advantages_per_token(advantages, b), SEQ_LEVEL=seq_level,
+        PER_SEQ_MEAN=cfg.agg == "seq-mean-token-mean", HAS_ROLLOUT=rollout_logp is not None,
+        KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0, NUM_STATS=NUM_STATS,
+    )  # fmt: skip
+    stats = partials.sum(0, dtype=torch.float64)
+    stats[RATIO_MIN] = partials[:, RATIO_MIN].min()
+    stats[RATIO_MAX] = partials[:, RATIO_MAX].max()
+    return grad, stats.to(compute_dtype(logp)), counts
