@@ -204,50 +204,50 @@ def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, out_part, proc_all,
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def _segment_norm_torch(x, seg, member, num_slots: int, eps: float, scale_by_std: bool):
-    """Vectorized _segment_norm over all groups at once. seg: [N] group slot; member: [N] bool."""
-    w = member.to(x.dtype)
-    n = x.new_zeros(num_slots).index_add_(0, seg, w)
-    mean = x.new_zeros(num_slots).index_add_(0, seg, x * w) / n.clamp_min(1)
+def _segment_norm_torch(x, w, seg, num_slots: int, eps: float, scale_by_std: bool):
+    """_segment_norm for every group and every part at once.
+
+    x: [N, K] rewards of K parts; w: [N, K] membership (0 / 1); seg: [N] group slot.
+    Returns the normalized [N, K] (0 outside members and inactive groups) and active [slots, K].
+    """
+    k = x.shape[1]
+    n = x.new_zeros(num_slots, k).index_add_(0, seg, w)
+    mean = x.new_zeros(num_slots, k).index_add_(0, seg, x * w) / n.clamp_min(1)
     d = (x - mean[seg]) * w
-    std = (x.new_zeros(num_slots).index_add_(0, seg, d * d) / (n - 1).clamp_min(1)).sqrt()
-    active = (n >= 2) & (std > eps)  # [num_slots]; empty slots are inactive
+    std = (x.new_zeros(num_slots, k).index_add_(0, seg, d * d) / (n - 1).clamp_min(1)).sqrt()
+    active = (n >= 2) & (std > eps)  # empty slots are inactive
     a = d / (std[seg] + eps) if scale_by_std else d
-    return torch.where(active[seg] & member, a, torch.zeros_like(a)), active
+    return a * active[seg], active
 
 
 def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, scale_by_std):
     """The CPU path: segment reductions with index_add_, no loop over groups, no host sync.
 
-    Sums run in float64 (sequential index_add_ in float32 loses ~1e-5 on 1024-response groups);
-    the results are float32 like the kernel's.
+    Both parts are normalized in one set of reductions (a column each). Sums run in float64
+    (sequential index_add_ in float32 loses ~1e-5 on 1024-response groups); results are float32.
     """
-    zeros = torch.zeros_like(correct, dtype=torch.float32)
-    everyone = torch.ones_like(correct)
-    adv_out, adv_proc, proc_active = zeros, zeros, None
-    if out_r is not None:
-        adv_out, _ = _segment_norm_torch(
-            out_r.double(), seg, everyone, num_slots, eps, scale_by_std
-        )
-    if proc_r is not None:
-        member = everyone if proc_all else correct
-        adv_proc, proc_active = _segment_norm_torch(
-            proc_r.double(), seg, member, num_slots, eps, scale_by_std
-        )
-    adv_out, adv_proc = adv_out.float(), adv_proc.float()
-    adv = (adv_out.double() + lam * adv_proc.double()).float()
-    wrong = ~correct
-    inf = torch.full_like(adv, float("inf"))
+    everyone = torch.ones_like(correct, dtype=torch.float64)
+    parts = [r for r in (out_r, proc_r) if r is not None]
+    members = ([everyone] if out_r is not None else []) + (
+        [everyone if proc_all else correct.double()] if proc_r is not None else []
+    )
+    x, w = torch.stack(parts, 1).double(), torch.stack(members, 1)  # [N, K]
+    a, active = _segment_norm_torch(x, w, seg, num_slots, eps, scale_by_std)
+    zeros = torch.zeros_like(everyone)
+    adv_out = a[:, 0] if out_r is not None else zeros
+    adv_proc = a[:, -1] if proc_r is not None else zeros
+    adv = (adv_out + lam * adv_proc).float()
+    wrong, c, inf = ~correct, correct.double(), float("inf")
     stats = torch.stack([
-        (adv == 0).sum().float(),
-        proc_active.sum().float() if proc_active is not None else adv.new_zeros(()),
-        correct.sum().float(),
-        torch.where(correct, adv, zeros).sum(),
-        torch.where(correct, adv, inf).min() if adv.numel() else adv.new_tensor(float("inf")),
-        wrong.sum().float(),
-        torch.where(wrong, adv, zeros).sum(),
-    ])  # fmt: skip
-    return adv, adv_out, adv_proc, stats
+        (adv == 0).sum().double(),
+        active[:, -1].sum().double() if proc_r is not None else zeros.new_zeros(()),
+        c.sum(),
+        (adv * c).sum(),
+        torch.where(correct, adv, float("inf")).amin() if adv.numel() else adv.new_tensor(inf),
+        wrong.sum().double(),
+        torch.where(wrong, adv, 0.0).sum(),
+    ]).float()  # fmt: skip
+    return adv, adv_out.float(), adv_proc.float(), stats
 
 
 # ----------------------------------------------------------------------------- API
