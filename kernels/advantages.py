@@ -110,7 +110,7 @@ def _segment_norm(
 def _papo_adv_kernel(
     # inputs in the caller's order; PERM (optional) lists them group by group
     OUT_REWARD, PROC_REWARD, CORRECT, PERM, OFFSETS,
-    # outputs in the caller's order, and the [7] statistics accumulators
+    # outputs in the caller's order, and one row of 7 partial statistics per program
     ADV, ADV_OUT, ADV_PROC, STATS,
     # constants
     lam, eps,
@@ -120,6 +120,13 @@ def _papo_adv_kernel(
     g = tl.program_id(0).to(tl.int64)
     start = tl.load(OFFSETS + g).to(tl.int64)
     end = tl.load(OFFSETS + g + 1).to(tl.int64)
+    n_zero = 0.0
+    proc_active = 0.0
+    n_c = 0.0
+    sum_c = 0.0
+    min_c = float("inf")
+    n_w = 0.0
+    sum_w = 0.0
     if start < end:  # with group ids the grid is only a bound on the number of groups
         if OUT_PART:
             o_mean, o_inv, o_act = _segment_norm(
@@ -129,12 +136,7 @@ def _papo_adv_kernel(
             p_mean, p_inv, p_act = _segment_norm(
                 PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL
             )
-        n_zero = 0.0
-        n_c = 0.0
-        sum_c = 0.0
-        min_c = float("inf")
-        n_w = 0.0
-        sum_w = 0.0
+            proc_active = p_act.to(tl.float32)
         for i in range(start, end, BLOCK):
             offs = i + tl.arange(0, BLOCK)
             inb = offs < end
@@ -164,40 +166,39 @@ def _papo_adv_kernel(
             min_c = tl.minimum(min_c, tl.min(tl.where(corr, adv, float("inf")), axis=0))
             n_w += tl.sum(wrong.to(tl.float32), axis=0)
             sum_w += tl.sum(tl.where(wrong, adv, 0.0), axis=0)
-        # statistics of the same pass: seven atomics per group
-        tl.atomic_add(STATS + 0, n_zero)
-        if PROC_PART:
-            tl.atomic_add(STATS + 1, p_act.to(tl.float32))
-        tl.atomic_add(STATS + 2, n_c)
-        tl.atomic_add(STATS + 3, sum_c)
-        tl.atomic_min(STATS + 4, min_c)
-        tl.atomic_add(STATS + 5, n_w)
-        tl.atomic_add(STATS + 6, sum_w)
+    # statistics of the same pass, one row per program (no atomics: deterministic, no contention)
+    row = STATS + g * 7  # _STAT_SLOTS columns
+    tl.store(row + 0, n_zero)
+    tl.store(row + 1, proc_active)
+    tl.store(row + 2, n_c)
+    tl.store(row + 3, sum_c)
+    tl.store(row + 4, min_c)
+    tl.store(row + 5, n_w)
+    tl.store(row + 6, sum_w)
 
 
-def _new_stats(device: torch.device) -> torch.Tensor:
-    stats = torch.zeros(_STAT_SLOTS, dtype=torch.float32, device=device)
-    stats[4] = float("inf")
-    return stats
+def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_std):
+    """One program per group slot; returns the three [N] outputs and the [7] statistics.
 
-
-def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, out_part, proc_all, scale_by_std):
-    """One program per group. Bytes: read ~(2 rewards + flag + perm) x N, write 3 x 4 x N."""
+    Bytes: reads rewards, flags and perm (~3 passes over each group, cached), writes 3 x 4 x N.
+    """
     n = correct.numel()
     num_programs = offsets.numel() - 1
     adv, adv_out, adv_proc = (
         torch.empty(n, dtype=torch.float32, device=correct.device) for _ in range(3)
     )
-    stats = _new_stats(correct.device)
+    partials = torch.empty(num_programs, _STAT_SLOTS, dtype=torch.float32, device=correct.device)
     # groups of ~8 are the norm; larger groups loop over BLOCK-wide tiles
     block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
     _papo_adv_kernel[(num_programs,)](
         out_r, proc_r, correct, perm, offsets,
-        adv, adv_out, adv_proc, stats,
-        float(lam), float(eps),
+        adv, adv_out, adv_proc, partials,
+        lam, eps,
         BLOCK=block, OUT_PART=out_r is not None, PROC_PART=proc_r is not None,
         PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, num_warps=1 if block <= 128 else 4,
     )  # fmt: skip
+    stats = partials.sum(0)
+    stats[4] = partials[:, 4].amin()
     return adv, adv_out, adv_proc, stats
 
 
@@ -379,7 +380,7 @@ def papo_advantages(
         adv, adv_out, adv_proc, sums = _launch(
             out_r.contiguous() if out_r is not None else None,
             proc_r.contiguous() if proc_r is not None else None,
-            correct, perm, offsets, lam, eps, out_r is not None, proc_all, scale_by_std,
+            correct, perm, offsets, lam, eps, proc_all, scale_by_std,
         )  # fmt: skip
     else:
         adv, adv_out, adv_proc, sums = papo_advantages_torch(
