@@ -287,8 +287,12 @@ def _groups_from_offsets(group_offsets: torch.Tensor, n: int):
     return seg, num_groups, None, offs, offs.new_tensor(num_groups)
 
 
-def _groups_from_ids(group_ids: torch.Tensor, n: int):
-    """Sort ids into contiguous segments without a host sync: N is a bound on the group count."""
+def _groups_from_ids(group_ids: torch.Tensor, n: int, for_kernel: bool):
+    """Sort ids into contiguous segments without a host sync (N bounds the group count).
+
+    Returns what the chosen path needs: the kernel walks PERM between OFFSETS, the PyTorch path
+    reduces over a dense slot per response (seg).
+    """
     check_vector("group_ids", group_ids, n)
     if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
@@ -296,12 +300,19 @@ def _groups_from_ids(group_ids: torch.Tensor, n: int):
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
     slot_sorted = starts.cumsum(0) - 1  # [N] dense group index, sorted order
-    seg = torch.empty_like(slot_sorted).scatter_(0, perm, slot_sorted)
+    num_groups = slot_sorted[-1] + 1
+    if not for_kernel:
+        return (
+            torch.empty_like(slot_sorted).scatter_(0, perm, slot_sorted),
+            n,
+            None,
+            None,
+            num_groups,
+        )
     positions = torch.arange(n, device=group_ids.device)
     offsets = torch.full((n + 1,), n, dtype=torch.long, device=group_ids.device)
     offsets.scatter_reduce_(0, slot_sorted, positions, reduce="amin")  # start of each group
-    num_groups = slot_sorted[-1] + 1
-    return seg, n, perm, offsets, num_groups
+    return None, n, perm, offsets, num_groups
 
 
 def papo_advantages(
@@ -364,7 +375,9 @@ def papo_advantages(
         seg, num_slots, perm, offsets = group_ids.long(), 0, None, group_ids.new_zeros(1).long()
         num_groups = offsets[0]
     else:
-        seg, num_slots, perm, offsets, num_groups = _groups_from_ids(group_ids, n)
+        seg, num_slots, perm, offsets, num_groups = _groups_from_ids(
+            group_ids, n, for_kernel=which == "triton"
+        )
 
     out_r = None
     if out_kind is not None:
