@@ -1,0 +1,360 @@
+"""The GRPO-family policy loss straight from the LM head: three matrix products, no [T, V] logits.
+
+    fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, ...) -> FusedPolicyLoss
+      = policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[targets], old_logp, ...)
+
+The floor is three products: logits, grad_hidden, grad_weight. A loss that computes log-probs in the
+forward and recomputes the logits in the backward does four. We reach three by forming the gradient
+during the forward pass (liger-kernel's trick): for each chunk of WHOLE sequences,
+
+    z = chunk logits               -> lse, logp (and entropy): fused_linear_logprobs' chunk steps
+    policy_loss(logp_chunk, ...)   with the GLOBAL num_tokens/num_seqs/max_len, so that the chunk's
+                                   loss and gradient are exactly its share of the batch's (issue 3)
+    grad_logp = autograd.grad(...) -> grad_logits = (onehot - softmax) * grad_logp / temperature,
+                                   in place in the chunk's buffer (the forward's exp is reused)
+    grad_hidden[chunk] = grad_logits @ W;  grad_W += grad_logits.T @ h;  grad_b += sum(grad_logits)
+
+and the backward only scales the stored fp32 gradients by grad_output (the loss is linear in it).
+The loss formula is ``policy_loss``'s; nothing here restates it.
+
+Two passes instead (logp of every token, then policy_loss, then a gradient pass that recomputes the
+logits: one more product, the same numbers) when
+1. ratio_level="sequence" (kept on the simple path: a token's gradient depends on its sequence's
+   mean log-ratio, which chunks of whole sequences would allow, but it is not the paper's setting);
+2. one sequence has more than 4x the chunk's row budget of tokens: its logits alone would break the
+   memory bound, and policy_loss cannot split a sequence (1/|y_i| and the ratio are per sequence).
+
+Metrics are combined across chunks exactly: fractions and means weighted by each chunk's valid
+tokens, min/max over the chunks that hold any. logp and entropy come back detached.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .fused_linear_logprobs import (
+    FusedLinearLogprobsFunction,
+    accumulate_grads,
+    check_lm_head_inputs,
+    chunk_grad,
+    chunk_logits,
+    chunk_rows,
+    chunk_stats,
+)
+from .policy_loss import Count, PolicyLoss, policy_loss
+from .policy_loss_torch import advantages_per_token
+
+FusedPolicyLoss = NamedTuple(
+    "FusedPolicyLoss",
+    [*PolicyLoss.__annotations__.items(), ("logp", "torch.Tensor"), ("entropy", "torch.Tensor")],
+)
+FusedPolicyLoss.__doc__ = """PolicyLoss's fields, then ``logp`` and ``entropy``.
+
+``loss`` is differentiable w.r.t. hidden, weight and bias; the metrics are over the whole batch.
+``logp``: like targets, float32 (float64 for float64 inputs), detached. ``entropy``: the same, or
+None unless asked for. ``PolicyLoss(*result[: len(PolicyLoss._fields)])`` drops the two extras.
+"""
+
+_FRACS = slice(0, 5)  # metric slots: clip_frac_low, clip_frac_high, dual_clip_frac, kl, ratio_mean
+_RMIN, _RMAX, _NTOK, _NONFINITE = 5, 6, 7, 8
+
+
+class _Batch(NamedTuple):
+    """The non-differentiable inputs of the loss, and the chunks of whole sequences."""
+
+    targets: torch.Tensor  # [T] (packed) or [B, L] (padded)
+    old_logp: torch.Tensor | None  # like targets
+    advantages: torch.Tensor  # [B] or like targets
+    mask: torch.Tensor | None  # [B, L]
+    cu_seqlens: torch.Tensor | None  # [B + 1]
+    ref_logp: torch.Tensor | None  # like targets
+    rollout_logp: torch.Tensor | None  # like targets
+    per_token_adv: bool
+    loss_kwargs: dict  # policy_loss's keywords, with the global counts
+    chunks: list[tuple[int, int, int, int]]  # (seq start, seq end, token start, token end)
+
+
+def _chunk_loss(batch: _Batch, logp: torch.Tensor, chunk) -> PolicyLoss:
+    """policy_loss on the sequences [s0, s1) = tokens [t0, t1); logp is the chunk's [t1 - t0]."""
+    s0, s1, t0, t1 = chunk
+    padded = batch.mask is not None
+    rows = slice(s0, s1) if padded else slice(t0, t1)
+    part = lambda t: None if t is None else t[rows]  # noqa: E731
+    adv_rows = rows if batch.per_token_adv else slice(s0, s1)
+    layout = (
+        {"mask": batch.mask[rows]} if padded else {"cu_seqlens": batch.cu_seqlens[s0 : s1 + 1] - t0}
+    )
+    return policy_loss(
+        logp.view(s1 - s0, -1) if padded else logp,
+        part(batch.old_logp),
+        batch.advantages[adv_rows],
+        ref_logp=part(batch.ref_logp),
+        rollout_logp=part(batch.rollout_logp),
+        **layout,
+        **batch.loss_kwargs,
+    )
+
+
+def _combine(metrics: list[torch.Tensor]) -> torch.Tensor:
+    """Per-chunk metric vectors [C, 9] -> the batch's [9] (token-weighted means, min/max, sums)."""
+    m = torch.stack(metrics)
+    n = m[:, _NTOK]
+    total = n.sum()
+    has = n > 0
+    out = torch.empty_like(m[0])
+    out[_FRACS] = (m[:, _FRACS] * n[:, None]).sum(0) / total.clamp(min=1)
+    inf = torch.full_like(n, float("inf"))
+    out[_RMIN] = torch.where(has, m[:, _RMIN], inf).min().where(total > 0, 0.0)
+    out[_RMAX] = torch.where(has, m[:, _RMAX], -inf).max().where(total > 0, 0.0)
+    out[_NTOK], out[_NONFINITE] = total, m[:, _NONFINITE].sum()
+    return out
+
+
+class FusedLinearPolicyLossFunction(torch.autograd.Function):
+    """hidden [T, H], weight [V, H], bias [V] | None -> (loss, metrics [9], logp [T], entropy).
+
+    The forward does all three products and saves grad_hidden, grad_weight, grad_bias (fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch, temperature, entropy, backend, need):
+        need_h, need_w, need_b = need
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        T = hidden.shape[0]
+        targets = batch.targets.reshape(-1)
+        logp = torch.empty(T, device=hidden.device, dtype=acc)
+        ent = torch.empty_like(logp) if entropy else None
+        grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
+        losses, metrics = [], []
+        for chunk in batch.chunks:
+            t0, t1 = chunk[2], chunk[3]
+            h, t = hidden[t0:t1], targets[t0:t1]
+            z = chunk_logits(h, weight, bias, 1.0 / temperature)
+            lse, logp[t0:t1], ent_c, state = chunk_stats(z, t, entropy, backend)
+            if entropy:
+                ent[t0:t1] = ent_c
+            with torch.enable_grad():
+                lp = logp[t0:t1].detach().requires_grad_(any(need))
+                res = _chunk_loss(batch, lp, chunk)
+            if any(need):
+                (grad_logp,) = torch.autograd.grad(res.loss, lp)
+                g = chunk_grad(state, t, lse, grad_logp / temperature, backend)
+                gh = grad_h[t0:t1] if need_h else None
+                accumulate_grads(g, h, weight, gh, grad_w, grad_b)
+            losses.append(res.loss.detach())
+            metrics.append(torch.stack([x.to(acc) for x in res[1:]]))
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        out = (torch.stack(losses).sum(), _combine(metrics), logp, ent)
+        ctx.mark_non_differentiable(*(x for x in out[1:] if x is not None))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = [
+            None if g is None else (g * grad_loss).to(dtype)
+            for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
+        ]
+        return (*grads, None, None, None, None, None)
+
+
+def _plan_chunks(targets, mask, cu_seqlens, rows: int):
+    """Greedy chunks of whole sequences of at most ``rows`` tokens (one sequence at least); None
+    when a sequence is longer than 4 x rows (the two-pass path). Padded rows count all L tokens."""
+    if mask is not None:
+        B, L = targets.shape
+        cu = [b * L for b in range(B + 1)]
+    else:
+        cu = cu_seqlens.tolist()
+    lengths = [y - x for x, y in zip(cu[:-1], cu[1:], strict=True)]
+    if cu[0] != 0 or cu[-1] != targets.numel() or min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must rise from 0 to len(targets) = {targets.numel()}")
+    if max(lengths) > 4 * rows:
+        return None
+    chunks, s0, n = [], 0, len(cu) - 1
+    for s in range(n):  # sequence s is tokens [cu[s], cu[s + 1])
+        if s > s0 and cu[s + 1] - cu[s0] > rows:
+            chunks.append((s0, s, cu[s0], cu[s]))
+            s0 = s
+    chunks.append((s0, n, cu[s0], cu[n]))
+    return chunks
+
+
+def _global_counts(targets, mask, cu_seqlens, num_tokens, num_seqs, max_len):
+    """policy_loss's local defaults computed over the whole batch (as 0-dim tensors, no sync)."""
+    if mask is not None:
+        seq_counts = (mask != 0).sum(1)
+    else:
+        seq_counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(targets.device)
+    return {
+        "num_tokens": seq_counts.sum() if num_tokens is None else num_tokens,
+        "num_seqs": (seq_counts > 0).sum() if num_seqs is None else num_seqs,
+        "max_len": seq_counts.max() if max_len is None else max_len,
+    }
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    kl: str = "k3",
+    ratio_level: str = "token",
+    agg: str = "token-mean",
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    max_len: Count | None = None,
+    is_cap: float | None = None,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> FusedPolicyLoss:
+    """``policy_loss`` of the log-probs of ``hidden @ weight.T + bias``, without the logits.
+
+    Args:
+        hidden: [B, L, H] with ``mask`` (padded) or [T, H] with ``cu_seqlens`` (packed); any float
+            dtype, shared by weight and bias. Receives a gradient, as do weight and bias.
+        weight: [V, H], the LM head.
+        targets: int [B, L] or [T], the sampled tokens, each in [0, V) (padding too: a pad id).
+        old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp: as in ``policy_loss``, laid
+            out like targets (advantages [B] per sequence or per token).
+        bias: optional [V].
+        temperature: > 0, the sampler's: logits are divided by it before the softmax.
+        return_entropy: also return each token's entropy (a detached metric).
+        eps_low ... check_finite: ``policy_loss``'s keywords, same meaning. num_tokens, num_seqs and
+            max_len are the optimizer step's global counts (None: this call's own).
+        backend: "auto" (Triton softmax kernels on CUDA, PyTorch on CPU), "torch" or "triton".
+
+    Returns:
+        FusedPolicyLoss: PolicyLoss's loss and metrics, then logp (and entropy), detached.
+
+    Raises:
+        ValueError: fused_linear_logprobs' input errors, and policy_loss's, named.
+    """
+    backend = check_lm_head_inputs(hidden, weight, targets, bias, temperature, backend)
+    if (mask is not None and hidden.dim() != 3) or (cu_seqlens is not None and hidden.dim() != 2):
+        shape = tuple(hidden.shape)
+        raise ValueError(
+            f"hidden must be [B, L, H] with mask or [T, H] with cu_seqlens, got {shape}"
+        )
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    kwargs = dict(
+        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl=kl,
+        ratio_level=ratio_level, agg=agg, is_cap=is_cap, check_finite=check_finite, backend=backend,
+    )  # fmt: skip
+    user_counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
+    with torch.no_grad():  # every check of policy_loss, on the whole batch, before any product
+        policy_loss(
+            torch.zeros(targets.shape, device=targets.device, dtype=acc), old_logp, advantages,
+            mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
+            **kwargs, **user_counts,
+        )  # fmt: skip
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    T, H, V = h2.shape[0], h2.shape[1], weight.shape[0]
+    rows = chunk_rows(T, H, V, hidden.device)
+    chunks = None if ratio_level == "sequence" else _plan_chunks(targets, mask, cu_seqlens, rows)
+    h2, weight = h2.contiguous(), weight.contiguous()
+
+    if chunks is None:  # two passes: logp, policy_loss, then the logprobs backward
+        logp, ent = FusedLinearLogprobsFunction.apply(
+            h2, weight, bias, targets.reshape(-1), float(temperature), return_entropy, backend, rows
+        )
+        res = policy_loss(
+            logp.view(targets.shape), old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens,
+            ref_logp=ref_logp, rollout_logp=rollout_logp, **kwargs, **user_counts,
+        )  # fmt: skip
+        ent = None if ent is None else ent.view(targets.shape)
+        return FusedPolicyLoss(*res, logp.detach().view(targets.shape), ent)
+
+    grad_on = torch.is_grad_enabled()
+    need = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    n_seqs = advantages.shape[0] if mask is not None else cu_seqlens.numel() - 1
+    batch = _Batch(
+        targets, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp,
+        advantages_per_token(advantages, n_seqs) if mask is None else advantages.dim() == 2,
+        {**kwargs, **_global_counts(targets, mask, cu_seqlens, **user_counts)}, chunks,
+    )  # fmt: skip
+    loss, metrics, logp, ent = FusedLinearPolicyLossFunction.apply(
+        h2, weight, bias, batch, float(temperature), return_entropy, backend, need
+    )
+    ent = None if ent is None else ent.view(targets.shape)
+    return FusedPolicyLoss(loss, *metrics.unbind(), logp.view(targets.shape), ent)
+
+
+class PAPOLoss(torch.nn.Module):
+    """The drop-in loss of a PAPO / GRPO trainer: holds the hyper-parameters, takes hidden states
+    and the LM head. Defaults are the paper's recipe: clip 0.2 / 0.28, no KL, token-mean.
+
+    PAPO differs from GRPO in its advantages (``papo_advantages``), not in this loss.
+
+    Example:
+        loss_fn = PAPOLoss(temperature=1.0)
+        out = loss_fn(hidden, model.lm_head.weight, completion_ids, old_logp, advantages,
+                      mask=completion_mask, num_tokens=tokens_in_step)
+        out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        dual_clip: float | None = None,
+        beta: float = 0.0,
+        kl: str = "k3",
+        ratio_level: str = "token",
+        agg: str = "token-mean",
+        is_cap: float | None = None,
+        return_entropy: bool = False,
+        check_finite: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+            beta=beta, kl=kl, ratio_level=ratio_level, agg=agg, is_cap=is_cap,
+            return_entropy=return_entropy, check_finite=check_finite, backend=backend,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        old_logp: torch.Tensor | None,
+        advantages: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        ref_logp: torch.Tensor | None = None,
+        rollout_logp: torch.Tensor | None = None,
+        num_tokens: Count | None = None,
+        num_seqs: Count | None = None,
+        max_len: Count | None = None,
+    ) -> FusedPolicyLoss:
+        return fused_linear_policy_loss(
+            hidden, weight, targets, old_logp, advantages, bias=bias, mask=mask,
+            cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
+            num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, **self.kwargs,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,340 @@
+"""fused_linear_policy_loss against a float64 materialized reference: logits, log_softmax, gather,
+then the GRPO loss written out eagerly below (DESIGN §2), independent of policy_loss's code."""
+
+import pytest
+import torch
+from helpers import assert_close, assert_close_to_ref
+
+import papo_fast.kernels.fused_linear_policy_loss as flpl
+from papo_fast.kernels.fused_linear_policy_loss import PAPOLoss, fused_linear_policy_loss
+
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def eager_loss(logp, old, adv, m, *, eps_low=0.2, eps_high=0.28, dual_clip=None, beta=0.0,
+               ref=None, kl="k3", agg="token-mean", ratio_level="token", rollout=None,
+               is_cap=None, num_tokens=None, num_seqs=None, max_len=None):  # fmt: skip
+    """Padded layout: logp/old/ref/rollout/m [B, L], adv [B] or [B, L]. Returns (loss, metrics)."""
+    m = m.to(logp.dtype)
+    A = adv[:, None] if adv.dim() == 1 else adv
+    log_ratio = logp - old
+    if ratio_level == "sequence":  # GSPO, verl's form: value exp(mean), d/d logp_t = ratio
+        seq = (log_ratio * m).sum(1) / m.sum(1).clamp(min=1)
+        log_ratio = logp - logp.detach() + seq.detach()[:, None]
+    ratio = log_ratio.exp()
+    pg = torch.maximum(-ratio * A, -ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if dual_clip is not None:
+        dual = (A < 0) & (pg > -dual_clip * A)
+        pg = torch.where(A < 0, torch.minimum(pg, -dual_clip * A), pg)
+    if rollout is not None:
+        w = (old - rollout).exp()
+        pg = pg * (w if is_cap is None else w.clamp(max=is_cap))
+    delta = logp - ref if ref is not None else torch.zeros_like(logp)
+    kl_t = {"k1": delta, "k2": delta**2 / 2, "k3": (-delta).exp() + delta - 1}[kl]
+    loss_t = pg + beta * kl_t if beta else pg
+    lens = m.sum(1)
+    n_tok = lens.sum() if num_tokens is None else num_tokens
+    n_seq = (lens > 0).sum() if num_seqs is None else num_seqs
+    l_max = lens.max() if max_len is None else max_len
+    total = (loss_t * m).sum()
+    loss = {
+        "token-mean": total / n_tok,
+        "seq-mean-token-mean": ((loss_t * m).sum(1) / lens.clamp(min=1)).sum() / n_seq,
+        "seq-mean-token-sum": total / n_seq,
+        "seq-mean-token-sum-norm": total / (n_seq * l_max),
+    }[agg]
+    r, n = ratio.detach(), m.sum()
+    valid = m > 0
+    metrics = {
+        "clip_frac_low": ((r < 1 - eps_low) & (A < 0) & valid).sum() / n,
+        "clip_frac_high": ((r > 1 + eps_high) & (A > 0) & valid).sum() / n,
+        "dual_clip_frac": (dual & valid).sum() / n,
+        "kl": (kl_t.detach() * m).sum() / n if beta else torch.zeros(()),
+        "ratio_mean": (r * m).sum() / n,
+        "ratio_min": r[valid].min(),
+        "ratio_max": r[valid].max(),
+        "num_tokens": n,
+    }
+    return loss, metrics
+
+
+def make_batch(B=6, L=11, H=12, V=97, dtype=torch.float32, lengths=None):
+    """Padded [B, L] data with ragged valid lengths, logp values near the current policy's."""
+    lengths = lengths or [L, 1, 4, L - 2, 7, 9][:B]
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    hidden = torch.randn(B, L, H, dtype=dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    bias = (0.5 * torch.randn(V)).to(dtype)
+    targets = torch.randint(0, V, (B, L))
+    with torch.no_grad():
+        logp = (hidden.double() @ weight.double().T + bias.double()).log_softmax(-1)
+        logp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    old = logp + 0.3 * torch.randn(B, L, dtype=torch.float64)  # ratios spread across the clip
+    ref = logp + 0.2 * torch.randn(B, L, dtype=torch.float64)
+    rollout = old + 0.1 * torch.randn(B, L, dtype=torch.float64)
+    adv = torch.randn(B, dtype=torch.float64)
+    return dict(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask, old=old,
+                ref=ref, rollout=rollout, adv=adv)  # fmt: skip
+
+
+def materialized(hidden, weight, bias, targets, temperature):
+    z = hidden @ weight.T + bias
+    z = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+    logsm = (z / temperature).log_softmax(-1)
+    return logsm.gather(-1, targets[..., None]).squeeze(-1), -(logsm.exp() * logsm).sum(-1)
+
+
+def pack(x, mask):
+    """Padded [B, L, ...] -> packed [T, ...] of the valid tokens."""
+    return x[mask]
+
+
+def reference(d, dtype, temperature, **kw):
+    """(loss, metrics, logp, entropy, grad_hidden, grad_weight, grad_bias) of the eager formula."""
+    leaves = [d[k].detach().to(dtype).requires_grad_() for k in ("hidden", "weight", "bias")]
+    logp, ent = materialized(*leaves, d["targets"], temperature)
+    kw = {k: v.to(logp.dtype) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    loss, metrics = eager_loss(logp, d["old"].to(logp.dtype), d["adv"].to(logp.dtype), d["mask"],
+                               **kw)  # fmt: skip
+    loss.backward()
+    return loss, metrics, logp, ent, *(t.grad for t in leaves)
+
+
+def ours(d, layout, temperature, backend="torch", **kw):
+    leaves = [d[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    hidden, mask = leaves[0], d["mask"]
+    args = dict(targets=d["targets"], old_logp=d["old"].float(), advantages=d["adv"].float())
+    extra = {k: kw.pop(k).float() for k in ("ref_logp", "rollout_logp") if k in kw}
+    if layout == "packed":
+        lens = mask.sum(1)
+        cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        hidden = pack(hidden, mask)
+        args = {k: pack(v, mask) if v.dim() == 2 else v for k, v in args.items()}
+        extra = {k: pack(v, mask) for k, v in extra.items()}
+        kw["cu_seqlens"] = cu
+    else:
+        kw["mask"] = mask
+    res = fused_linear_policy_loss(hidden, leaves[1], args["targets"], args["old_logp"],
+                                   args["advantages"], bias=leaves[2], temperature=temperature,
+                                   return_entropy=True, backend=backend, **extra, **kw)  # fmt: skip
+    res.loss.backward()
+    grad_h = leaves[0].grad
+    logp, ent = res.logp, res.entropy
+    if layout == "packed":  # back to padded (grad_h already is: packing is an indexing op)
+        logp = torch.zeros(mask.shape, dtype=logp.dtype).index_put((mask,), logp)
+        ent = torch.zeros(mask.shape, dtype=ent.dtype).index_put((mask,), ent)
+    return res, logp, ent, grad_h, leaves[1].grad, leaves[2].grad
+
+
+def compare(res, got, want, same, mask, atol):
+    """got: ours (res, logp, ent, gh, gw, gb); want/same: reference() in float64 / test dtype."""
+    m = mask.to(torch.float64)
+    assert_close_to_ref(res.loss, want[0], same[0], atol=atol, msg="loss")
+    for i, name in [(1, "logp"), (2, "entropy")]:
+        assert_close_to_ref(got[i] * m, want[i + 1] * m, same[i + 1] * m, atol=atol, msg=name)
+    for i, name in [(3, "grad_hidden"), (4, "grad_weight"), (5, "grad_bias")]:
+        assert_close_to_ref(got[i], want[i + 1], same[i + 1], atol=atol, msg=name)
+    for name, value in want[1].items():
+        assert_close(getattr(res, name), value, atol=1e-5, msg=name)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 token rows: several chunks of whole sequences; a sequence > 64 goes two-pass."""
+    monkeypatch.setattr(flpl, "chunk_rows", lambda *a: 16)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_matches_fp64_reference(small_chunks, layout, agg, ratio_level):
+    d = make_batch()
+    kw = dict(agg=agg, ratio_level=ratio_level)
+    want = reference(d, torch.float64, 0.8, **kw)
+    same = reference(d, torch.float32, 0.8, **kw)
+    res, *got = ours(d, layout, 0.8, **kw)
+    compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
+
+
+CONFIGS = {
+    "dual_clip": dict(dual_clip=3.0),
+    "kl_k1": dict(beta=0.1, kl="k1"),
+    "kl_k2": dict(beta=0.1, kl="k2"),
+    "kl_k3": dict(beta=0.04, kl="k3", dual_clip=2.0),
+    "rollout_is": dict(is_cap=1.05),
+    "per_token_adv": dict(),
+}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_options_match_fp64_reference(small_chunks, layout, name):
+    d = make_batch()
+    kw = dict(CONFIGS[name])
+    ref_kw, our_kw = dict(kw), dict(kw)
+    if "beta" in kw:
+        ref_kw["ref"], our_kw["ref_logp"] = d["ref"], d["ref"]
+    if "is_cap" in kw:
+        ref_kw["rollout"], our_kw["rollout_logp"] = d["rollout"], d["rollout"]
+    if name == "per_token_adv":
+        d["adv"] = torch.randn(d["mask"].shape, dtype=torch.float64)
+    want = reference(d, torch.float64, 1.0, **ref_kw)
+    same = reference(d, torch.float32, 1.0, **ref_kw)
+    res, *got = ours(d, layout, 1.0, **our_kw)
+    compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
+
+
+def test_long_sequence_takes_the_two_pass_path(small_chunks, monkeypatch):
+    """A 70-token sequence > 4 x 16 rows: logp first, then a gradient pass (4 products, not 3)."""
+    calls = []
+    real = flpl.FusedLinearLogprobsFunction.apply
+    monkeypatch.setattr(flpl.FusedLinearLogprobsFunction, "apply",
+                        lambda *a: calls.append(1) or real(*a))  # fmt: skip
+    d = make_batch(B=3, L=70, lengths=[70, 5, 33])
+    want = reference(d, torch.float64, 1.0)
+    same = reference(d, torch.float32, 1.0)
+    res, *got = ours(d, "packed", 1.0)
+    assert calls == [1]
+    compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
+
+
+def test_single_pass_does_three_products(small_chunks, monkeypatch):
+    """Forward + backward compute each chunk's logits once: the three-product floor."""
+    n = []
+    real = flpl.chunk_logits
+    monkeypatch.setattr(flpl, "chunk_logits", lambda *a: n.append(1) or real(*a))
+    d = make_batch()  # L = 11: one padded row per 16-row chunk -> 6 chunks
+    ours(d, "padded", 1.0)
+    assert len(n) == 6
+
+
+def test_triton_matches_torch(small_chunks):
+    d = make_batch(B=3, L=9, V=150, lengths=[9, 2, 6])
+    kw = dict(beta=0.04, ref_logp=d["ref"], agg="seq-mean-token-mean")
+    a = ours(d, "packed", 0.7, backend="torch", **dict(kw))
+    b = ours(d, "packed", 0.7, backend="triton", **dict(kw))
+    assert_close(b[0].loss, a[0].loss, atol=1e-6)
+    for x, y in zip(b[1:], a[1:], strict=True):
+        assert_close(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_within_the_reference_bf16_error(small_chunks, backend):
+    d = make_batch(dtype=torch.bfloat16, V=301)
+    want = reference(d, torch.float64, 1.0)
+    same = reference(d, torch.bfloat16, 1.0)
+    res, *got = ours(d, "padded", 1.0, backend=backend)
+    for i, name in [(3, "grad_hidden"), (4, "grad_weight"), (5, "grad_bias")]:
+        assert got[i - 1].dtype == torch.bfloat16, name
+    assert_close_to_ref(res.loss, want[0], same[0], atol=1e-3, msg="loss")
+    m = d["mask"].double()
+    assert_close_to_ref(got[0] * m, want[2] * m, same[2] * m, atol=1e-3, msg="logp")
+    for i, name in [(2, "grad_hidden"), (3, "grad_weight"), (4, "grad_bias")]:
+        assert_close_to_ref(got[i], want[i + 2], same[i + 2], atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_micro_batches_sum_to_the_full_batch(small_chunks, agg):
+    """Two micro-batches with the global counts: the summed loss and gradients are the batch's."""
+    d = make_batch(dtype=torch.float64)
+    lens = d["mask"].sum(1)
+    counts = dict(num_tokens=lens.sum(), num_seqs=6, max_len=lens.max())
+
+    def run(rows, hidden, weight):
+        return fused_linear_policy_loss(
+            hidden[rows], weight, d["targets"][rows], d["old"][rows], d["adv"][rows],
+            mask=d["mask"][rows], agg=agg, **counts,
+        ).loss  # fmt: skip
+
+    h = d["hidden"].clone().requires_grad_()
+    w = d["weight"].clone().requires_grad_()
+    full = run(slice(0, 6), h, w)
+    gh, gw = torch.autograd.grad(full, (h, w))
+    split = run(slice(0, 2), h, w) + run(slice(2, 6), h, w)
+    sh, sw = torch.autograd.grad(split, (h, w))
+    assert_close(split, full, atol=1e-10)
+    assert_close(sh, gh, atol=1e-10)
+    assert_close(sw, gw, atol=1e-10)
+
+
+def test_module_no_grad_and_frozen_head():
+    d = make_batch()
+    loss_fn = PAPOLoss(temperature=0.9, agg="seq-mean-token-mean")
+    assert "seq-mean-token-mean" in repr(loss_fn)
+    args = (d["targets"], d["old"].float(), d["adv"].float())
+    with torch.no_grad():
+        out = loss_fn(d["hidden"].requires_grad_(), d["weight"], *args, mask=d["mask"])
+    assert out.loss.grad_fn is None and out.entropy is None
+    out = loss_fn(d["hidden"], d["weight"], *args, bias=d["bias"], mask=d["mask"])  # frozen head
+    out.loss.backward()
+    want = reference(d, torch.float64, 0.9, agg="seq-mean-token-mean")
+    assert d["weight"].grad is None
+    assert_close(d["hidden"].grad, want[4], atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    d = make_batch()
+    h, w, t, old, adv, mask = (d[k] for k in ("hidden", "weight", "targets", "old", "adv", "mask"))
+    old, adv = old.float(), adv.float()
+    f = fused_linear_policy_loss
+    with pytest.raises(ValueError, match="weight"):
+        f(h, w[:, :5], t, old, adv, mask=mask)
+    with pytest.raises(ValueError, match="hidden must be"):
+        f(h, w, t, old, adv, cu_seqlens=torch.tensor([0, 66]))
+    with pytest.raises(ValueError, match="temperature"):
+        f(h, w, t, old, adv, mask=mask, temperature=0.0)
+    with pytest.raises(ValueError, match=r"\[0, V=97\)"):
+        f(h, w, t + 97, old, adv, mask=mask)
+    with pytest.raises(ValueError, match="agg"):
+        f(h, w, t, old, adv, mask=mask, agg="mean")
+    with pytest.raises(ValueError, match="advantages"):
+        f(h, w, t, old, adv[:4], mask=mask)
+    with pytest.raises(ValueError, match="mask"):
+        f(h, w, t, old, adv)  # neither mask nor cu_seqlens
+    with pytest.raises(ValueError, match="one device"):
+        f(h, w.to("meta"), t, old, adv, mask=mask)
+
+
+# liger-kernel's loss_type -> our agg (its "grpo" divides by B, its "dr_grpo" by B x max length)
+LIGER_AGG = {
+    "dapo": "token-mean",
+    "bnpo": "token-mean",
+    "grpo": "seq-mean-token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
+
+
+@pytest.mark.parametrize("loss_type", list(LIGER_AGG))
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_agrees_with_liger_kernel(loss_type, beta):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    d = make_batch(dtype=torch.float32)
+    B, L = d["mask"].shape
+    old, ref, adv = d["old"].float(), d["ref"].float(), d["adv"].float()
+    liger = LigerFusedLinearGRPOLoss(
+        beta=beta, compiled=False, use_ref_model=beta > 0, epsilon_low=0.2, epsilon_high=0.28,
+        loss_type=loss_type, max_completion_length=L, temperature=0.9,
+    )  # fmt: skip
+    h1, w1, b1 = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    loss_l, metrics_l = liger(h1, w1, d["targets"], d["mask"].long(), adv, bias=b1,
+                              ref_per_token_logps=ref if beta else None,
+                              old_per_token_logps=old)  # fmt: skip
+    loss_l.backward()
+
+    h2, w2, b2 = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    res = fused_linear_policy_loss(
+        h2, w2, d["targets"], old, adv, bias=b2, temperature=0.9, mask=d["mask"],
+        ref_logp=ref, beta=beta, kl="k3", agg=LIGER_AGG[loss_type], num_seqs=B, max_len=L,
+    )  # fmt: skip
+    res.loss.backward()
+
+    assert_close(res.loss, loss_l, atol=1e-6, rtol=1e-5, msg="loss")
+    assert_close(h2.grad, h1.grad, atol=1e-6, rtol=1e-4, msg="grad_hidden")
+    assert_close(w2.grad, w1.grad, atol=1e-6, rtol=1e-4, msg="grad_weight")
+    assert_close(b2.grad, b1.grad, atol=1e-6, rtol=1e-4, msg="grad_bias")
+    clip_l = metrics_l[-1]  # share of tokens clipped where it binds: low with A < 0, high A > 0
+    assert_close(res.clip_frac_low + res.clip_frac_high, clip_l, atol=1e-6, msg="clip fraction")
+    if beta:
+        assert_close(res.kl, metrics_l[0], atol=1e-6, rtol=1e-5, msg="kl")
