@@ -30,8 +30,6 @@ from .policy_loss_torch import (
     compute_dtype,
 )
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
 
 @triton.jit
 def _policy_loss_seq_stats_kernel(
@@ -85,7 +83,8 @@ def _policy_loss_fwd_kernel(
     eps_low, eps_high, dual_clip, beta, is_cap,
     # switches
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-    SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+    SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_DUAL: tl.constexpr,
+    HAS_ROLLOUT: tl.constexpr,
     KL_TYPE: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK flat tokens per program: per-token loss and gradient, and one row of stat sums.
@@ -129,10 +128,13 @@ def _policy_loss_fwd_kernel(
     ratio_clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
     pg = -adv * tl.where(clipped, ratio_clipped, ratio)
     dpg = tl.where(clipped, 0.0, -adv)  # d pg / d ratio
-    bound = -dual_clip * adv  # dual_clip = float32 max when off (not inf: inf * 0 is NaN)
-    dual = (adv < 0) & (pg > bound)
-    pg = tl.where(dual, bound, pg)
-    dloss = tl.where(dual, 0.0, dpg) * ratio
+    dual = tl.zeros([BLOCK], tl.int1)
+    if HAS_DUAL:
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (pg > bound)
+        pg = tl.where(dual, bound, pg)
+        dpg = tl.where(dual, 0.0, dpg)
+    dloss = dpg * ratio
     if HAS_ROLLOUT:
         rollout = tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         w = tl.minimum(tl.exp(old - rollout), is_cap)  # is_cap = inf when off
@@ -233,11 +235,12 @@ def policy_loss_triton(
         counts, lr_mean,
         grad, partials,
         n, length, b, (b - 1).bit_length(),
-        cfg.eps_low, cfg.eps_high, _FLOAT32_MAX if cfg.dual_clip is None else cfg.dual_clip,
+        cfg.eps_low, cfg.eps_high, cfg.dual_clip or 0.0,
         cfg.beta, math.inf if cfg.is_cap is None else cfg.is_cap,
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=advantages_per_token(advantages, b), SEQ_LEVEL=seq_level,
-        PER_SEQ_MEAN=cfg.agg == "seq-mean-token-mean", HAS_ROLLOUT=rollout_logp is not None,
+        PER_SEQ_MEAN=cfg.agg == "seq-mean-token-mean", HAS_DUAL=cfg.dual_clip is not None,
+        HAS_ROLLOUT=rollout_logp is not None,
         KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0, NUM_STATS=NUM_STATS,
     )  # fmt: skip
     stats = partials.sum(0, dtype=torch.float64)

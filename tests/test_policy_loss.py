@@ -1,0 +1,601 @@
+"""policy_loss against a float64 eager reference written from DESIGN §2 (verl's formulas)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers import assert_close, assert_close_to_ref
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from papo_fast import PolicyLoss, PolicyLossModule, policy_loss
+
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLS = ["k1", "k2", "k3"]
+LEVELS = ["token", "sequence"]
+BACKENDS = ["torch", "triton"]
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def reference(
+    logp, old, adv, mask, ref=None, rollout=None, *, eps_low=0.2, eps_high=0.28, dual_clip=None,
+    beta=0.0, kl="k3", ratio_level="token", agg="token-mean", num_tokens=None, num_seqs=None,
+    max_len=None, is_cap=None, dtype=torch.float64,
+):  # fmt: skip
+    """The loss on padded [B, L] inputs, eager in ``dtype``, differentiable w.r.t. ``logp``."""
+    lp = logp if logp.dtype == dtype else logp.to(dtype)
+    m = mask.to(dtype)
+    old = lp.detach() if old is None else old.to(dtype)
+    a = adv.to(dtype)
+    a = a[:, None].expand_as(lp) if a.dim() == 1 else a
+    log_ratio = lp - old
+    if ratio_level == "sequence":  # GSPO as verl writes it
+        seq_mean = (log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1)
+        log_ratio = lp - lp.detach() + seq_mean.detach()[:, None]
+    ratio = torch.exp(log_ratio)
+    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+    if dual_clip is not None:
+        pg = torch.where(a < 0, torch.minimum(pg, -dual_clip * a), pg)
+    if rollout is not None:
+        w = torch.exp(old - rollout.to(dtype)).detach()
+        pg = pg * (w if is_cap is None else w.clamp(max=is_cap))
+    loss = pg
+    if beta:
+        d = lp - ref.to(dtype)
+        k = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1}[kl]
+        loss = loss + beta * k
+    lens = m.sum(-1)  # local counts: an empty batch divides 0 by 1
+    n_tok = lens.sum().clamp(min=1) if num_tokens is None else num_tokens
+    n_seq = (lens > 0).sum().clamp(min=1) if num_seqs is None else num_seqs
+    l_max = lens.max().clamp(min=1) if max_len is None else max_len
+    per_seq = (loss * m).sum(-1)
+    if agg == "token-mean":
+        return per_seq.sum() / n_tok
+    if agg == "seq-mean-token-mean":
+        return (per_seq / lens.clamp(min=1)).sum() / n_seq
+    if agg == "seq-mean-token-sum":
+        return per_seq.sum() / n_seq
+    return per_seq.sum() / (n_seq * l_max)
+
+
+def make_batch(b=5, length=333, dtype=torch.float64, per_token=False, seed=0):
+    """Fresh random padded data: log-probs in (-3, 0), ratios spread across both clip edges."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -3 * torch.rand(b, length, generator=g, dtype=torch.float64)
+    old = logp + 0.3 * torch.randn(b, length, generator=g, dtype=torch.float64)
+    ref = logp + 0.2 * torch.randn(b, length, generator=g, dtype=torch.float64)
+    rollout = old + 0.2 * torch.randn(b, length, generator=g, dtype=torch.float64)
+    shape = (b, length) if per_token else (b,)
+    adv = torch.randn(shape, generator=g, dtype=torch.float64)
+    lens = torch.randint(1, length + 1, (b,), generator=g)
+    mask = torch.arange(length)[None, :] < lens[:, None]
+    mask &= torch.rand(b, length, generator=g) > 0.1  # holes too (e.g. masked tool output)
+    cast = lambda t: t.to(dtype)
+    return dict(
+        logp=cast(logp), old=cast(old), adv=cast(adv), mask=mask, ref=cast(ref),
+        rollout=cast(rollout),
+    )  # fmt: skip
+
+
+def pack(t, mask):
+    """[B, L] valid tokens → [T] (per-sequence [B] tensors pass through)."""
+    return t if t is None or t.dim() == 1 else t[mask]
+
+
+def cu_of(mask):
+    return torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(-1).cumsum(0)])
+
+
+def ours(d, packed=False, backend="torch", **kw):
+    """Loss result and d loss / d logp, through the public API."""
+    logp = d["logp"].clone().requires_grad_()
+    m = d["mask"]
+    args = dict(ref_logp=d["ref"], rollout_logp=d["rollout"], backend=backend, **kw)
+    if packed:
+        lp = pack(logp, m)
+        res = policy_loss(
+            lp, pack(d["old"], m), pack(d["adv"], m), cu_seqlens=cu_of(m),
+            **{**args, "ref_logp": pack(d["ref"], m), "rollout_logp": pack(d["rollout"], m)},
+        )  # fmt: skip
+    else:
+        res = policy_loss(logp, d["old"], d["adv"], mask=m, **args)
+    (grad,) = torch.autograd.grad(res.loss, logp)
+    return res, grad
+
+
+def theirs(d, dtype=torch.float64, **kw):
+    logp = d["logp"].to(dtype).clone().requires_grad_()
+    loss = reference(logp, d["old"], d["adv"], d["mask"], d["ref"], d["rollout"], dtype=dtype, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.detach(), grad
+
+
+# ----------------------------------------------------------------------------- hand-computed cases
+
+
+def tiny(logp, old, adv, mask=None, **kw):
+    logp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    old = None if old is None else torch.tensor(old, dtype=torch.float64)
+    adv = torch.tensor(adv, dtype=torch.float64)
+    mask = torch.ones_like(logp, dtype=torch.bool) if mask is None else torch.tensor(mask)
+    res = policy_loss(logp, old, adv, mask=mask, **kw)
+    (grad,) = torch.autograd.grad(res.loss, logp)
+    return res, grad
+
+
+def test_hand_clip_high_and_unclipped():
+    # ratios 1.5 and 0.5, A = +1, eps 0.2/0.28.
+    # token 0: 1.5 > 1.28 and A > 0 → clipped high: loss -1.28, no gradient.
+    # token 1: 0.5 < 0.8 but A > 0 → not clipped: loss -0.5, d/dlogp = -A·ρ = -0.5.
+    # token-mean: (-1.28 - 0.5) / 2 = -0.89; gradient [0, -0.5 / 2].
+    res, grad = tiny([[math.log(1.5), math.log(0.5)]], [[0.0, 0.0]], [1.0])
+    assert_close(res.loss, torch.tensor(-0.89, dtype=torch.float64), atol=1e-12)
+    assert_close(grad, torch.tensor([[0.0, -0.25]], dtype=torch.float64), atol=1e-12)
+    assert res.clip_frac_high.item() == 0.5 and res.clip_frac_low.item() == 0.0
+    assert_close(res.ratio_mean, torch.tensor(1.0, dtype=torch.float64), atol=1e-12)
+    assert_close(res.ratio_min, torch.tensor(0.5, dtype=torch.float64), atol=1e-12)
+    assert_close(res.ratio_max, torch.tensor(1.5, dtype=torch.float64), atol=1e-12)
+    assert res.num_tokens.item() == 2
+
+
+def test_hand_clip_low_and_dual_clip():
+    # Same ratios, A = -1. token 0: ρ = 1.5, A < 0 → unclipped: loss +1.5, gradient -A·ρ = 1.5.
+    # token 1: ρ = 0.5 < 0.8 and A < 0 → clipped low: loss 0.8, no gradient.
+    # token-mean: (1.5 + 0.8) / 2 = 1.15; gradient [1.5 / 2, 0].
+    args = ([[math.log(1.5), math.log(0.5)]], [[0.0, 0.0]], [-1.0])
+    res, grad = tiny(*args)
+    assert_close(res.loss, torch.tensor(1.15, dtype=torch.float64), atol=1e-12)
+    assert_close(grad, torch.tensor([[0.75, 0.0]], dtype=torch.float64), atol=1e-12)
+    assert res.clip_frac_low.item() == 0.5 and res.clip_frac_high.item() == 0.0
+    # dual clip c = 1.2: token 0's 1.5 > -c·A = 1.2 → bounded at 1.2, no gradient.
+    # (1.2 + 0.8) / 2 = 1.0; gradient 0 everywhere; half the tokens dual-clipped.
+    res, grad = tiny(*args, dual_clip=1.2)
+    assert_close(res.loss, torch.tensor(1.0, dtype=torch.float64), atol=1e-12)
+    assert_close(grad, torch.zeros(1, 2, dtype=torch.float64), atol=0.0)
+    assert res.dual_clip_frac.item() == 0.5
+
+
+@pytest.mark.parametrize(
+    "kl, value, slope",
+    [
+        ("k1", LN2, 1.0),  # δ = ln 2;  d/dδ = 1
+        ("k2", 0.5 * LN2**2, LN2),  # δ²/2 = 0.2402;  d/dδ = δ
+        ("k3", 0.5 + LN2 - 1.0, 0.5),  # e^-δ + δ - 1 = 0.5 + 0.6931 - 1 = 0.1931;  1 - e^-δ = 0.5
+    ],
+)
+def test_hand_kl(kl, value, slope):
+    # On-policy (ratio 1) with A = 0: pg = 0, so loss = beta·KL on one token, gradient beta·dKL/dδ.
+    logp = torch.tensor([[LN2]], dtype=torch.float64, requires_grad=True)
+    ref = torch.zeros(1, 1, dtype=torch.float64)
+    res = policy_loss(
+        logp, None, torch.zeros(1, dtype=torch.float64), mask=torch.ones(1, 1, dtype=torch.bool),
+        ref_logp=ref, beta=0.1, kl=kl,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(res.loss, logp)
+    assert_close(res.loss, torch.tensor(0.1 * value, dtype=torch.float64), atol=1e-12)
+    assert_close(grad, torch.tensor([[0.1 * slope]], dtype=torch.float64), atol=1e-12)
+    assert_close(res.kl, torch.tensor(value, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "agg, loss, scale",
+    [
+        ("token-mean", -10 / 4, [[1 / 4], [1 / 4]]),  # 4 tokens
+        ("seq-mean-token-mean", (-1 / 1 - 9 / 3) / 2, [[1 / 2], [1 / 6]]),  # |y| = 1, 3; 2 seqs
+        ("seq-mean-token-sum", -10 / 2, [[1 / 2], [1 / 2]]),
+        ("seq-mean-token-sum-norm", -10 / (2 * 3), [[1 / 6], [1 / 6]]),  # L_max = 3
+    ],
+)
+def test_hand_aggregation(agg, loss, scale):
+    # On-policy, per-token A: sequence 0 = [1] (+2 padding), sequence 1 = [2, 3, 4].
+    # ratio 1 everywhere, so loss_t = -A_t (sum -10) and d loss_t / d logp_t = -A_t.
+    adv = [[1.0, 9.0, 9.0], [2.0, 3.0, 4.0]]
+    mask = [[True, False, False], [True, True, True]]
+    res, grad = tiny([[-1.0, -1.0, -1.0], [-1.0, -2.0, -0.5]], None, adv, mask, agg=agg)
+    expected = (
+        -torch.tensor(adv, dtype=torch.float64)
+        * torch.tensor(scale, dtype=torch.float64)
+        * torch.tensor(mask)
+    )
+    assert_close(res.loss, torch.tensor(loss, dtype=torch.float64), atol=1e-12)
+    assert_close(grad, expected, atol=1e-12)
+
+
+def test_hand_sequence_ratio():
+    # GSPO: log-ratios [ln 2, 0] → mean ln2 / 2 → s = √2 = 1.414 for both tokens.
+    # A = +1: s > 1.28 → clipped, loss -1.28 per token, no gradient.
+    # A = -1: unclipped, loss √2 per token; d loss / d logp_t = -A·s = √2, / 2 tokens.
+    res, grad = tiny([[LN2, 0.0]], [[0.0, 0.0]], [1.0], ratio_level="sequence")
+    assert_close(res.loss, torch.tensor(-1.28, dtype=torch.float64), atol=1e-12)
+    assert_close(grad, torch.zeros(1, 2, dtype=torch.float64), atol=0.0)
+    res, grad = tiny([[LN2, 0.0]], [[0.0, 0.0]], [-1.0], ratio_level="sequence")
+    assert_close(res.loss, torch.tensor(math.sqrt(2), dtype=torch.float64), atol=1e-12)
+    assert_close(grad, torch.full((1, 2), math.sqrt(2) / 2, dtype=torch.float64), atol=1e-12)
+    assert_close(res.ratio_min, torch.tensor(math.sqrt(2), dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("is_cap, weight", [(None, 2.0), (1.5, 1.5)])
+def test_hand_rollout_correction(is_cap, weight):
+    # logp = old = 0 (ratio 1), rollout = -ln 2 → w = exp(old - rollout) = 2, or min(2, 1.5).
+    # A = 1: pg = -1, weighted: -w; gradient -A·ρ·w = -w. KL is not weighted: beta·k1 = 0.1·δ.
+    logp = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    full = lambda v: torch.full((1, 1), v, dtype=torch.float64)
+    res = policy_loss(
+        logp, full(0.0), torch.ones(1, dtype=torch.float64), mask=full(1.0) > 0,
+        rollout_logp=full(-LN2), is_cap=is_cap, ref_logp=full(-1.0), beta=0.1, kl="k1",
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(res.loss, logp)
+    assert_close(res.loss, torch.tensor(-weight + 0.1, dtype=torch.float64), atol=1e-12)
+    assert_close(grad, torch.tensor([[-weight + 0.1]], dtype=torch.float64), atol=1e-12)
+
+
+# ------------------------------------------------------------------------- against the reference
+
+COMBOS = list(itertools.product(AGGS, KLS, LEVELS))
+
+
+@pytest.mark.parametrize("agg, kl, level", COMBOS)
+@pytest.mark.parametrize("per_token", [False, True], ids=["adv-seq", "adv-tok"])
+def test_matches_reference(agg, kl, level, per_token):
+    d = make_batch(per_token=per_token, seed=COMBOS.index((agg, kl, level)))
+    kw = dict(agg=agg, kl=kl, ratio_level=level, beta=0.05)
+    res, grad = ours(d, **kw)
+    loss, ref_grad = theirs(d, **kw)
+    assert_close(res.loss, loss, atol=1e-12, msg="loss")
+    assert_close(grad, ref_grad, atol=1e-12, msg="grad")
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+@pytest.mark.parametrize("is_cap", [None, 1.1])
+def test_matches_reference_dual_clip_and_rollout(agg, level, dual_clip, is_cap):
+    d = make_batch(per_token=True)
+    d["adv"] = d["adv"] * 3  # large |A| so that the dual clip bites
+    kw = dict(agg=agg, ratio_level=level, dual_clip=dual_clip, is_cap=is_cap)
+    res, grad = ours(d, **kw)
+    loss, ref_grad = theirs(d, **kw)
+    assert_close(res.loss, loss, atol=1e-12, msg="loss")
+    assert_close(grad, ref_grad, atol=1e-12, msg="grad")
+    if dual_clip is not None and level == "token":  # sequence ratios stay near 1
+        assert res.dual_clip_frac.item() > 0
+
+
+def test_no_rollout_and_on_policy_match_reference():
+    d = make_batch()
+    d["rollout"] = None
+    for old in (d["old"], None):
+        e = {**d, "old": old}
+        res, grad = ours(e)
+        loss, ref_grad = theirs(e)
+        assert_close(res.loss, loss, atol=1e-12)
+        assert_close(grad, ref_grad, atol=1e-12)
+
+
+def test_metrics_match_reference():
+    d = make_batch()
+    res, _ = ours(d, beta=0.1, kl="k2", dual_clip=2.0)
+    m = d["mask"]
+    ratio = torch.exp(d["logp"] - d["old"])[m]
+    a = d["adv"][:, None].expand_as(m)[m]
+    delta = (d["logp"] - d["ref"])[m]
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.28))
+    expected = {
+        "clip_frac_low": ((ratio < 0.8) & (a < 0)).double().mean(),
+        "clip_frac_high": ((ratio > 1.28) & (a > 0)).double().mean(),
+        "dual_clip_frac": ((a < 0) & (pg > -2.0 * a)).double().mean(),
+        "kl": (0.5 * delta**2).mean(),
+        "ratio_mean": ratio.mean(),
+        "ratio_min": ratio.min(),
+        "ratio_max": ratio.max(),
+        "num_tokens": m.sum().double(),
+        "num_nonfinite": torch.tensor(0.0, dtype=torch.float64),
+    }
+    for name, value in expected.items():
+        got = getattr(res, name)
+        assert got.dim() == 0 and not got.requires_grad, name
+        assert_close(got, value, atol=1e-12, msg=name)
+    assert isinstance(res, PolicyLoss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_packed_equals_padded(backend, level, agg):
+    d = make_batch(b=4, length=300, per_token=True, dtype=torch.float32)
+    kw = dict(agg=agg, ratio_level=level, beta=0.1, backend=backend)
+    padded, g_padded = ours(d, **kw)
+    packed, g_packed = ours(d, packed=True, **kw)
+    for name in PolicyLoss._fields:
+        assert_close(getattr(packed, name), getattr(padded, name), atol=1e-5, rtol=1e-6, msg=name)
+    assert_close(g_packed, g_padded, atol=1e-9)  # both w.r.t. the padded tensor
+    assert (g_padded[~d["mask"]] == 0).all()
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-4)])
+@pytest.mark.parametrize("level", LEVELS)
+def test_low_precision_inputs(backend, dtype, atol, level):
+    d = make_batch(b=3, length=357, per_token=True, dtype=dtype)
+    kw = dict(agg="seq-mean-token-mean", ratio_level=level, beta=0.1, dual_clip=3.0, is_cap=2.0)
+    res, grad = ours(d, backend=backend, **kw)
+    assert res.loss.dtype == torch.float32 and grad.dtype == dtype
+    loss64, grad64 = theirs(d, **kw)  # float64 on the same (rounded) inputs
+    loss_lo, grad_lo = theirs(d, dtype=dtype, **kw)  # the same formula in the input dtype
+    assert_close_to_ref(res.loss, loss64, loss_lo, atol=atol, msg="loss")
+    assert_close_to_ref(grad, grad64, grad_lo, atol=atol * 1e-2, msg="grad")
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("kl", KLS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gradcheck(agg, kl, packed):
+    d = make_batch(b=3, length=5, per_token=True)
+    m = d["mask"]
+    kw = dict(agg=agg, kl=kl, beta=0.1, dual_clip=2.0, is_cap=1.5)
+    if packed:
+        args = [pack(d[k], m) for k in ("old", "adv", "ref", "rollout")]
+        fn = lambda lp: (
+            policy_loss(
+                lp,
+                args[0],
+                args[1],
+                cu_seqlens=cu_of(m),
+                ref_logp=args[2],
+                rollout_logp=args[3],
+                **kw,
+            ).loss
+        )
+        x = pack(d["logp"], m)
+    else:
+        fn = lambda lp: (
+            policy_loss(
+                lp, d["old"], d["adv"], mask=m, ref_logp=d["ref"], rollout_logp=d["rollout"], **kw
+            ).loss
+        )
+        x = d["logp"]
+    assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(),))
+
+
+def test_gradcheck_sequence_level():
+    # GSPO's stop-gradient form has the true gradient when each sequence's loss is its token mean
+    # of one shared value: per-sequence advantages, "seq-mean-token-mean", no per-token weights.
+    d = make_batch(b=3, length=6)
+    fn = lambda lp: (
+        policy_loss(
+            lp,
+            d["old"],
+            d["adv"],
+            mask=d["mask"],
+            ratio_level="sequence",
+            agg="seq-mean-token-mean",
+        ).loss
+    )
+    assert torch.autograd.gradcheck(fn, (d["logp"].clone().requires_grad_(),))
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_micro_batch_invariance(agg, level, packed):
+    d = make_batch(b=8, length=40, per_token=False, seed=3)
+    d["mask"][5] = False  # an empty response: counted by the caller's N_seqs or not, never NaN
+    m = d["mask"]
+    glob = dict(num_tokens=int(m.sum()), num_seqs=8, max_len=40)
+    kw = dict(agg=agg, ratio_level=level, beta=0.1, **glob)
+    full, g_full = ours(d, packed=packed, **kw)
+    loss_ref, g_ref = theirs(d, **kw)
+    assert_close(full.loss, loss_ref, atol=1e-12)
+    assert_close(g_full, g_ref, atol=1e-12)
+    for splits in (1, 2, 4):
+        total, grads = 0.0, []
+        for rows in torch.arange(8).chunk(splits):
+            part = {k: v[rows] for k, v in d.items()}
+            res, g = ours(part, packed=packed, **kw)
+            total = total + res.loss
+            grads.append(g)
+        assert_close(total, full.loss, atol=1e-6, msg=f"{splits} micro-batches: loss")
+        assert_close(torch.cat(grads), g_full, atol=1e-6, msg=f"{splits} micro-batches: grad")
+
+
+def test_local_counts_per_micro_batch_differ():
+    # The bug class the global counts exist for: normalizing each micro-batch by its own counts.
+    d = make_batch(b=8, length=40, seed=4)
+    full, _ = ours(d)
+    halves = sum(
+        ours({k: v[rows] for k, v in d.items()})[0].loss for rows in torch.arange(8).chunk(2)
+    )
+    assert abs(halves.item() / 2 - full.loss.item()) > 1e-4
+
+
+# ----------------------------------------------------------------------------- Triton vs PyTorch
+
+
+@pytest.mark.parametrize("agg, kl, level", COMBOS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_triton_matches_torch(agg, kl, level, packed):
+    d = make_batch(b=4, length=521, per_token=(kl == "k2"), dtype=torch.float32, seed=7)
+    d["mask"][1] = False
+    kw = dict(agg=agg, kl=kl, ratio_level=level, beta=0.05, dual_clip=2.5, is_cap=1.2)
+    a, ga = ours(d, packed=packed, backend="triton", **kw)
+    b, gb = ours(d, packed=packed, backend="torch", **kw)
+    for name in PolicyLoss._fields:
+        assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-5, msg=name)
+    assert_close(ga, gb, atol=1e-9, rtol=1e-5)
+
+
+def test_triton_long_packed_sequence():
+    # One packed sequence longer than 65,535 tokens: lengths never go on a grid dimension.
+    g = torch.Generator().manual_seed(1)
+    t = 70_001
+    logp = -3 * torch.rand(t + 3, generator=g)
+    old = logp + 0.1 * torch.randn(t + 3, generator=g)
+    adv = torch.tensor([0.7, -1.3])
+    cu = torch.tensor([0, t, t + 3], dtype=torch.int32)
+    out = []
+    for backend in BACKENDS:
+        lp = logp.clone().requires_grad_()
+        res = policy_loss(
+            lp, old, adv, cu_seqlens=cu, ratio_level="sequence", agg="seq-mean-token-mean",
+            backend=backend,
+        )  # fmt: skip
+        out.append((res.loss, *torch.autograd.grad(res.loss, lp)))
+    assert_close(out[1][0], out[0][0], atol=1e-6)
+    assert_close(out[1][1], out[0][1], atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_empty_sequences(backend, agg):
+    d = make_batch(b=4, length=37, dtype=torch.float32)
+    d["mask"][2] = False
+    res, grad = ours(d, agg=agg, backend=backend)
+    loss, ref_grad = theirs(d, agg=agg)
+    assert_close(res.loss, loss, atol=1e-6, rtol=1e-6)
+    assert_close(grad, ref_grad, atol=1e-7, rtol=1e-6)
+    d["mask"][:] = False  # nothing valid at all: 0, not NaN
+    res, grad = ours(d, agg=agg, backend=backend)
+    assert res.loss.item() == 0.0 and (grad == 0).all() and res.num_tokens.item() == 0
+    assert all(torch.isfinite(v).all() for v in res)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_positions_are_ignored(backend):
+    d = make_batch(b=3, length=50, dtype=torch.float32)
+    clean, g_clean = ours(d, beta=0.1, backend=backend)
+    for k in ("logp", "old", "ref", "rollout"):
+        d[k] = d[k].masked_fill(~d["mask"], float("nan"))
+    dirty, g_dirty = ours(d, beta=0.1, backend=backend)
+    assert_close(dirty.loss, clean.loss, atol=0.0)
+    assert_close(g_dirty, g_clean, atol=0.0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's NaN math
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["logp", "old_logp", "ref_logp", "advantages", "rollout_logp"])
+def test_nonfinite_inputs(backend, name):
+    d = make_batch(b=3, length=20, dtype=torch.float32)
+    key = {"old_logp": "old", "ref_logp": "ref", "advantages": "adv", "rollout_logp": "rollout"}
+    k = key.get(name, name)
+    d[k] = d[k].clone()
+    d[k].view(-1)[0] = float("nan")  # token (0, 0), made valid
+    d["mask"][0, 0] = True
+    with pytest.raises(ValueError, match=name):
+        ours(d, beta=0.1, backend=backend)
+    res, _ = ours(d, beta=0.1, backend=backend, check_finite=False)
+    assert res.num_nonfinite.item() >= 1 and not torch.isfinite(res.loss)
+
+
+def test_beta_zero_does_not_read_ref():
+    d = make_batch(b=3, length=20)
+    clean, g_clean = ours(d)
+    d["ref"] = torch.full_like(d["ref"], float("nan"))
+    res, grad = ours(d)  # beta = 0: no error, same numbers
+    assert res.loss.item() == clean.loss.item() and torch.equal(grad, g_clean)
+    assert res.kl.item() == 0.0
+
+
+def test_module_matches_function():
+    d = make_batch(b=3, length=20)
+    module = PolicyLossModule(eps_low=0.1, eps_high=0.2, dual_clip=3.0, agg="seq-mean-token-sum")
+    res = module(d["logp"], d["old"], d["adv"], mask=d["mask"], num_seqs=5)
+    ref = policy_loss(
+        d["logp"], d["old"], d["adv"], mask=d["mask"], eps_low=0.1, eps_high=0.2, dual_clip=3.0,
+        agg="seq-mean-token-sum", num_seqs=5,
+    )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(res, ref, strict=True))
+    assert "seq-mean-token-sum" in repr(module)
+
+
+def _bad(**change):
+    d = make_batch(b=3, length=8)
+    args = dict(logp=d["logp"], old_logp=d["old"], advantages=d["adv"], mask=d["mask"])
+    args.update(change)
+    return args
+
+
+BAD = [
+    (dict(cu_seqlens=torch.tensor([0, 8, 16, 24])), "exactly one of mask"),
+    (dict(mask=None), "exactly one of mask"),
+    (dict(mask=torch.ones(3, 7, dtype=torch.bool)), "mask"),
+    (dict(old_logp=torch.zeros(3, 7, dtype=torch.float64)), "old_logp"),
+    (dict(advantages=torch.zeros(4, dtype=torch.float64)), "advantages"),
+    (dict(advantages=torch.zeros(3, dtype=torch.int64)), "advantages"),
+    (dict(ref_logp=torch.zeros(2, 8, dtype=torch.float64), beta=0.1), "ref_logp"),
+    (dict(beta=0.1), "ref_logp"),
+    (dict(rollout_logp=torch.zeros(8, dtype=torch.float64)), "rollout_logp"),
+    (dict(agg="mean"), "agg"),
+    (dict(kl="k4"), "kl"),
+    (dict(ratio_level="seq"), "ratio_level"),
+    (dict(eps_low=1.0), "eps_low"),
+    (dict(eps_low=-0.1), "eps_low"),
+    (dict(eps_high=-0.1), "eps_high"),
+    (dict(dual_clip=1.0), "dual_clip"),
+    (dict(beta=-1.0), "beta"),
+    (dict(is_cap=0.0), "is_cap"),
+    (dict(num_tokens=0), "num_tokens"),
+    (dict(num_seqs=-2), "num_seqs"),
+    (dict(max_len=torch.tensor([3, 4])), "max_len"),
+    (dict(backend="cuda"), "backend"),
+    (dict(logp=torch.zeros(3, 8, dtype=torch.int64)), "logp"),
+]
+
+
+@pytest.mark.parametrize("change, match", BAD, ids=[m + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_inputs(change, match):
+    with pytest.raises(ValueError, match=match):
+        policy_loss(**_bad(**change))
+
+
+@pytest.mark.parametrize(
+    "cu, match",
+    [
+        (torch.tensor([0, 5, 3, 10]), "cu_seqlens"),  # not rising
+        (torch.tensor([1, 5, 10]), "cu_seqlens"),  # does not start at 0
+        (torch.tensor([0, 5, 9]), "cu_seqlens"),  # does not end at T
+        (torch.tensor([0.0, 10.0]), "cu_seqlens"),  # not integer
+        (torch.tensor([10]), "cu_seqlens"),  # no sequence
+    ],
+)
+def test_bad_cu_seqlens(cu, match):
+    logp = torch.randn(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        policy_loss(logp, None, torch.ones(10, dtype=torch.float64), cu_seqlens=cu)
+
+
+# ----------------------------------------------------------------------------- property test
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lens=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    agg=st.sampled_from(AGGS),
+    level=st.sampled_from(LEVELS),
+    seed=st.integers(0, 2**16),
+)
+def test_ragged_packed_matches_reference(lens, agg, level, seed):
+    width = max(max(lens), 1)
+    d = make_batch(b=len(lens), length=width, per_token=True, seed=seed)
+    d["mask"] = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
+    res, grad = ours(d, packed=True, agg=agg, ratio_level=level)
+    loss, ref_grad = theirs(d, agg=agg, ratio_level=level)
+    assert_close(res.loss, loss, atol=1e-12)
+    assert_close(grad, ref_grad, atol=1e-12)
