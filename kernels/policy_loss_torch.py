@@ -76,96 +76,138 @@ def policy_loss_torch(
     rollout_logp: torch.Tensor | None,  # like logp
     cfg: LossConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs."""
+    """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs.
+
+    Few passes over the tokens, as this is the CPU path: per-sequence values stay [B] until they
+    broadcast; masked positions are never cleaned, what leaves is masked instead, by multiplying
+    with the float mask when every intermediate is finite everywhere (one sum each tells) and with
+    torch.where otherwise (masked garbage, or non-finite inputs that must be counted).
+    """
     cdt = compute_dtype(logp)
     dev = logp.device
     n = logp.numel()
-    idx = torch.arange(n, device=dev)
-    if cu_seqlens is None:
-        b, length = logp.shape
-        seq = idx // max(length, 1)  # [T]
-        valid = mask.reshape(-1) != 0  # [T]
-    else:
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    if cu_seqlens is None:  # padded [B, L]: per-sequence values broadcast as [B, 1]
+        b = logp.shape[0]
+        valid = mask if mask.dtype == torch.bool else mask != 0  # [B, L]
+        expand = lambda v: v[:, None]
+        seq_sum = lambda x: x.sum(-1)
+        seq_counts = valid.sum(-1).to(cdt)  # [B]
+    else:  # packed [T], every token valid
         b = cu_seqlens.numel() - 1
-        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
-        valid = torch.ones(n, dtype=torch.bool, device=dev)
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
+        valid = None
+        expand = lambda v: torch.repeat_interleave(v, lens, output_size=n)
+        seq_sum = lambda x: (  # float64: index_add_ accumulates one token at a time
+            torch.zeros(b, dtype=torch.float64, device=dev)
+            .index_add_(0, expand(torch.arange(b, device=dev)), x.double())
+            .to(x.dtype)
+        )
+        seq_counts = lens.to(cdt)
 
-    def tokens(t: torch.Tensor) -> torch.Tensor:  # masked-out positions may hold anything
-        return torch.where(valid, t.detach().reshape(-1).to(cdt), 0.0)
+    def all_finite(*ts: torch.Tensor | None) -> bool:  # one host sync; overflow only errs to "no"
+        return bool(torch.isfinite(torch.stack([t.sum() for t in ts if t is not None])).all())
 
-    lp = tokens(logp)
-    old = lp if old_logp is None else tokens(old_logp)
-    if advantages_per_token(advantages, b):
-        adv = tokens(advantages)
-    else:
-        adv = torch.where(valid, advantages.detach().to(cdt)[seq], 0.0)
-    vf = valid.to(cdt)
-    seq_counts = torch.zeros(b, dtype=cdt, device=dev).index_add_(0, seq, vf)  # [B]
+    fast = True
+    mask_f = None if valid is None else valid.to(cdt)
 
-    log_ratio = lp - old
+    def masked(x: torch.Tensor) -> torch.Tensor:  # x where valid, else 0
+        if valid is None:
+            return x
+        return x * mask_f if fast else torch.where(valid, x, 0.0)
+
+    def keep_unless(flags: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # where(flags, 0, x)
+        return x * ~flags if fast else torch.where(flags, 0.0, x)
+
+    def count(flags: torch.Tensor) -> torch.Tensor:
+        return (flags if valid is None else flags & valid).sum().to(cdt)
+
+    lp = logp.detach().to(cdt)
+    old = lp if old_logp is None else old_logp.detach().to(cdt)
+    adv = advantages.detach().to(cdt)
+    per_token = advantages_per_token(advantages, b)
+    neg_adv = -adv if per_token else expand(-adv)  # [B, L] | [B, 1] | [T]
+    log_ratio = torch.zeros_like(lp) if old_logp is None else lp - old
+    log_w = None if rollout_logp is None else old - rollout_logp.detach().to(cdt)
+    delta = lp - ref_logp.detach().to(cdt) if cfg.uses_ref else None
+    # Finite everywhere means finite at every valid token: all non-finite counts are 0.
+    fast = inputs_finite = all_finite(log_ratio, neg_adv, log_w, delta)
+
     if cfg.ratio_level == "sequence":
-        seq_mean = torch.zeros(b, dtype=cdt, device=dev).index_add_(0, seq, log_ratio)
-        log_ratio = (seq_mean / seq_counts.clamp(min=1))[seq]
+        seq_mean = seq_sum(masked(log_ratio)) / seq_counts.clamp(min=1)  # [B]
+        log_ratio = expand(seq_mean)
     ratio = torch.exp(log_ratio)
+    w = None if log_w is None else torch.exp(log_w)
+    e = torch.exp(-delta) if cfg.uses_ref and cfg.kl == "k3" else None
+    fast = inputs_finite and all_finite(ratio, w, e)
 
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-    clip_high = (ratio > hi) & (adv > 0)
-    clip_low = (ratio < lo) & (adv < 0)
-    clipped = clip_high | clip_low
-    pg = -adv * torch.where(clipped, ratio.clamp(lo, hi), ratio)
-    dpg = torch.where(clipped, 0.0, -adv)  # d pg / d ratio
-    c = math.inf if cfg.dual_clip is None else cfg.dual_clip
-    bound = -c * adv
-    dual = (adv < 0) & (pg > bound)
-    pg = torch.where(dual, bound, pg)
-    dloss = torch.where(dual, 0.0, dpg) * ratio
-    if rollout_logp is not None:
-        w = torch.exp(old - tokens(rollout_logp))
-        if cfg.is_cap is not None:
-            w = w.clamp(max=cfg.is_cap)
-        pg, dloss = w * pg, w * dloss
-    loss = pg
-    kl = torch.zeros_like(lp)
+    pg_unclipped = ratio * neg_adv  # = d pg / d logp where not clipped (d ratio / d logp = ratio)
+    pg_clipped = ratio.clamp(lo, hi) * neg_adv
+    clipped = pg_clipped > pg_unclipped  # high: ratio > hi, A > 0; low: ratio < lo, A < 0
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    dloss = keep_unless(clipped, pg_unclipped)
+    n_dual = zero
+    if cfg.dual_clip is not None:  # bound -c·A where A < 0, +inf elsewhere
+        neg = -adv
+        bound = torch.where(neg > 0, cfg.dual_clip * neg, math.inf)
+        bound = bound if per_token else expand(bound)
+        dual = pg > bound
+        pg = torch.minimum(pg, bound)
+        dloss = keep_unless(dual, dloss)
+        n_dual = count(dual)
+    if w is not None:
+        w = w if cfg.is_cap is None else w.clamp_(max=cfg.is_cap)
+        pg = pg * w
+        dloss = dloss * w
+    loss, kl_sum = pg, zero
     if cfg.uses_ref:
-        delta = lp - tokens(ref_logp)
         if cfg.kl == "k1":
-            kl, dkl = delta, torch.ones_like(delta)
+            kl, dkl = delta, 1.0
         elif cfg.kl == "k2":
             kl, dkl = 0.5 * delta * delta, delta
         else:
-            e = torch.exp(-delta)
             kl, dkl = e + delta - 1.0, 1.0 - e
         loss = loss + cfg.beta * kl
         dloss = dloss + cfg.beta * dkl
+        kl_sum = masked(kl).sum()
 
-    coef = vf
-    if cfg.agg == "seq-mean-token-mean":
-        coef = vf / seq_counts.clamp(min=1)[seq]
-    grad = torch.where(valid, coef * dloss, 0.0).to(logp.dtype).view_as(logp)
+    if cfg.agg == "seq-mean-token-mean":  # c_t = 1 / |y_i|
+        inv_len = 1.0 / seq_counts.clamp(min=1)  # [B]
+        grad = masked(dloss * expand(inv_len))
+        loss_sum = (seq_sum(masked(loss)) * inv_len).sum()
+    else:  # c_t = 1
+        grad = masked(dloss)
+        loss_sum = masked(loss).sum()
+    grad = grad.to(logp.dtype)
 
-    def count(flags: torch.Tensor) -> torch.Tensor:
-        return (valid & flags).sum().to(cdt)
-
-    def nonfinite(t: torch.Tensor | None) -> torch.Tensor:  # t: a tokens() array, or None if unread
-        return torch.zeros((), dtype=cdt, device=dev) if t is None else count(~torch.isfinite(t))
-
-    inf = torch.tensor(math.inf, dtype=cdt, device=dev)
+    n_clip = count(clipped)
+    n_high = count(clipped & (ratio > 1.0))  # clipped with ratio > 1 is clipped at 1 + eps_high
+    ratio_masked = masked(ratio)
+    ratio_min = ratio_max = zero
+    if n and (valid is None or fast):
+        big = torch.finfo(cdt).max
+        ratio_max = ratio_masked.max()  # ratio >= 0: masked zeros never win
+        ratio_min = ratio.min() if valid is None else (ratio + (1.0 - mask_f) * big).min()
+    elif n:
+        ratio_min = torch.where(valid, ratio, math.inf).min()
+        ratio_max = torch.where(valid, ratio, -math.inf).max()
+    nonfinite = [zero] * len(CHECKED)
+    if not inputs_finite:  # rare: name the culprits, one count each
+        read = [lp, old_logp, ref_logp if cfg.uses_ref else None, neg_adv, rollout_logp]
+        nonfinite = [zero if t is None else count(~torch.isfinite(t)) for t in read]
     stats = torch.stack(
         [
-            torch.where(valid, coef * loss, 0.0).sum(),
-            vf.sum(),
-            count(clip_low),
-            count(clip_high),
-            count(dual),
-            torch.where(valid, kl, 0.0).sum(),
-            torch.where(valid, ratio, 0.0).sum(),
-            torch.where(valid, ratio, inf).min() if n else inf,
-            torch.where(valid, ratio, -inf).max() if n else -inf,
-            nonfinite(lp),
-            nonfinite(None if old_logp is None else old),
-            nonfinite(tokens(ref_logp) if cfg.uses_ref else None),
-            nonfinite(adv),
-            nonfinite(None if rollout_logp is None else tokens(rollout_logp)),
+            loss_sum,
+            seq_counts.sum(),
+            n_clip - n_high,
+            n_high,
+            n_dual,
+            kl_sum,
+            ratio_masked.sum(),
+            ratio_min,
+            ratio_max,
+            *nonfinite,
         ]
     )
     stats = torch.cat([stats, stats.new_zeros(NUM_STATS - stats.numel())])

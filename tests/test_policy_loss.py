@@ -477,13 +477,15 @@ def test_empty_sequences(backend, agg):
     assert all(torch.isfinite(v).all() for v in res)
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # the interpreter's exp(2e4)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_positions_are_ignored(backend):
+@pytest.mark.parametrize("garbage", [math.nan, math.inf, 1e4])  # 1e4: finite, but exp overflows
+def test_masked_positions_are_ignored(backend, garbage):
     d = make_batch(b=3, length=50, dtype=torch.float32)
-    clean, g_clean = ours(d, beta=0.1, backend=backend)
-    for k in ("logp", "old", "ref", "rollout"):
-        d[k] = d[k].masked_fill(~d["mask"], float("nan"))
-    dirty, g_dirty = ours(d, beta=0.1, backend=backend)
+    clean, g_clean = ours(d, beta=0.1, kl="k3", backend=backend)
+    for k, sign in (("logp", 1), ("old", -1), ("ref", -1), ("rollout", 1)):
+        d[k] = d[k].masked_fill(~d["mask"], sign * garbage)
+    dirty, g_dirty = ours(d, beta=0.1, kl="k3", backend=backend)
     assert_close(dirty.loss, clean.loss, atol=0.0)
     assert_close(g_dirty, g_clean, atol=0.0)
 
