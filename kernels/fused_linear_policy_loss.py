@@ -147,16 +147,23 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
                 accumulate_grads(g, h, weight, gh, grad_w, grad_b)
             losses.append(res.loss.detach())
             metrics.append(torch.stack([x.to(acc) for x in res[1:]]))
+            z = state = g = None  # freed before the next chunk: one [rows, V] buffer alive
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scaled = False
         out = (torch.stack(losses).sum(), _combine(metrics), logp, ent)
         ctx.mark_non_differentiable(*(x for x in out[1:] if x is not None))
         return out
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        # Scaled in place: a copy would double the [V, H] buffer at the peak. So a second backward
+        # through the same graph (retain_graph=True) cannot reuse them.
+        if ctx.scaled:
+            raise RuntimeError("fused_linear_policy_loss supports one backward per forward")
+        ctx.scaled = True
         grads = [
-            None if g is None else (g * grad_loss).to(dtype)
+            None if g is None else g.mul_(grad_loss).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
         return (*grads, None, None, None, None, None)

@@ -338,3 +338,15 @@ def test_agrees_with_liger_kernel(loss_type, beta):
     assert_close(res.clip_frac_low + res.clip_frac_high, clip_l, atol=1e-6, msg="clip fraction")
     if beta:
         assert_close(res.kl, metrics_l[0], atol=1e-6, rtol=1e-5, msg="kl")
+
+
+def test_grad_output_scales_and_a_second_backward_raises():
+    """The stored gradients are scaled in place by the backward (no [V, H] copy at the peak)."""
+    d = make_batch()
+    h = d["hidden"].clone().requires_grad_()
+    res = fused_linear_policy_loss(h, d["weight"], d["targets"], d["old"].float(),
+                                   d["adv"].float(), bias=d["bias"], mask=d["mask"])  # fmt: skip
+    (2.5 * res.loss).backward(retain_graph=True)
+    assert_close(h.grad, 2.5 * reference(d, torch.float64, 1.0)[4], atol=1e-5)
+    with pytest.raises(RuntimeError, match="one backward"):
+        res.loss.backward()
