@@ -182,14 +182,14 @@ def _check_inputs(
 def _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len) -> torch.Tensor:
     """D of the aggregation (module docstring): a 0-dim tensor, no host sync."""
 
-    def value(given: Count | None, local: torch.Tensor) -> torch.Tensor:
-        return local if given is None else torch.as_tensor(given).to(local).reshape(())
+    def value(given: Count | None, local) -> torch.Tensor:  # local: computed only when needed
+        return local() if given is None else torch.as_tensor(given).to(stats).reshape(())
 
     if cfg.agg == "token-mean":
-        return value(num_tokens, stats[COUNT])
-    denom = value(num_seqs, (seq_counts > 0).sum().to(stats))
+        return value(num_tokens, lambda: stats[COUNT])
+    denom = value(num_seqs, lambda: (seq_counts > 0).sum().to(stats))
     if cfg.agg == "seq-mean-token-sum-norm":
-        denom = denom * value(max_len, seq_counts.max().to(stats))
+        denom = denom * value(max_len, lambda: seq_counts.max().to(stats))
     return denom
 
 
@@ -199,10 +199,16 @@ class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
                 num_tokens, num_seqs, max_len, backend):  # fmt: skip
-        run = policy_loss_triton if backend == "triton" else policy_loss_torch
-        grad, stats, seq_counts = run(
-            logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
-        )
+        if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
+            need_counts = num_seqs is None or (cfg.agg.endswith("norm") and max_len is None)
+            grad, stats, seq_counts = policy_loss_triton(
+                logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
+                need_seq_counts=cfg.agg != "token-mean" and need_counts,
+            )  # fmt: skip
+        else:
+            grad, stats, seq_counts = policy_loss_torch(
+                logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
+            )
         denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
         inv_denom = torch.where(denom > 0, 1.0 / denom, 0.0)  # nothing valid: loss 0, not NaN
         n = stats[COUNT].clamp(min=1)

@@ -68,7 +68,12 @@ def _policy_loss_seq_stats_kernel(
         tl.store(lr_mean_ptr + seq, tl.sum(lr_sum, axis=0) / tl.maximum(n, 1.0))
 
 
-@triton.heuristics({"BLOCK": lambda args: min(1024, triton.next_power_of_2(max(args["N"], 16)))})
+def _block(n: int) -> int:
+    """Tokens per program: 1024 (4 warps, 8 a thread), or the next power of two for tiny inputs."""
+    return min(1024, triton.next_power_of_2(max(n, 16)))
+
+
+@triton.heuristics({"BLOCK": lambda args: _block(args["N"])})
 @triton.jit
 def _policy_loss_fwd_kernel(
     # inputs
@@ -193,9 +198,9 @@ def _policy_loss_fwd_kernel(
 # writes the gradient (b); backward reads and writes it once more (2b). Per-sequence advantages,
 # cu_seqlens and the stats are O(B). ~10 FLOPs a token: memory-bound everywhere.
 def policy_loss_triton(
-    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton twin of policy_loss_torch (same outputs); inputs are checked."""
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, need_seq_counts=True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The Triton twin of policy_loss_torch (same outputs; seq_counts None when not needed)."""
     packed = cu_seqlens is not None
     n = logp.numel()
     b = cu_seqlens.numel() - 1 if packed else logp.shape[0]
@@ -216,30 +221,34 @@ def policy_loss_triton(
         return logp if t is None else t
 
     seq_level = cfg.ratio_level == "sequence"
+    per_seq_mean = cfg.agg == "seq-mean-token-mean"
     counts = torch.empty(b, dtype=torch.float32, device=logp.device)  # [B]
     lr_mean = torch.empty(b if seq_level else 1, dtype=torch.float32, device=logp.device)  # [B]
-    _policy_loss_seq_stats_kernel[(b,)](
-        logp, ptr(old_logp), ptr(mask), ptr(cu_seqlens),
-        counts, lr_mean,
-        length,
-        PACKED=packed, HAS_OLD=old_logp is not None, SEQ_LEVEL=seq_level,
-        BLOCK=min(1024, triton.next_power_of_2(max(n // b, 16))),
-    )  # fmt: skip
+    if seq_level or per_seq_mean or need_seq_counts:  # else nothing per-sequence is needed
+        _policy_loss_seq_stats_kernel[(b,)](
+            logp, ptr(old_logp), ptr(mask), ptr(cu_seqlens),
+            counts, lr_mean,
+            length,
+            PACKED=packed, HAS_OLD=old_logp is not None, SEQ_LEVEL=seq_level,
+            BLOCK=_block(n // b),
+        )  # fmt: skip
+    else:
+        counts = None
 
     grad = torch.empty_like(logp)
-    programs = max(1, triton.cdiv(n, min(1024, triton.next_power_of_2(max(n, 16)))))
+    programs = max(1, triton.cdiv(n, _block(n)))
     partials = torch.empty((programs, NUM_STATS), dtype=torch.float32, device=logp.device)
     _policy_loss_fwd_kernel[(programs,)](
         logp, ptr(old_logp), advantages, ptr(mask), ptr(cu_seqlens),
         ptr(ref_logp), ptr(rollout_logp),
-        counts, lr_mean,
+        logp if counts is None else counts, lr_mean,
         grad, partials,
         n, length, b, (b - 1).bit_length(),
         cfg.eps_low, cfg.eps_high, cfg.dual_clip or 0.0,
         cfg.beta, math.inf if cfg.is_cap is None else cfg.is_cap,
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=advantages_per_token(advantages, b), SEQ_LEVEL=seq_level,
-        PER_SEQ_MEAN=cfg.agg == "seq-mean-token-mean", HAS_DUAL=cfg.dual_clip is not None,
+        PER_SEQ_MEAN=per_seq_mean, HAS_DUAL=cfg.dual_clip is not None,
         HAS_ROLLOUT=rollout_logp is not None,
         KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0, NUM_STATS=NUM_STATS,
     )  # fmt: skip
