@@ -1,0 +1,163 @@
+"""Outcome verifiers and process judges, and how the trainer calls them.
+
+A ``Verifier`` turns each response into an outcome reward and a correctness flag; a ``Judge``
+gives each CORRECT response a 3-tier process score (0, 0.5, 1). Wrong responses are never sent to
+the judge and get process 0 (DESIGN §1: the paper's judge sees correct responses only).
+
+Choices:
+1. Invalid judge output policy. A score outside {0, 0.5, 1} (including NaN, None, or an exception
+   raised by the judge for one batch) is counted in ``RewardResult.judge_invalid`` and replaced by 0
+   under ``on_invalid="zero"`` (the default: the paper counts a judge parse failure as 0), or raises
+   a JudgeError naming the response under ``on_invalid="error"``. Training never sees a value
+   outside the three tiers.
+2. Outcome reward = correctness by default; shaping (e.g. an overlong penalty) goes in the
+   verifier's reward while ``correct`` stays the binary flag that selects the judge's inputs.
+3. Judges and verifiers are named in the config: a registered name ("answer_line",
+   "arith_rubric", "none") or "package.module:attr" for one of your own (a class or a factory
+   called with no arguments).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+TIERS = (0.0, 0.5, 1.0)
+
+
+class JudgeError(ValueError):
+    """The judge returned something outside {0, 0.5, 1} and the policy is "error"."""
+
+
+class Outcome(NamedTuple):
+    reward: float  # may be shaped
+    correct: bool  # binary; selects the responses the judge sees
+
+
+class Verifier:
+    """Interface: outcome reward and correctness for each response."""
+
+    def verify(
+        self, problems: list[str], responses: list[str], answers: list[str]
+    ) -> list[Outcome]:
+        raise NotImplementedError
+
+
+class Judge:
+    """Interface: a process score in {0, 0.5, 1} per response (only correct ones are passed)."""
+
+    def score(self, problems: list[str], responses: list[str], answers: list[str]) -> list[float]:
+        raise NotImplementedError
+
+
+def parse_answer_line(response: str) -> str | None:
+    """The text after "Answer:" on the last non-empty line, stripped; None when absent."""
+    lines = [ln for ln in response.strip().split("\n") if ln.strip()]
+    if not lines or not lines[-1].strip().startswith("Answer:"):
+        return None
+    return lines[-1].strip()[len("Answer:") :].strip()
+
+
+class AnswerLineVerifier(Verifier):
+    """Exact match of the final "Answer: X" line against the reference answer (1 or 0)."""
+
+    def verify(self, problems, responses, answers):
+        out = []
+        for resp, ans in zip(responses, answers, strict=True):
+            ok = parse_answer_line(resp) == str(ans).strip()
+            out.append(Outcome(float(ok), ok))
+        return out
+
+
+@dataclass
+class RewardResult:
+    outcome: list[float]  # [N]
+    correct: list[bool]  # [N]
+    process: list[float]  # [N], 0 for wrong responses
+    judge_calls: int  # responses sent to the judge
+    judge_invalid: int  # judge outputs replaced under the invalid-output policy
+
+
+def _valid_tier(x) -> bool:
+    return isinstance(x, int | float) and not math.isnan(x) and float(x) in TIERS
+
+
+def compute_rewards(
+    verifier: Verifier,
+    judge: Judge | None,
+    problems: list[str],
+    responses: list[str],
+    answers: list[str],
+    on_invalid: str = "zero",
+) -> RewardResult:
+    """Verifier on every response, judge on the correct ones only (see the module docstring)."""
+    if on_invalid not in ("zero", "error"):
+        raise ValueError(f"on_invalid must be 'zero' or 'error', got {on_invalid!r}")
+    outcomes = verifier.verify(problems, responses, answers)
+    if len(outcomes) != len(responses):
+        raise ValueError(f"verifier returned {len(outcomes)} results for {len(responses)}")
+    correct = [bool(o.correct) for o in outcomes]
+    process = [0.0] * len(responses)
+    idx = [i for i, c in enumerate(correct) if c]
+    invalid = 0
+    if judge is not None and idx:
+        sub = ([problems[i] for i in idx], [responses[i] for i in idx], [answers[i] for i in idx])
+        try:
+            scores = list(judge.score(*sub))
+        except Exception as err:  # a failed judge call: every score of the batch is invalid
+            if on_invalid == "error":
+                raise JudgeError(f"judge raised on {len(idx)} responses: {err!r}") from err
+            scores = [None] * len(idx)
+        if len(scores) != len(idx):
+            raise JudgeError(f"judge returned {len(scores)} scores for {len(idx)} responses")
+        for i, s in zip(idx, scores, strict=True):
+            if _valid_tier(s):
+                process[i] = float(s)
+                continue
+            invalid += 1
+            if on_invalid == "error":
+                raise JudgeError(
+                    f"judge returned {s!r} for response {i} (allowed: {TIERS}): {responses[i]!r}"
+                )
+    return RewardResult(
+        outcome=[float(o.reward) for o in outcomes],
+        correct=correct,
+        process=process,
+        judge_calls=len(idx) if judge is not None else 0,
+        judge_invalid=invalid,
+    )
+
+
+def _arith_rubric():
+    from papo_fast.arith import ArithRubricJudge
+
+    return ArithRubricJudge()
+
+
+VERIFIERS = {"answer_line": AnswerLineVerifier}
+JUDGES = {"arith_rubric": _arith_rubric, "none": lambda: None}
+
+
+def _load(spec: str, registry: dict, kind: str):
+    if spec in registry:
+        return registry[spec]()
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown {kind} {spec!r}: use one of {sorted(registry)} or 'package.module:attr'"
+        )
+    module, attr = spec.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load {kind} {spec!r}: {err}") from err
+    return obj()
+
+
+def load_verifier(spec: str) -> Verifier:
+    return _load(spec, VERIFIERS, "verifier")
+
+
+def load_judge(spec: str) -> Judge | None:
+    return _load(spec, JUDGES, "judge")

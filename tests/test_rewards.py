@@ -1,0 +1,86 @@
+"""Verifier + judge: the judge sees correct responses only; invalid scores follow the policy."""
+
+import pytest
+
+from papo_fast.rewards import (
+    AnswerLineVerifier,
+    Judge,
+    JudgeError,
+    compute_rewards,
+    load_judge,
+    load_verifier,
+)
+
+
+class RecordingJudge(Judge):
+    """Returns fixed scores and remembers what it was shown."""
+
+    def __init__(self, scores):
+        self.scores, self.seen = scores, []
+
+    def score(self, problems, responses, answers):
+        self.seen.append(list(responses))
+        return self.scores[: len(responses)]
+
+
+PROBLEMS = ["1+1"] * 4
+RESPONSES = ["Answer: 2", "Answer: 3", "x\nAnswer: 2", "nothing"]
+ANSWERS = ["2"] * 4
+
+
+def test_judge_called_on_correct_only():
+    judge = RecordingJudge([1.0, 0.5])
+    rw = compute_rewards(AnswerLineVerifier(), judge, PROBLEMS, RESPONSES, ANSWERS)
+    assert judge.seen == [["Answer: 2", "x\nAnswer: 2"]]
+    assert rw.correct == [True, False, True, False]
+    assert rw.outcome == [1.0, 0.0, 1.0, 0.0]
+    assert rw.process == [1.0, 0.0, 0.5, 0.0]  # wrong responses get 0
+    assert (rw.judge_calls, rw.judge_invalid) == (2, 0)
+
+
+def test_no_correct_response_means_no_judge_call():
+    judge = RecordingJudge([1.0])
+    rw = compute_rewards(AnswerLineVerifier(), judge, ["q"], ["Answer: 9"], ["2"])
+    assert judge.seen == [] and rw.judge_calls == 0
+
+
+@pytest.mark.parametrize("bad", [0.7, -1.0, 2, float("nan"), None, "1"])
+def test_invalid_judge_output_counted_and_zeroed(bad):
+    judge = RecordingJudge([bad, 1.0])
+    rw = compute_rewards(AnswerLineVerifier(), judge, PROBLEMS, RESPONSES, ANSWERS)
+    assert rw.process == [0.0, 0.0, 1.0, 0.0]
+    assert rw.judge_invalid == 1
+
+
+def test_invalid_judge_output_raises_under_error_policy():
+    judge = RecordingJudge([0.7, 1.0])
+    with pytest.raises(JudgeError, match="0.7"):
+        compute_rewards(AnswerLineVerifier(), judge, PROBLEMS, RESPONSES, ANSWERS, "error")
+
+
+def test_judge_exception_counts_every_score_invalid():
+    class Broken(Judge):
+        def score(self, problems, responses, answers):
+            raise RuntimeError("server down")
+
+    rw = compute_rewards(AnswerLineVerifier(), Broken(), PROBLEMS, RESPONSES, ANSWERS)
+    assert rw.process == [0.0] * 4 and rw.judge_invalid == 2
+    with pytest.raises(JudgeError, match="server down"):
+        compute_rewards(AnswerLineVerifier(), Broken(), PROBLEMS, RESPONSES, ANSWERS, "error")
+
+
+def test_wrong_number_of_scores_is_an_error():
+    with pytest.raises(JudgeError, match="1 scores for 2"):
+        compute_rewards(AnswerLineVerifier(), RecordingJudge([1.0]), PROBLEMS, RESPONSES, ANSWERS)
+
+
+def test_registry_and_import_paths():
+    assert isinstance(load_verifier("answer_line"), AnswerLineVerifier)
+    assert load_judge("none") is None
+    assert load_judge("papo_fast.arith:ArithRubricJudge").score(
+        ["1+1"], ["1+1=2\nAnswer: 2"], ["2"]
+    )
+    with pytest.raises(ValueError, match="unknown judge"):
+        load_judge("gpt")
+    with pytest.raises(ValueError, match="cannot load verifier"):
+        load_verifier("papo_fast.arith:Nope")
