@@ -1,0 +1,129 @@
+"""What a run shows: metrics.jsonl (one line per step), a live progress bar, PNG plots.
+
+    log = MetricsLogger(out_dir / "metrics.jsonl", resume_step=None)
+    log.write({"step": 1, "reward": 0.5, ...})
+    plot_run(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    plot_comparison({"orm": path_a, "papo": path_b}, out / "comparison.png")
+
+On resume the file keeps the lines up to the checkpoint's step and drops the rest (they are
+recomputed), so a resumed run's file reads like an uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# (key, title) of the panels, in order; missing keys are skipped
+PANELS = [
+    ("accuracy", "train accuracy"),
+    ("eval_accuracy", "held-out accuracy (avg@k)"),
+    ("zero_adv_frac", "zero-advantage fraction"),
+    ("proc_active_frac", "groups with active A_proc"),
+    ("process_mean", "rubric score of correct responses"),
+    ("response_len", "response length (tokens)"),
+    ("entropy", "entropy"),
+    ("grad_norm", "grad norm"),
+]
+BAR_KEYS = ("reward", "accuracy", "zero_adv_frac", "proc_active_frac", "response_len")
+
+
+class MetricsLogger:
+    """Appends one JSON line per record and flushes it (a kill loses nothing written)."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        elif self.path.exists():
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+class ProgressBar:
+    """tqdm over the steps with the main metrics as a postfix (silent when disabled)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, metrics: dict) -> None:
+        if self.bar is None:
+            return
+        post = {k: f"{metrics[k]:.3g}" for k in BAR_KEYS if k in metrics}
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _series(records: list[dict], key: str):
+    pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    pts = [(s, v) for s, v in pts if not (isinstance(v, float) and math.isnan(v))]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def plot_comparison(runs: dict[str, str | Path], out_png: str | Path, smooth: int = 5) -> Path:
+    """One panel per main metric, one line per run (a moving average over ``smooth`` steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {name: read_metrics(p) for name, p in runs.items()}
+    panels = [(k, t) for k, t in PANELS if any(_series(r, k)[0] for r in data.values())]
+    cols = 4
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
+        for name, records in data.items():
+            steps, values = _series(records, key)
+            if not steps:
+                continue
+            marker = "o" if key.startswith("eval_") else None
+            window = 1 if key.startswith("eval_") else smooth
+            ax.plot(steps, _smooth(values, window), label=name, marker=marker)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if len(runs) > 1 and panels:
+        axes.flat[0].legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def plot_run(metrics_path: str | Path, out_png: str | Path, smooth: int = 5) -> Path:
+    """The main curves of one run."""
+    return plot_comparison({Path(metrics_path).parent.name: metrics_path}, out_png, smooth)

@@ -1,0 +1,135 @@
+"""Rollouts: sample responses for token-id prompts behind one small interface.
+
+    backend = HFGenerateBackend(model, tokenizer, batch_size=256)
+    samples = backend.generate([Request(prompt_ids, seed), ...], SamplingParams(temperature=1.0))
+
+The trainer sees only ``RolloutBackend.generate`` (requests in, samples in the same order out) and
+``sync_weights`` (called after each optimizer step: a no-op here because generate uses the trained
+module itself; a vLLM backend will copy the weights into its engine there).
+
+Choices:
+1. Per-request seeds. Sampling is Gumbel-max: a logits processor adds Gumbel noise drawn from one
+   torch.Generator per request (seeded by ``Request.seed``) to the temperature/top-p-warped scores,
+   and generate then takes the argmax (do_sample=False). That samples exactly from
+   softmax(top_p(logits / T)), and a request's tokens do not depend on the global RNG or on the
+   other requests of its batch (up to the floating-point effects of padding).
+2. temperature == 0 means greedy (no noise).
+3. Prompts are left-padded in a batch; a response ends at EOS (included in ``response_ids``, so the
+   policy learns to stop) or after max_new_tokens (``finished=False``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+class Request(NamedTuple):
+    prompt_ids: list[int]
+    seed: int
+
+
+class Sample(NamedTuple):
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS when finished
+    finished: bool
+
+
+class RolloutBackend:
+    """Interface of a sampler. Implementations: HFGenerateBackend (vLLM later)."""
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Sample]:
+        raise NotImplementedError
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Called after every optimizer step with the trained model."""
+
+
+class _SeededGumbel:
+    """Logits processor: adds per-row Gumbel noise from per-request generators."""
+
+    def __init__(self, seeds: list[int]):
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens])  # [B, V]
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        return scores.float() + gumbel.to(scores.device)
+
+
+class HFGenerateBackend(RolloutBackend):
+    """Sampling with transformers' ``generate`` on the training model itself."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 256):
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs eos_token and pad_token for rollouts")
+        self.model, self.batch_size = model, batch_size
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Sample]:
+        out: list[Sample] = []
+        for start in range(0, len(requests), self.batch_size):
+            out += self._generate_batch(requests[start : start + self.batch_size], params)
+        return out
+
+    def _generate_batch(self, requests: list[Request], params: SamplingParams) -> list[Sample]:
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        device = next(self.model.parameters()).device
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, r in enumerate(requests):  # left padding
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            attn[i, width - len(r.prompt_ids) :] = 1
+        procs = LogitsProcessorList()
+        if params.temperature > 0:
+            procs.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                procs.append(TopPLogitsWarper(params.top_p))
+            procs.append(_SeededGumbel([r.seed for r in requests]))
+        gen_cfg = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            seqs = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                generation_config=gen_cfg,
+                logits_processor=procs,
+            )
+        finally:
+            self.model.train(was_training)
+        new = seqs[:, width:].cpu()
+        samples = []
+        for r, row in zip(requests, new.tolist(), strict=True):
+            finished = self.eos in row
+            resp = row[: row.index(self.eos) + 1] if finished else row
+            samples.append(Sample(list(r.prompt_ids), resp, finished))
+        return samples
+
+
+def make_backend(name: str, model, tokenizer, batch_size: int) -> RolloutBackend:
+    if name == "hf":
+        return HFGenerateBackend(model, tokenizer, batch_size)
+    raise ValueError(f"unknown rollout backend {name!r}; available: 'hf'")

@@ -1,0 +1,53 @@
+"""Config loading: YAML, --set overrides, and clear errors for bad keys and values."""
+
+import pytest
+
+from papo_fast.config import ConfigError, config_from_dict, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("advantage:\n  mode: orm\nloss:\n  eps_high: 0.3\n")
+    cfg = load_config(path, ["loss.eps_high=0.28", "train.steps=5", "model.ref_path=null"])
+    assert cfg.advantage.mode == "orm"
+    assert cfg.loss.eps_high == 0.28 and cfg.loss.eps_low == 0.2
+    assert cfg.train.steps == 5 and cfg.model.ref_path is None
+    assert cfg.optim.betas == (0.9, 0.999)
+    assert config_from_dict({"optim": {"lr": 1}}).optim.lr == 1.0  # int accepted for float
+
+
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        ({"loss": {"eps_hgh": 0.3}}, [], "unknown key config.loss.eps_hgh; valid keys: eps_low"),
+        ({"trainer": {}}, [], "unknown key config.trainer"),
+        ({}, ["loss.nope=1"], "unknown key config.loss.nope"),
+        ({}, ["advantage.mode=grpo"], "advantage.mode must be one of"),
+        ({}, ["train.steps=ten"], "config.train.steps must be int"),
+        ({}, ["train.steps=1.5"], "config.train.steps must be int"),
+        ({}, ["rollout.group_size=0"], "rollout.group_size must be >= 1"),
+        ({}, ["eps_high=0.3"], "section.key=value"),
+        ({}, ["loss.eps_high"], "section.key=value"),
+        ({"loss": 3}, [], "config.loss must be a mapping"),
+        ({}, ["train.mini_batches=3"], "split evenly"),
+        ({}, ["reward.judge=none"], "needs a judge"),
+        ({}, ["rollout.top_p=1.5"], "top_p"),
+    ],
+)
+def test_config_errors(data, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        config_from_dict(data, overrides)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    examples = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
+    assert examples
+    for path in examples:
+        load_config(path)
