@@ -33,6 +33,8 @@ Choices:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -220,22 +222,47 @@ def chunk_grad_recompute(z, targets, lse, coef, backend: str) -> torch.Tensor:
     return _grad_torch(e, e.new_ones(()), targets, coef)
 
 
+_fp32_out_mm = True  # torch >= 2.8 on CUDA: half-precision products written/added in fp32
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= a @ b. Same dtypes: one BLAS call. Half a, b into an fp32 out: on CUDA cuBLAS
+    accumulates into out directly (out_dtype); elsewhere through a temporary product."""
+    global _fp32_out_mm
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    if out.is_cuda and _fp32_out_mm:
+        try:
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            else:
+                torch.mm(a, b, out_dtype=out.dtype, out=out)
+            return
+        except (RuntimeError, TypeError) as err:  # an older torch: argument checks, nothing ran
+            _fp32_out_mm = False
+            warnings.warn(
+                f"fp32-output products unavailable ({err}); using temporaries", stacklevel=2
+            )
+    if accumulate:
+        out.add_(a @ b)
+    else:
+        out.copy_(a @ b)
+
+
 def accumulate_grads(g, h, weight, grad_h_out, grad_w, grad_b) -> None:
     """grad_h_out <- g @ weight; grad_w += g.T @ h; grad_b += sum(g). None skips one."""
+    if grad_b is not None:
+        grad_b.add_(g.sum(dim=0, dtype=grad_b.dtype))
     if g.dtype != weight.dtype:
         g = g.to(weight.dtype)
     if grad_h_out is not None:
-        if grad_h_out.dtype == g.dtype:
-            torch.mm(g, weight, out=grad_h_out)
-        else:
-            grad_h_out.copy_(g @ weight)
+        _mm_into(grad_h_out, g, weight, accumulate=False)
     if grad_w is not None:
-        if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.t(), h)
-        else:  # bf16/fp16 product, fp32 accumulator: one [V, H] temporary per chunk
-            grad_w.add_(g.t() @ h)
-    if grad_b is not None:
-        grad_b.add_(g.sum(dim=0, dtype=grad_b.dtype))
+        _mm_into(grad_w, g.t(), h, accumulate=True)
 
 
 # ----------------------------------------------------------------------------- checks
