@@ -1,0 +1,346 @@
+"""The PAPO trainer: one short loop, readable top to bottom.
+
+    cfg = load_config("examples/arith_papo.yaml", ["train.steps=50"])
+    Trainer(cfg).train()   # = papo-fast train examples/arith_papo.yaml --set train.steps=50
+
+One step: prompts -> G responses each (rollout) -> outcome reward and correctness (verifier) ->
+process score of the correct ones (judge) -> papo_advantages -> old log-probs (no grad) -> one PPO
+epoch in ``mini_batches`` optimizer steps, each accumulated over micro-batches.
+
+Choices, and where this departs from a textbook GRPO loop:
+1. The logits are never built. The model body (``model.base_model``) gives hidden states; they go
+   with ``lm_head.weight`` into ``fused_linear_logprobs`` (old and reference log-probs, no grad)
+   and ``fused_linear_policy_loss`` (the loss and its gradient, chunk by chunk).
+2. Global counts: each optimizer step's loss is normalized by the valid tokens / sequences / longest
+   response of its whole mini-batch, passed to every micro-batch, so the summed micro-batch
+   gradients equal the full mini-batch gradient for every aggregation mode.
+3. Log-probs at the sampling temperature (the distribution the rollout actually sampled from).
+4. No filtering of zero-advantage groups and no dynamic sampling: the zero-advantage fraction is a
+   metric to watch (the paper's ORM-vs-PAPO signal), not something the loop hides.
+5. Determinism: every random draw is seeded from (train.seed, step, index): rollout seeds per
+   request, the data order per epoch, the mini-batch shuffle per step. With the checkpoint's
+   weights, optimizer and data position, a resumed CPU run reproduces the uninterrupted metrics.
+6. Held-out evaluation uses the same requests (prompts and seeds) every time: avg@k moves only
+   because the policy does.
+7. Rewards never change inside a step; a judge output outside {0, 0.5, 1} is counted
+   (``judge_invalid``) and handled by ``reward.on_invalid`` (rewards.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from papo_fast import fused_linear_logprobs, fused_linear_policy_loss, papo_advantages
+from papo_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from papo_fast.config import Config, ConfigError
+from papo_fast.data import PromptSampler, load_prompts
+from papo_fast.metrics import MetricsLogger, ProgressBar
+from papo_fast.rewards import compute_rewards, load_judge, load_verifier
+from papo_fast.rollout import Request, SamplingParams, make_backend
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "kl", "ratio_mean")
+
+
+def load_model(path: str, cfg: Config, trainable: bool = True):
+    """A causal LM and its tokenizer from a local directory (a clear error when it is not one)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path or not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model path {path!r} is not a directory with a config.json")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation
+    )
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def request_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of response ``index`` at ``step`` (step -1: held-out evaluation)."""
+    return ((seed * 1_000_003 + step + 1) * 1_000_033 + index) % (2**63)
+
+
+def pad_samples(samples, pad_id: int):
+    """Right-padded prompt+response ids and the mask of response-token targets.
+
+    Returns input_ids [N, L], attention_mask [N, L], targets [N, L-1] (input_ids shifted) and
+    loss_mask [N, L-1] (True where the target is a response token).
+    """
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    ids = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        p, n = len(s.prompt_ids), lengths[i]
+        ids[i, :n] = torch.tensor(s.prompt_ids + s.response_ids)
+        attn[i, :n] = 1
+        resp[i, p:n] = True
+    return ids, attn, ids[:, 1:], resp[:, 1:]
+
+
+def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Last hidden states of the model body at the positions that predict a token: [N, L-1, H]."""
+    out = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False)
+    return out.last_hidden_state[:, :-1]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, ids, attn, targets, temperature: float, rows: int) -> torch.Tensor:
+    """log p(target) of every position, [N, L-1], in micro-batches of ``rows`` sequences."""
+    head = model.get_output_embeddings()
+    out = []
+    for s in range(0, ids.shape[0], rows):
+        h = hidden_states(model, ids[s : s + rows], attn[s : s + rows])
+        logp, _ = fused_linear_logprobs(
+            h, head.weight, targets[s : s + rows], bias=head.bias, temperature=temperature
+        )
+        out.append(logp.float())
+    return torch.cat(out)
+
+
+class Trainer:
+    """Builds everything from a Config; ``train()`` runs (or resumes) the loop."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg, c = cfg, cfg
+        if c.train.threads > 0:
+            torch.set_num_threads(c.train.threads)
+        # Everything that can fail on bad input fails here, before any training.
+        self.verifier = load_verifier(c.reward.verifier)
+        self.judge = load_judge(c.reward.judge)
+        self.train_data = load_prompts(c.data.train_path, c.data)
+        self.eval_data = load_prompts(c.data.eval_path, c.data) if c.data.eval_path else None
+        self.out = Path(c.train.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
+        self.model, self.tok = load_model(str(ckpt) if ckpt else c.model.path, c)
+        self.ref = None
+        if c.loss.beta > 0:
+            self.ref, _ = load_model(c.model.ref_path or c.model.path, c, trainable=False)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=c.optim.lr,
+            betas=c.optim.betas,
+            weight_decay=c.optim.weight_decay,
+        )
+        self.sampler = PromptSampler(len(self.train_data), c.train.seed)
+        self.backend = make_backend(c.rollout.backend, self.model, self.tok, c.rollout.batch_size)
+        self.sampling = SamplingParams(
+            c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens
+        )
+        self.step = 0
+        if ckpt is not None:
+            state = load_state(ckpt)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+            self.step = state["step"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2), encoding="utf-8")
+        self.log = MetricsLogger(self.out / "metrics.jsonl", self.step if ckpt else None)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def train(self, on_step=None) -> dict:
+        """Run to ``train.steps``; returns the last metrics. ``on_step(step, metrics)`` hook."""
+        c = self.cfg.train
+        bar = ProgressBar(c.steps, self.step, self.out.name, c.progress)
+        metrics: dict = {}
+        try:
+            if self.step == 0 and c.eval_every > 0 and self.eval_data is not None:
+                self.log.write({"step": 0, **self.evaluate()})
+            while self.step < c.steps:
+                metrics = self.train_step()
+                last = self.step == c.steps
+                if self.eval_data is not None and (
+                    last or (c.eval_every > 0 and self.step % c.eval_every == 0)
+                ):
+                    metrics.update(self.evaluate())
+                self.log.write(metrics)
+                bar.update(metrics)
+                if last or (c.save_every > 0 and self.step % c.save_every == 0):
+                    self.save()
+                if on_step is not None:
+                    on_step(self.step, metrics)
+        finally:
+            bar.close()
+        return metrics
+
+    def train_step(self) -> dict:
+        c, t0 = self.cfg, time.perf_counter()
+        G, lr = c.rollout.group_size, self._lr()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+        # 1. Rollout: G responses per prompt, one seed per response.
+        rows = [self.train_data[i] for i in self.sampler.take(c.train.prompts_per_step)]
+        problems = [r["problem"] for r in rows for _ in range(G)]
+        answers = [r["answer"] for r in rows for _ in range(G)]
+        prompt_ids = self._encode([r["problem"] for r in rows])
+        requests = [
+            Request(prompt_ids[k // G], request_seed(c.train.seed, self.step, k))
+            for k in range(len(problems))
+        ]
+        samples = self.backend.generate(requests, self.sampling)
+        t1 = time.perf_counter()
+
+        # 2. Rewards: verifier on all, judge on the correct ones, then advantages per group.
+        texts = self.tok.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        rw = compute_rewards(
+            self.verifier, self.judge, problems, texts, answers, c.reward.on_invalid
+        )
+        adv = papo_advantages(
+            torch.tensor(rw.outcome),
+            torch.tensor(rw.process),
+            group_ids=torch.arange(len(samples)) // G,
+            correct=torch.tensor(rw.correct),
+            mode=c.advantage.mode,
+            lam=c.advantage.lam,
+            eps=c.advantage.eps,
+            scale_by_std=c.advantage.scale_by_std,
+        )
+        t2 = time.perf_counter()
+
+        # 3. Old (and reference) log-probs of the sampled tokens, no grad, no logits.
+        ids, attn, targets, mask = pad_samples(samples, self.tok.pad_token_id)
+        T, mb = c.rollout.temperature, c.train.micro_batch_size
+        old_logp = sequence_logprobs(self.model, ids, attn, targets, T, mb)
+        ref_logp = sequence_logprobs(self.ref, ids, attn, targets, T, mb) if self.ref else None
+        t3 = time.perf_counter()
+
+        # 4. One PPO epoch: mini_batches optimizer steps, micro-batches with global counts.
+        upd = self._update(ids, attn, targets, mask, old_logp, ref_logp, adv.advantages)
+        self.backend.sync_weights(self.model)
+        t4 = time.perf_counter()
+
+        self.step += 1
+        lengths = [len(s.response_ids) for s in samples]
+        n_correct = sum(rw.correct)
+        stats = {k: float(v) for k, v in adv.stats.items()}
+        gen_tokens, all_tokens = sum(lengths), int(attn.sum())
+        return {
+            "step": self.step,
+            "lr": lr,
+            "reward": sum(rw.outcome) / len(samples),
+            "accuracy": n_correct / len(samples),
+            "process_mean": sum(rw.process) / n_correct if n_correct else float("nan"),
+            "zero_adv_frac": stats["zero_adv_frac"],
+            "proc_active_frac": stats["proc_active_frac"],
+            "correct_adv_min": stats["correct_adv_min"],
+            "response_len": gen_tokens / len(samples),
+            "finished_frac": sum(s.finished for s in samples) / len(samples),
+            "judge_calls": rw.judge_calls,
+            "judge_invalid": rw.judge_invalid,
+            **upd,
+            "t_rollout": t1 - t0,
+            "t_reward": t2 - t1,
+            "t_logprobs": t3 - t2,
+            "t_update": t4 - t3,
+            "t_step": t4 - t0,
+            "rollout_tok_s": gen_tokens / max(t1 - t0, 1e-9),
+            "update_tok_s": all_tokens / max(t4 - t3, 1e-9),
+        }
+
+    def _update(self, ids, attn, targets, mask, old_logp, ref_logp, advantages) -> dict:
+        c = self.cfg
+        n = ids.shape[0]
+        gen = torch.Generator().manual_seed(request_seed(c.train.seed, self.step, -1))
+        head = self.model.get_output_embeddings()
+        sums = dict.fromkeys((*LOSS_METRICS, "entropy", "loss"), 0.0)
+        tokens, norms = 0.0, []
+        for minibatch in torch.randperm(n, generator=gen).chunk(c.train.mini_batches):
+            m = mask[minibatch]
+            counts = {  # global over this optimizer step (DESIGN §2)
+                "num_tokens": int(m.sum()),
+                "num_seqs": len(minibatch),
+                "max_len": int(m.sum(1).max()),
+            }
+            for micro in minibatch.split(c.train.micro_batch_size):
+                width = int(attn[micro].sum(1).max())  # trim the right padding of this micro
+                h = hidden_states(self.model, ids[micro, :width], attn[micro, :width])
+                sl = (micro, slice(0, width - 1))
+                out = fused_linear_policy_loss(
+                    h,
+                    head.weight,
+                    targets[sl],
+                    old_logp[sl],
+                    advantages[micro],
+                    bias=head.bias,
+                    temperature=c.rollout.temperature,
+                    return_entropy=True,
+                    mask=mask[sl],
+                    ref_logp=ref_logp[sl] if ref_logp is not None else None,
+                    eps_low=c.loss.eps_low,
+                    eps_high=c.loss.eps_high,
+                    dual_clip=c.loss.dual_clip,
+                    beta=c.loss.beta,
+                    kl=c.loss.kl,
+                    agg=c.loss.agg,
+                    **counts,
+                )
+                out.loss.backward()
+                k = float(out.num_tokens)
+                tokens += k
+                for key in LOSS_METRICS:
+                    sums[key] += float(getattr(out, key)) * k
+                sums["entropy"] += float((out.entropy * mask[sl]).sum())
+                sums["loss"] += float(out.loss.detach())
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)))
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        res = {k: v / max(tokens, 1.0) for k, v in sums.items() if k != "loss"}
+        return {
+            **res,
+            "loss": sums["loss"] / c.train.mini_batches,
+            "grad_norm": sum(norms) / len(norms),
+        }
+
+    # ------------------------------------------------------------------------- helpers
+
+    def _lr(self) -> float:
+        w = self.cfg.optim.warmup_steps
+        return self.cfg.optim.lr * (min(1.0, (self.step + 1) / w) if w > 0 else 1.0)
+
+    def _encode(self, problems: list[str]) -> list[list[int]]:
+        tpl = self.cfg.data.prompt_template
+        return self.tok([tpl.format(problem=p) for p in problems])["input_ids"]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out avg@k at train.eval_temperature on fixed prompts and seeds."""
+        c = self.cfg.train
+        rows = [self.eval_data[i] for i in range(min(c.eval_prompts, len(self.eval_data)))]
+        prompt_ids = self._encode([r["problem"] for r in rows])
+        reqs = [
+            Request(prompt_ids[k // c.eval_k], request_seed(c.seed, -1, k))
+            for k in range(len(rows) * c.eval_k)
+        ]
+        params = SamplingParams(c.eval_temperature, 1.0, self.cfg.rollout.max_new_tokens)
+        samples = self.backend.generate(reqs, params)
+        texts = self.tok.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        problems = [r["problem"] for r in rows for _ in range(c.eval_k)]
+        answers = [r["answer"] for r in rows for _ in range(c.eval_k)]
+        rw = compute_rewards(self.verifier, self.judge, problems, texts, answers, "zero")
+        n_correct = sum(rw.correct)
+        return {
+            "eval_accuracy": n_correct / len(samples),
+            "eval_process_mean": sum(rw.process) / n_correct if n_correct else float("nan"),
+            "eval_response_len": sum(len(s.response_ids) for s in samples) / len(samples),
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            self.model,
+            self.tok,
+            self.opt,
+            {"sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()},
+            keep=self.cfg.train.keep_checkpoints,
+        )

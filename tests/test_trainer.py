@@ -1,0 +1,156 @@
+"""The loop on a tiny model: one step, log-probs vs a forward, resume after a kill, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from papo_fast import arith
+from papo_fast.config import ConfigError, config_from_dict
+from papo_fast.metrics import read_metrics
+from papo_fast.rewards import Outcome, Verifier
+from papo_fast.rollout import Request, SamplingParams
+from papo_fast.trainer import Trainer, pad_samples, sequence_logprobs
+
+TIMING = ("t_", "rollout_tok_s", "update_tok_s")
+
+
+class ParityVerifier(Verifier):
+    """Correct when the response has an even number of characters: a reward an untrained model
+    gets half the time, so groups have a signal (the arithmetic verifier would give all zeros)."""
+
+    def verify(self, problems, responses, answers):
+        return [Outcome(float(len(r) % 2 == 0), len(r) % 2 == 0) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tok = arith.build_tokenizer()
+    tok.save_pretrained(root / "model")
+    arith.build_model(tok, hidden_size=64, layers=1, seed=0).save_pretrained(root / "model")
+    arith.write_jsonl(arith.make_split(0, 24, 2, 3), root / "train.jsonl")
+    arith.write_jsonl(arith.make_split(1, 4, 2, 4), root / "heldout.jsonl")
+    return root
+
+
+def make_config(assets, out, **train):
+    return config_from_dict(
+        {
+            "model": {"path": str(assets / "model")},
+            "data": {
+                "train_path": str(assets / "train.jsonl"),
+                "eval_path": str(assets / "heldout.jsonl"),
+            },
+            "rollout": {"group_size": 4, "max_new_tokens": 12},
+            "optim": {"lr": 1e-3},
+            "train": {
+                "out_dir": str(out),
+                "steps": 1,
+                "prompts_per_step": 4,
+                "mini_batches": 2,
+                "micro_batch_size": 4,
+                "eval_prompts": 4,
+                "eval_k": 2,
+                "progress": False,
+                **train,
+            },
+        }
+    )
+
+
+def make_trainer(cfg, resume=False):
+    trainer = Trainer(cfg, resume=resume)
+    trainer.verifier = ParityVerifier()
+    return trainer
+
+
+def test_one_training_step(assets, tmp_path):
+    trainer = make_trainer(make_config(assets, tmp_path / "run"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    (m,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for key in ("reward", "accuracy", "zero_adv_frac", "proc_active_frac", "correct_adv_min",
+                "response_len", "clip_frac_low", "clip_frac_high", "kl", "entropy", "grad_norm",
+                "judge_calls", "t_rollout", "t_reward", "t_logprobs", "t_update", "update_tok_s",
+                "eval_accuracy"):  # fmt: skip
+        assert key in m, key
+    assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and 0 < m["accuracy"] < 1
+    assert m["judge_calls"] == round(m["accuracy"] * 16)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "no weight changed"
+    assert (tmp_path / "run" / "checkpoints" / "step_000001" / "model.safetensors").is_file()
+
+
+def test_logprobs_match_a_plain_forward(assets, tmp_path):
+    trainer = make_trainer(make_config(assets, tmp_path / "run"))
+    ids = trainer.tok(["12+3=?\n", "7-2+11=?\n"])["input_ids"]
+    samples = trainer.backend.generate(
+        [Request(ids[0], 1), Request(ids[1], 2)], SamplingParams(0.7, 1.0, 10)
+    )
+    input_ids, attn, targets, mask = pad_samples(samples, trainer.tok.pad_token_id)
+    got = sequence_logprobs(trainer.model, input_ids, attn, targets, 0.7, rows=1)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].double()
+    want = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+    assert mask.sum() > 0
+    torch.testing.assert_close(got[mask].double(), want[mask], atol=2e-5, rtol=0)
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def test_resume_after_kill_reproduces_metrics(assets, tmp_path):
+    full = make_config(assets, tmp_path / "full", steps=4, save_every=2, eval_every=2)
+    make_trainer(full).train()
+
+    cut = make_config(assets, tmp_path / "cut", steps=4, save_every=2, eval_every=2)
+
+    def kill(step, metrics):  # dies after step 3 was logged, before the step-4 checkpoint
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(cut).train(on_step=kill)
+    assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 4  # eval@0 + steps 1-3
+    resumed = make_trainer(cut, resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    a = _comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    b = _comparable(read_metrics(tmp_path / "cut" / "metrics.jsonl"))
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    assert json.dumps(a) == json.dumps(b)
+
+
+def test_kill_during_save_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch):
+    cfg = make_config(assets, tmp_path / "run", steps=2, save_every=1)
+    trainer = make_trainer(cfg)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    trainer.train_step()
+    trainer.save()
+    trainer.train_step()
+    monkeypatch.setattr("papo_fast.checkpoint.torch.save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert make_trainer(cfg, resume=True).step == 1
+
+
+def test_bad_input_fails_before_training(assets, tmp_path):
+    cfg = make_config(assets, tmp_path / "run")
+    cfg.model.path = str(tmp_path / "no_model")
+    with pytest.raises(ConfigError, match="no_model"):
+        Trainer(cfg)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "answer": "2"}\n')
+    cfg = make_config(assets, tmp_path / "run")
+    cfg.data.train_path = str(bad)
+    with pytest.raises(ValueError, match=r"\['problem'\] not found.*question"):
+        Trainer(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
