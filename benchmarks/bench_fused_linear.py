@@ -2,16 +2,17 @@
 
     floor   the three matrix products alone (logits, grad_hidden, grad_weight), nothing else
     naive   materialized logits -> log_softmax -> gather -> policy_loss, autograd backward
-    liger   liger-kernel's LigerFusedLinearGRPOLoss (chunked; compiled=False, loss_type "dapo")
+    liger   liger-kernel's LigerFusedLinearGRPOLoss (chunked, loss_type "dapo"; compiled on CUDA)
     ours    fused_linear_policy_loss (token-mean, the same clip 0.2 / 0.28, no KL)
 
-All four run in the same session on the same inputs; each records ``x_floor`` (its best time over
-the floor's best time, from this run) and ``flops`` = 3 x 2·T·H·V, the products' work (liger does a
-fourth product: it recomputes the logits in its backward). Peak memory is measured in a fresh
-process per variant (best of two): on a GPU torch.cuda.max_memory_allocated minus the inputs; on the
-CPU, where torch's allocations are invisible to tracemalloc, the peak resident set (VmHWM, reset
-through /proc/self/clear_refs once the inputs exist) minus the resident set before the step. It
-counts everything the step allocates, the gradients included.
+Inputs are float32 on the CPU, bf16 on CUDA. All four run in the same session on the same inputs;
+each records ``x_floor`` (its best time over the floor's best time, from this run) and ``flops`` =
+3 x 2·T·H·V, the products' work (liger does a fourth product: it recomputes the logits in its
+backward). Peak memory is measured in a fresh process per variant (best of two): on a GPU
+torch.cuda.max_memory_allocated minus the inputs; on the CPU, where torch's allocations are
+invisible to tracemalloc, the peak resident set (VmHWM, reset through /proc/self/clear_refs once the
+inputs exist) minus the resident set before the step. It counts everything the step allocates, the
+gradients included.
 
 Run as a script to measure one variant's memory: python bench_fused_linear.py ours 8 512 512 32000
 """
@@ -27,6 +28,8 @@ from papo_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss
 from papo_fast.kernels.policy_loss import policy_loss
 
 SIZES = [(8, 512, 512, 32000)]  # (B, L, H, V): T = 4096 tokens, the issue's reference point
+if torch.cuda.is_available():
+    SIZES.append((16, 1024, 4096, 151936))  # T = 16k tokens, Qwen's vocabulary, in bf16
 SMOKE_SIZES = [(2, 8, 16, 64)]
 VARIANTS = ["floor", "naive", "liger", "ours"]  # the floor runs first: the others divide by it
 _best: dict = {}  # (size, variant) -> best seconds in this session
@@ -36,8 +39,10 @@ def make_inputs(size, dev):
     """Built in place: a temporary larger than the inputs would hide in the CPU peak."""
     B, L, H, V = size
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.empty(B, L, H).normal_(generator=gen).to(dev).requires_grad_()
-    weight = torch.empty(V, H).normal_(generator=gen).div_(H**0.5).to(dev).requires_grad_()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    hidden = torch.empty(B, L, H).normal_(generator=gen).to(dev, dtype).requires_grad_()
+    weight = torch.empty(V, H).normal_(generator=gen).div_(H**0.5)
+    weight = weight.to(dev, dtype).requires_grad_()
     targets = torch.randint(0, V, (B, L), generator=gen).to(dev)
     lengths = torch.randint(L // 2, L + 1, (B,), generator=gen)
     mask = (torch.arange(L)[None, :] < lengths[:, None]).to(dev)
@@ -62,8 +67,8 @@ def liger(hidden, weight, targets, mask, old_logp, advantages):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     loss_fn = LigerFusedLinearGRPOLoss(
-        beta=0.0, compiled=False, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28,
-        loss_type="dapo",
+        beta=0.0, compiled=hidden.is_cuda, use_ref_model=False, epsilon_low=0.2,
+        epsilon_high=0.28, loss_type="dapo",
     )  # fmt: skip
     loss, _ = loss_fn(
         hidden, weight, targets, mask.long(), advantages, old_per_token_logps=old_logp
@@ -122,7 +127,8 @@ def test_fused_linear_loss(benchmark, size, variant):
                                 products=4 if variant == "liger" else 3)  # fmt: skip
     smoke = benchmark.disabled
     benchmark.extra_info["peak_extra_mb"] = measure_memory(variant, size, 1 if smoke else 2) / 2**20
-    benchmark.pedantic(step, args=(variant, inputs), rounds=1 if smoke else 3, warmup_rounds=0)
+    warmup = 1 if inputs[0].is_cuda else 0  # CUDA: Triton compiles, liger's torch.compile
+    benchmark.pedantic(step, args=(variant, inputs), rounds=1 if smoke else 3, warmup_rounds=warmup)
     if smoke:
         return
     _best[size, variant] = benchmark.stats.stats.min
