@@ -34,11 +34,8 @@ from papo_fast._backend import check_float, resolve_backend
 from .policy_loss_torch import (
     AGGS,
     CHECKED,
-    CLIP_HIGH,
     CLIP_LOW,
     COUNT,
-    DUAL_CLIP,
-    KL_SUM,
     KLS,
     LOSS,
     NONFINITE,
@@ -211,19 +208,14 @@ class PolicyLossFunction(torch.autograd.Function):
             )
         denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
         inv_denom = torch.where(denom > 0, 1.0 / denom, 0.0)  # nothing valid: loss 0, not NaN
-        n = stats[COUNT].clamp(min=1)
-        empty = stats[COUNT] == 0
-        metrics = torch.stack(
+        # PolicyLoss's metric order: the slots CLIP_LOW..RATIO_SUM are sums to divide by the count.
+        count = stats[COUNT : COUNT + 1]
+        metrics = torch.cat(
             [
-                stats[CLIP_LOW] / n,
-                stats[CLIP_HIGH] / n,
-                stats[DUAL_CLIP] / n,
-                stats[KL_SUM] / n,
-                stats[RATIO_SUM] / n,
-                torch.where(empty, 0.0, stats[RATIO_MIN]),
-                torch.where(empty, 0.0, stats[RATIO_MAX]),
-                stats[COUNT],
-                *stats[NONFINITE : NONFINITE + len(CHECKED)],
+                stats[CLIP_LOW : RATIO_SUM + 1] / count.clamp(min=1),
+                torch.where(count > 0, stats[RATIO_MIN : RATIO_MAX + 1], 0.0),
+                count,
+                stats[NONFINITE : NONFINITE + len(CHECKED)],
             ]
         )
         ctx.save_for_backward(grad, inv_denom)

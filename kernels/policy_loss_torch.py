@@ -108,7 +108,7 @@ def policy_loss_torch(
     def all_finite(*ts: torch.Tensor | None) -> bool:  # one host sync; overflow only errs to "no"
         return bool(torch.isfinite(torch.stack([t.sum() for t in ts if t is not None])).all())
 
-    fast = True
+    fast = False  # until all_finite says so
     mask_f = None if valid is None else valid.to(cdt)
 
     def masked(x: torch.Tensor) -> torch.Tensor:  # x where valid, else 0
@@ -130,16 +130,16 @@ def policy_loss_torch(
     log_ratio = torch.zeros_like(lp) if old_logp is None else lp - old
     log_w = None if rollout_logp is None else old - rollout_logp.detach().to(cdt)
     delta = lp - ref_logp.detach().to(cdt) if cfg.uses_ref else None
-    # Finite everywhere means finite at every valid token: all non-finite counts are 0.
-    fast = inputs_finite = all_finite(log_ratio, neg_adv, log_w, delta)
-
+    token_log_ratio = log_ratio
     if cfg.ratio_level == "sequence":
         seq_mean = seq_sum(masked(log_ratio)) / seq_counts.clamp(min=1)  # [B]
         log_ratio = expand(seq_mean)
     ratio = torch.exp(log_ratio)
     w = None if log_w is None else torch.exp(log_w)
     e = torch.exp(-delta) if cfg.uses_ref and cfg.kl == "k3" else None
-    fast = inputs_finite and all_finite(ratio, w, e)
+    # Finite everywhere: every input is finite at every valid token (all non-finite counts are 0)
+    # and nothing overflows, so masking may multiply.
+    fast = all_finite(token_log_ratio, neg_adv, log_w, delta, ratio, w, e)
 
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
     pg_unclipped = ratio * neg_adv  # = d pg / d logp where not clipped (d ratio / d logp = ratio)
@@ -181,8 +181,9 @@ def policy_loss_torch(
         loss_sum = masked(loss).sum()
     grad = grad.to(logp.dtype)
 
-    n_clip = count(clipped)
-    n_high = count(clipped & (ratio > 1.0))  # clipped with ratio > 1 is clipped at 1 + eps_high
+    clipped = clipped if valid is None else clipped & valid
+    n_clip = clipped.sum().to(cdt)
+    n_high = (clipped & (ratio > 1.0)).sum().to(cdt)  # ratio > 1: clipped at 1 + eps_high
     ratio_masked = masked(ratio)
     ratio_min = ratio_max = zero
     if n and (valid is None or fast):
@@ -193,7 +194,7 @@ def policy_loss_torch(
         ratio_min = torch.where(valid, ratio, math.inf).min()
         ratio_max = torch.where(valid, ratio, -math.inf).max()
     nonfinite = [zero] * len(CHECKED)
-    if not inputs_finite:  # rare: name the culprits, one count each
+    if not fast:  # rare: name the culprits, one count each
         read = [lp, old_logp, ref_logp if cfg.uses_ref else None, neg_adv, rollout_logp]
         nonfinite = [zero if t is None else count(~torch.isfinite(t)) for t in read]
     stats = torch.stack(
