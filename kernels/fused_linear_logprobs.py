@@ -295,11 +295,9 @@ def check_lm_head_inputs(hidden, weight, targets, bias, temperature: float, back
             f"targets must be integer {tuple(hidden.shape[:-1])} (hidden's leading "
             f"dims), got {targets.dtype} {tuple(targets.shape)}"
         )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(
-            f"targets must lie in [0, V={weight.shape[0]}), got "
-            f"[{int(targets.min())}, {int(targets.max())}]"
-        )
+    lo, hi = (int(x) for x in targets.aminmax()) if targets.numel() else (0, 0)  # one reduction
+    if lo < 0 or hi >= weight.shape[0]:
+        raise ValueError(f"targets must lie in [0, V={weight.shape[0]}), got [{lo}, {hi}]")
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return backend

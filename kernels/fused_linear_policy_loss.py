@@ -17,12 +17,11 @@ during the forward pass (liger-kernel's trick): for each chunk of WHOLE sequence
 and the backward only scales the stored fp32 gradients by grad_output (the loss is linear in it).
 The loss formula is ``policy_loss``'s; nothing here restates it.
 
-Two passes instead (logp of every token, then policy_loss, then a gradient pass that recomputes the
-logits: one more product, the same numbers) when
-1. ratio_level="sequence" (kept on the simple path: a token's gradient depends on its sequence's
-   mean log-ratio, which chunks of whole sequences would allow, but it is not the paper's setting);
-2. one sequence has more than 4x the chunk's row budget of tokens: its logits alone would break the
-   memory bound, and policy_loss cannot split a sequence (1/|y_i| and the ratio are per sequence).
+Chunks hold whole sequences, so the sequence-level ratio (GSPO) and 1/|y_i| are exact inside
+them. Two passes instead (logp of every token, then policy_loss, then a gradient pass that
+recomputes the logits: one more product, the same numbers) only when one sequence has more than 4x
+the chunk's row budget of tokens: its logits alone would break the memory bound, and policy_loss
+cannot split a sequence.
 
 Metrics are combined across chunks exactly: fractions and means weighted by each chunk's valid
 tokens, min/max over the chunks that hold any. logp and entropy come back detached.
@@ -275,7 +274,7 @@ def fused_linear_policy_loss(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     T, H, V = h2.shape[0], h2.shape[1], weight.shape[0]
     rows = chunk_rows(T, H, V, hidden.device)
-    chunks = None if ratio_level == "sequence" else _plan_chunks(targets, mask, cu_seqlens, rows)
+    chunks = _plan_chunks(targets, mask, cu_seqlens, rows)
     h2, weight = h2.contiguous(), weight.contiguous()
 
     if chunks is None:  # two passes: logp, policy_loss, then the logprobs backward

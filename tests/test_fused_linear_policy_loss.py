@@ -199,13 +199,14 @@ def test_long_sequence_takes_the_two_pass_path(small_chunks, monkeypatch):
     compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
 
 
-def test_single_pass_does_three_products(small_chunks, monkeypatch):
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_single_pass_does_three_products(small_chunks, monkeypatch, ratio_level):
     """Forward + backward compute each chunk's logits once: the three-product floor."""
     n = []
     real = flpl.chunk_logits
     monkeypatch.setattr(flpl, "chunk_logits", lambda *a: n.append(1) or real(*a))
     d = make_batch()  # L = 11: one padded row per 16-row chunk -> 6 chunks
-    ours(d, "padded", 1.0)
+    ours(d, "padded", 1.0, ratio_level=ratio_level)
     assert len(n) == 6
 
 
@@ -235,7 +236,8 @@ def test_bf16_within_the_reference_bf16_error(small_chunks, backend):
 
 
 @pytest.mark.parametrize("agg", AGGS)
-def test_micro_batches_sum_to_the_full_batch(small_chunks, agg):
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_micro_batches_sum_to_the_full_batch(small_chunks, agg, ratio_level):
     """Two micro-batches with the global counts: the summed loss and gradients are the batch's."""
     d = make_batch(dtype=torch.float64)
     lens = d["mask"].sum(1)
@@ -244,7 +246,7 @@ def test_micro_batches_sum_to_the_full_batch(small_chunks, agg):
     def run(rows, hidden, weight):
         return fused_linear_policy_loss(
             hidden[rows], weight, d["targets"][rows], d["old"][rows], d["adv"][rows],
-            mask=d["mask"][rows], agg=agg, **counts,
+            mask=d["mask"][rows], agg=agg, ratio_level=ratio_level, **counts,
         ).loss  # fmt: skip
 
     h = d["hidden"].clone().requires_grad_()
