@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python examples/advantages_demo.py
+	$(BIN)/papo-fast demo --out runs/demo
 
 test: $(VENV)/.installed
 	$(BIN)/pytest

@@ -4,6 +4,17 @@ from pathlib import Path
 
 from setuptools import setup
 
+# The trainer and the demo; imported lazily, never by `import papo_fast`.
+TRAIN = [
+    "transformers>=4.56",
+    "tokenizers>=0.21",
+    "datasets>=3.0",
+    "safetensors>=0.4",
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+
 setup(
     name="papo_fast",
     version="0.1.0",
@@ -21,14 +32,18 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
+        "train": TRAIN,
         "test": [
+            *TRAIN,
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
             "ruff>=0.6",
             "liger-kernel==0.8.5",
             "packaging",  # liger-kernel imports it without declaring it
+            "trl>=1.0",  # benchmarks/bench_trainer.py runs the same setup through GRPOTrainer
         ],
         "gpu": ["flash-attn>=2.6", "vllm>=0.8"],
     },
+    entry_points={"console_scripts": ["papo-fast = papo_fast.cli:main"]},
 )
