@@ -34,9 +34,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from papo_fast.config import ConfigError
-
     from transformers.utils import logging as hf_logging
+
+    from papo_fast.config import ConfigError
 
     hf_logging.disable_progress_bar()  # our own bar shows the training progress
     try:

@@ -20,8 +20,8 @@ def test_demo_end_to_end_small(tmp_path):
     summary = run_demo(tmp_path, overrides, wc=wc)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     for run in ("orm", "papo"):
-        for key in ("heldout_accuracy", "zero_adv_frac", "process_active_frac", "mean_response_len"):
-            assert key in on_disk[run]
+        keys = ("heldout_accuracy", "zero_adv_frac", "process_active_frac", "mean_response_len")
+        assert all(key in on_disk[run] for key in keys)
         assert on_disk[run]["steps"] == 2
         assert (tmp_path / run / "curves.png").is_file()
         assert (tmp_path / run / "checkpoints" / "latest").is_file()
