@@ -391,7 +391,7 @@ def fused_linear_logprobs(
     backend = check_lm_head_inputs(hidden, weight, targets, bias, temperature, backend)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    t1 = targets.reshape(-1).contiguous()
+    t1 = targets.reshape(-1).long()  # one index dtype (int32 ids are common) for every path
     rows = chunk_rows(h2.shape[0], h2.shape[1], weight.shape[0], hidden.device)
     logp, ent = FusedLinearLogprobsFunction.apply(
         h2, weight.contiguous(), bias, t1, float(temperature), return_entropy, backend, rows

@@ -122,7 +122,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         need_h, need_w, need_b = need
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         T = hidden.shape[0]
-        targets = batch.targets.reshape(-1)
+        targets = batch.targets.reshape(-1).long()  # one index dtype for every path
         logp = torch.empty(T, device=hidden.device, dtype=acc)
         ent = torch.empty_like(logp) if entropy else None
         grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if need_h else None
@@ -279,7 +279,14 @@ def fused_linear_policy_loss(
 
     if chunks is None:  # two passes: logp, policy_loss, then the logprobs backward
         logp, ent = FusedLinearLogprobsFunction.apply(
-            h2, weight, bias, targets.reshape(-1), float(temperature), return_entropy, backend, rows
+            h2,
+            weight,
+            bias,
+            targets.reshape(-1).long(),
+            float(temperature),
+            return_entropy,
+            backend,
+            rows,
         )
         res = policy_loss(
             logp.view(targets.shape), old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens,

@@ -122,6 +122,13 @@ def test_float64_gradcheck(small_chunks):
     assert torch.autograd.gradcheck(f, (hidden, weight, b))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_int32_targets(backend):
+    hidden, weight, _, targets = make_inputs((2, 5), 8, 50, torch.float32, False)
+    got, _ = fused_linear_logprobs(hidden, weight, targets.int(), backend=backend)
+    assert_close(got, materialized(hidden.double(), weight.double(), targets)[0], atol=1e-5)
+
+
 def test_no_grad_and_frozen_weight():
     hidden, weight, _, targets = make_inputs((30,), 8, 50, torch.float32, False)
     with torch.no_grad():

@@ -260,6 +260,18 @@ def test_micro_batches_sum_to_the_full_batch(small_chunks, agg, ratio_level):
     assert_close(sw, gw, atol=1e-10)
 
 
+def test_int32_targets_and_cu_seqlens():
+    d = make_batch()
+    want = reference(d, torch.float64, 1.0)
+    lens = d["mask"].sum(1)
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).int()
+    m = d["mask"]
+    res = fused_linear_policy_loss(d["hidden"][m], d["weight"], d["targets"][m].int(),
+                                   d["old"][m].float(), d["adv"].float(), bias=d["bias"],
+                                   cu_seqlens=cu)  # fmt: skip
+    assert_close(res.loss, want[0], atol=1e-5)
+
+
 def test_module_no_grad_and_frozen_head():
     d = make_batch()
     loss_fn = PAPOLoss(temperature=0.9, agg="seq-mean-token-mean")
