@@ -56,8 +56,15 @@ FusedPolicyLoss.__doc__ = """PolicyLoss's fields, then ``logp`` and ``entropy``.
 None unless asked for. ``PolicyLoss(*result[: len(PolicyLoss._fields)])`` drops the two extras.
 """
 
-_FRACS = slice(0, 5)  # metric slots: clip_frac_low, clip_frac_high, dual_clip_frac, kl, ratio_mean
-_RMIN, _RMAX, _NTOK, _NONFINITE = 5, 6, 7, 8
+# How each PolicyLoss metric combines across chunks; a field added there must be placed here.
+_SLOT = {name: i for i, name in enumerate(PolicyLoss._fields[1:])}
+_MEANS = [
+    _SLOT[k] for k in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "kl", "ratio_mean")
+]
+_RMIN, _RMAX, _NTOK, _NONFINITE = (_SLOT[k] for k in ("ratio_min", "ratio_max", "num_tokens",
+                                                      "num_nonfinite"))  # fmt: skip
+if len(_SLOT) != len(_MEANS) + 4:
+    raise ImportError(f"fused_linear_policy_loss does not know how to combine {list(_SLOT)}")
 
 
 class _Batch(NamedTuple):
@@ -97,13 +104,14 @@ def _chunk_loss(batch: _Batch, logp: torch.Tensor, chunk) -> PolicyLoss:
 
 
 def _combine(metrics: list[torch.Tensor]) -> torch.Tensor:
-    """Per-chunk metric vectors [C, 9] -> the batch's [9] (token-weighted means, min/max, sums)."""
+    """Per-chunk metric vectors [C, M] -> the batch's [M]: token-weighted means, min/max over the
+    chunks with tokens (0 when there are none, as policy_loss reports), sums of counts."""
     m = torch.stack(metrics)
     n = m[:, _NTOK]
     total = n.sum()
     has = n > 0
     out = torch.empty_like(m[0])
-    out[_FRACS] = (m[:, _FRACS] * n[:, None]).sum(0) / total.clamp(min=1)
+    out[_MEANS] = (m[:, _MEANS] * n[:, None]).sum(0) / total.clamp(min=1)
     inf = torch.full_like(n, float("inf"))
     out[_RMIN] = torch.where(has, m[:, _RMIN], inf).min().where(total > 0, 0.0)
     out[_RMAX] = torch.where(has, m[:, _RMAX], -inf).max().where(total > 0, 0.0)

@@ -157,6 +157,17 @@ def test_matches_fp64_reference(small_chunks, layout, agg, ratio_level):
     compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
 
 
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_empty_sequence_in_its_own_chunk(small_chunks, agg):
+    """Row 1 has no valid token and fills a chunk alone: it adds nothing to the loss, the counts
+    or the ratio min/max (policy_loss reports 0 for that chunk's min and max)."""
+    d = make_batch(lengths=[11, 0, 4, 9, 7, 9])
+    want = reference(d, torch.float64, 1.0, agg=agg)
+    same = reference(d, torch.float32, 1.0, agg=agg)
+    res, *got = ours(d, "padded", 1.0, agg=agg)
+    compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
+
+
 CONFIGS = {
     "dual_clip": dict(dual_clip=3.0),
     "kl_k1": dict(beta=0.1, kl="k1"),
