@@ -45,9 +45,10 @@ from .policy_loss_torch import (
     RATIO_SUM,
     LossConfig,
     advantages_per_token,
+    compute_dtype,
     policy_loss_torch,
 )
-from .policy_loss_triton import policy_loss_triton
+from .policy_loss_triton import finalize_triton, policy_loss_triton, reduce_partials
 
 Count = int | float | torch.Tensor
 
@@ -176,6 +177,23 @@ def _check_inputs(
 # -------------------------------------------------------------------------------------------------
 
 
+def _finalize(cfg, stats, seq_counts, num_tokens, num_seqs, max_len):
+    """(loss, 1 / D, metrics [13]) from a stats vector, in torch ops; no host sync."""
+    denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
+    inv_denom = torch.where(denom > 0, 1.0 / denom, 0.0)  # nothing valid: loss 0, not NaN
+    # PolicyLoss's metric order: the slots CLIP_LOW..RATIO_SUM are sums to divide by the count.
+    count = stats[COUNT : COUNT + 1]
+    metrics = torch.cat(
+        [
+            stats[CLIP_LOW : RATIO_SUM + 1] / count.clamp(min=1),
+            torch.where(count > 0, stats[RATIO_MIN : RATIO_MAX + 1], 0.0),
+            count,
+            stats[NONFINITE : NONFINITE + len(CHECKED)],
+        ]
+    )
+    return stats[LOSS] * inv_denom, inv_denom, metrics
+
+
 def _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len) -> torch.Tensor:
     """D of the aggregation (module docstring): a 0-dim tensor, no host sync."""
 
@@ -196,31 +214,29 @@ class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
                 num_tokens, num_seqs, max_len, backend):  # fmt: skip
+        counts = (num_tokens, num_seqs, max_len)
+        dtype = compute_dtype(logp)
         if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
             need_counts = num_seqs is None or (cfg.agg.endswith("norm") and max_len is None)
-            grad, stats, seq_counts = policy_loss_triton(
+            grad, partials, seq_counts = policy_loss_triton(
                 logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
                 need_seq_counts=cfg.agg != "token-mean" and need_counts,
             )  # fmt: skip
+            if not any(isinstance(c, torch.Tensor) for c in counts):
+                loss, inv_denom, metrics = finalize_triton(
+                    partials, seq_counts, cfg, *counts, dtype
+                )
+            else:
+                stats = reduce_partials(partials, dtype)
+                loss, inv_denom, metrics = _finalize(cfg, stats, seq_counts, *counts)
         else:
             grad, stats, seq_counts = policy_loss_torch(
                 logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
             )
-        denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
-        inv_denom = torch.where(denom > 0, 1.0 / denom, 0.0)  # nothing valid: loss 0, not NaN
-        # PolicyLoss's metric order: the slots CLIP_LOW..RATIO_SUM are sums to divide by the count.
-        count = stats[COUNT : COUNT + 1]
-        metrics = torch.cat(
-            [
-                stats[CLIP_LOW : RATIO_SUM + 1] / count.clamp(min=1),
-                torch.where(count > 0, stats[RATIO_MIN : RATIO_MAX + 1], 0.0),
-                count,
-                stats[NONFINITE : NONFINITE + len(CHECKED)],
-            ]
-        )
+            loss, inv_denom, metrics = _finalize(cfg, stats, seq_counts, *counts)
         ctx.save_for_backward(grad, inv_denom)
         ctx.mark_non_differentiable(metrics)
-        return stats[LOSS] * inv_denom, metrics
+        return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):

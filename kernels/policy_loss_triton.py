@@ -1,16 +1,20 @@
-"""The clipped GRPO token loss in Triton: the CUDA path of ``policy_loss`` (kernels + launcher).
+"""The clipped GRPO token loss in Triton: the CUDA path of ``policy_loss`` (kernels + launchers).
 
-Two kernels, both over flat token arrays of either layout (padded [B, L] + mask, packed [T] +
-cu_seqlens) and never with a sequence length on a grid dimension:
+Over flat token arrays of either layout (padded [B, L] + mask, packed [T] + cu_seqlens), never with
+a sequence length on a grid dimension:
 
 - ``_policy_loss_seq_stats_kernel``, one program per sequence looping over it: |y_i| and, at
-  sequence level, the mean log-ratio. O(B) output; at token level it reads only the mask.
+  sequence level, the mean log-ratio. Launched only when something per-sequence is needed; at
+  token level it reads only the mask.
 - ``_policy_loss_fwd_kernel``, BLOCK tokens per program: the per-token loss and its gradient
   (written once) and one row of stat sums per program (loss, counts, clip/dual-clip/KL/ratio sums,
-  ratio min/max, non-finite counts), reduced by a small deterministic torch sum. A packed token
-  finds its sequence by binary search over cu_seqlens (log2 B cached loads): no per-token index.
+  ratio min/max, non-finite counts). A packed token finds its sequence by binary search over
+  cu_seqlens (log2 B cached loads): no per-token index is read.
+- ``_policy_loss_finalize_kernel``, one program: the rows summed in float64 (deterministic, no
+  atomics), divided by the denominator, written as the loss, 1 / D and the metrics.
 
-The formulas follow policy_loss_torch.py line by line; fp32 math whatever the input dtype.
+So a call is 2 or 3 launches, and backward one multiply. The formulas follow policy_loss_torch.py
+line by line; fp32 math whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ import triton
 import triton.language as tl
 
 from .policy_loss_torch import (
+    CHECKED,
     KLS,
     NUM_STATS,
     RATIO_MAX,
     RATIO_MIN,
     advantages_per_token,
-    compute_dtype,
 )
 
 
@@ -193,6 +197,81 @@ def _policy_loss_fwd_kernel(
         tl.store(row + 13, 0.0)
 
 
+@triton.jit
+def _slot(v, cols, k: tl.constexpr):
+    """v[k] of a small register vector, as a scalar."""
+    return tl.sum(tl.where(cols == k, v, 0.0), axis=0)
+
+
+@triton.jit
+def _policy_loss_finalize_kernel(
+    # inputs: per-program stat rows [P, NUM_STATS], valid tokens per sequence [B]
+    partials_ptr, counts_ptr,
+    # outputs: loss [], 1 / D [], metrics [13] in PolicyLoss's order
+    loss_ptr, inv_denom_ptr, metrics_ptr,
+    # shapes
+    P, B,
+    # the caller's global counts, 0 when not given (runtime floats)
+    num_tokens, num_seqs, max_len,
+    # switches
+    PER_SEQ: tl.constexpr, NORM: tl.constexpr, HAS_COUNTS: tl.constexpr,
+    NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program: sum the rows in float64, divide by D, write loss, 1 / D and the metrics.
+
+    It replaces a dozen tiny torch ops (and their launches) after the token pass.
+    """
+    cols = tl.arange(0, NUM_STATS)
+    sums = tl.zeros([NUM_STATS], tl.float64)
+    lo = tl.full([BLOCK], float("inf"), tl.float32)
+    hi = tl.full([BLOCK], -float("inf"), tl.float32)
+    for start in range(0, P, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        ok = rows < P
+        tile = tl.load(
+            partials_ptr + rows[:, None] * NUM_STATS + cols[None, :], mask=ok[:, None], other=0.0
+        )
+        sums += tl.sum(tile.to(tl.float64), axis=0)
+        lo = tl.minimum(
+            lo, tl.load(partials_ptr + rows * NUM_STATS + 7, mask=ok, other=float("inf"))
+        )
+        hi = tl.maximum(
+            hi, tl.load(partials_ptr + rows * NUM_STATS + 8, mask=ok, other=-float("inf"))
+        )
+    count = _slot(sums, cols, 1)
+    zero = count * 0.0  # a float64 scalar tensor: the runtime floats below become float64 too
+
+    if PER_SEQ:  # N_seqs, times L_max for the Dr. GRPO norm
+        n_seqs = zero + num_seqs
+        l_max = zero + max_len
+        if HAS_COUNTS:  # this call's own, where the caller gave none
+            nonempty = tl.zeros([BLOCK], tl.float64)
+            longest = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, B, BLOCK):
+                idx = start + tl.arange(0, BLOCK)
+                c = tl.load(counts_ptr + idx, mask=idx < B, other=0.0)
+                nonempty += (c > 0).to(tl.float64)
+                longest = tl.maximum(longest, c)
+            n_seqs = tl.where(num_seqs > 0, n_seqs, tl.sum(nonempty, axis=0))
+            l_max = tl.where(max_len > 0, l_max, tl.max(longest, axis=0).to(tl.float64))
+        denom = n_seqs * l_max if NORM else n_seqs
+    else:
+        denom = tl.where(num_tokens > 0, zero + num_tokens, count)
+    inv = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)  # none valid: 0, not NaN
+    out = loss_ptr.dtype.element_ty
+    tl.store(loss_ptr, (_slot(sums, cols, 0) * inv).to(out))
+    tl.store(inv_denom_ptr, inv.to(out))
+
+    n = tl.maximum(count, 1.0)
+    for k in tl.static_range(5):  # clip low/high, dual clip, KL, ratio sums → means
+        tl.store(metrics_ptr + k, (_slot(sums, cols, 2 + k) / n).to(out))
+    tl.store(metrics_ptr + 5, tl.where(count > 0, tl.min(lo, axis=0), 0.0).to(out))
+    tl.store(metrics_ptr + 6, tl.where(count > 0, tl.max(hi, axis=0), 0.0).to(out))
+    tl.store(metrics_ptr + 7, count.to(out))
+    for k in tl.static_range(5):  # non-finite counts
+        tl.store(metrics_ptr + 8 + k, _slot(sums, cols, 9 + k).to(out))
+
+
 # Bytes moved per token (b = bytes per input element): forward reads logp, old_logp, ref_logp,
 # rollout_logp and per-token advantages when given (b each), the mask (1) in the padded layout, and
 # writes the gradient (b); backward reads and writes it once more (2b). Per-sequence advantages,
@@ -200,7 +279,11 @@ def _policy_loss_fwd_kernel(
 def policy_loss_triton(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, need_seq_counts=True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The Triton twin of policy_loss_torch (same outputs; seq_counts None when not needed)."""
+    """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None).
+
+    Inputs are checked. ``reduce_partials`` turns the rows into policy_loss_torch's stats vector,
+    ``finalize_triton`` straight into the loss and metrics.
+    """
     packed = cu_seqlens is not None
     n = logp.numel()
     b = cu_seqlens.numel() - 1 if packed else logp.shape[0]
@@ -252,7 +335,31 @@ def policy_loss_triton(
         HAS_ROLLOUT=rollout_logp is not None,
         KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0, NUM_STATS=NUM_STATS,
     )  # fmt: skip
+    return grad, partials, counts
+
+
+def reduce_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The stats vector of policy_loss_torch from the kernel's rows (for the torch finalization)."""
     stats = partials.sum(0, dtype=torch.float64)
     stats[RATIO_MIN] = partials[:, RATIO_MIN].min()
     stats[RATIO_MAX] = partials[:, RATIO_MAX].max()
-    return grad, stats.to(compute_dtype(logp)), counts
+    return stats.to(dtype)
+
+
+def finalize_triton(
+    partials, counts, cfg, num_tokens, num_seqs, max_len, dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [], 1 / D [], metrics [13]) in one launch; the counts are numbers or None."""
+    dev = partials.device
+    loss = torch.empty((), dtype=dtype, device=dev)
+    inv_denom = torch.empty((), dtype=dtype, device=dev)
+    metrics = torch.empty(8 + len(CHECKED), dtype=dtype, device=dev)
+    _policy_loss_finalize_kernel[(1,)](
+        partials, partials if counts is None else counts,
+        loss, inv_denom, metrics,
+        partials.shape[0], 0 if counts is None else counts.numel(),
+        float(num_tokens or 0), float(num_seqs or 0), float(max_len or 0),
+        PER_SEQ=cfg.agg != "token-mean", NORM=cfg.agg == "seq-mean-token-sum-norm",
+        HAS_COUNTS=counts is not None, NUM_STATS=NUM_STATS, BLOCK=256,
+    )  # fmt: skip
+    return loss, inv_denom, metrics

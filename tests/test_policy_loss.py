@@ -418,6 +418,22 @@ def test_micro_batch_invariance(agg, level, packed, backend, dtype, atol):
         assert_close(torch.cat(grads), g_full, atol=1e-6, msg=f"{splits} micro-batches: grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_counts_as_tensors(backend, agg):
+    # A trainer's all-reduced counts arrive as tensors: same numbers, no host sync needed.
+    d = make_batch(b=4, length=30, dtype=torch.float32)
+    numbers = dict(num_tokens=500, num_seqs=7, max_len=64)
+    tensors = {k: torch.tensor(float(v)) for k, v in numbers.items()}
+    a, ga = ours(d, agg=agg, backend=backend, **numbers)
+    b, gb = ours(d, agg=agg, backend=backend, **tensors)
+    loss, _ = theirs(d, agg=agg, **numbers)
+    assert_close(a.loss, loss, atol=1e-6, rtol=1e-6)
+    for name in PolicyLoss._fields:
+        assert_close(getattr(b, name), getattr(a, name), atol=1e-7, rtol=1e-6, msg=name)
+    assert_close(gb, ga, atol=1e-9, rtol=1e-6)
+
+
 def test_local_counts_per_micro_batch_differ():
     # The bug class the global counts exist for: normalizing each micro-batch by its own counts.
     d = make_batch(b=8, length=40, seed=4)
