@@ -389,13 +389,21 @@ def test_gradcheck_sequence_level():
 # ----------------------------------------------------------------------------- micro-batches
 
 
-@pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+# float64 on the PyTorch path, every combination; the kernels compute in float32 and run in the
+# interpreter here, so they take each layout once per ratio level (padded-token, packed-sequence).
+MICRO = [
+    (agg, level, packed, "torch", torch.float64, 1e-12)
+    for agg, level, packed in itertools.product(AGGS, LEVELS, [False, True])
+] + [
+    (agg, level, level == "sequence", "triton", torch.float32, 1e-5)
+    for agg, level in itertools.product(AGGS, LEVELS)
+]
+
+
 @pytest.mark.parametrize(
-    "backend, dtype, atol",  # float64 on the PyTorch path; the kernels compute in float32
-    [("torch", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)],
-    ids=["torch-fp64", "triton-fp32"],
+    "agg, level, packed, backend, dtype, atol",
+    MICRO,
+    ids=[f"{m[3]}-{'packed' if m[2] else 'padded'}-{m[1]}-{m[0]}" for m in MICRO],
 )
 def test_micro_batch_invariance(agg, level, packed, backend, dtype, atol):
     d = make_batch(b=8, length=40, per_token=False, seed=3, dtype=dtype)
