@@ -16,8 +16,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +43,7 @@ class WarmupConfig:
     num_heldout: int = 64
     train_ops: tuple[int, int] = (2, 4)
     heldout_ops: tuple[int, int] = (2, 5)
+    threads: int = 1  # tiny matrices: one thread per process beats two (and shares the CPU)
 
 
 # The RL settings of the demo (every key can be overridden with --set section.key=value).
@@ -57,6 +61,7 @@ DEMO_RL = {
         "eval_k": 4,
         "eval_temperature": 1.0,
         "progress": True,
+        "threads": 1,
     },
 }
 
@@ -65,6 +70,7 @@ def warmup(wc: WarmupConfig, out: Path) -> Path:
     """Build tokenizer + model, train on mixed-quality traces, save to ``out`` (save_pretrained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(wc.threads)
     init = out / "init"
     arith.build_tokenizer().save_pretrained(init)
     tok = AutoTokenizer.from_pretrained(init)
@@ -153,8 +159,25 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path, overrides: list[str] = (), seeds: int = 1, wc=None) -> dict:
-    """Everything under ``out``; returns the summary written to out/summary.json."""
+def _train_one(cfg: Config, position: int) -> None:
+    """One RL run (in a worker process when the runs go side by side)."""
+    from transformers.utils import logging as hf_logging
+
+    from papo_fast.trainer import Trainer
+
+    hf_logging.disable_progress_bar()
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    Trainer(cfg).train(bar_position=position)
+
+
+def run_demo(
+    out: str | Path, overrides: list[str] = (), seeds: int = 1, wc=None, workers: int = 0
+) -> dict:
+    """Everything under ``out``; returns the summary written to out/summary.json.
+
+    ``workers``: RL runs at once, one process each (0: one per CPU core).
+    """
     out, wc = Path(out), wc or WarmupConfig()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -171,25 +194,35 @@ def run_demo(out: str | Path, overrides: list[str] = (), seeds: int = 1, wc=None
     )
     warm = warmup(wc, out)
     t_warm = time.perf_counter() - t0
-    from papo_fast.trainer import Trainer
-
-    summary, runs = {}, {}
+    jobs: dict[str, Config] = {}
     for seed in range(seeds):
         for mode in ("orm", "papo"):
             name = mode if seeds == 1 else f"{mode}_seed{seed}"
-            cfg: Config = replace(
+            jobs[name] = replace(
                 base,
                 model=replace(base.model, path=str(warm)),
                 data=replace(base.data, train_path=str(train_path), eval_path=str(heldout_path)),
                 advantage=replace(base.advantage, mode=mode),
                 train=replace(base.train, out_dir=str(out / name), seed=base.train.seed + seed),
             )
-            random.seed(cfg.train.seed)
-            torch.manual_seed(cfg.train.seed)
-            Trainer(cfg).train()
-            runs[name] = out / name / "metrics.jsonl"
-            summary[name] = _run_summary(runs[name])
-            plot_run(runs[name], out / name / "curves.png")
+    # The runs are independent: side by side, one process each, as many as there are cores.
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        for cfg in jobs.values():
+            _train_one(cfg, 0)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [
+                pool.submit(_train_one, cfg, i % workers) for i, cfg in enumerate(jobs.values())
+            ]
+            for f in futures:
+                f.result()
+    summary, runs = {}, {}
+    for name in jobs:
+        runs[name] = out / name / "metrics.jsonl"
+        summary[name] = _run_summary(runs[name])
+        plot_run(runs[name], out / name / "curves.png")
     plot_comparison(runs, out / "comparison.png")
     if seeds > 1:
         for mode in ("orm", "papo"):

@@ -57,12 +57,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 class ProgressBar:
     """tqdm over the steps with the main metrics as a postfix (silent when disabled)."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
+    def __init__(
+        self, total: int, initial: int = 0, desc: str = "train", enabled: bool = True, position=0
+    ):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, dynamic_ncols=True, position=position
+            )
 
     def update(self, metrics: dict) -> None:
         if self.bar is None:

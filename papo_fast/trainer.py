@@ -20,9 +20,11 @@ Choices, and where this departs from a textbook GRPO loop:
 5. Determinism: every random draw is seeded from (train.seed, step, index): rollout seeds per
    request, the data order per epoch, the mini-batch shuffle per step. With the checkpoint's
    weights, optimizer and data position, a resumed CPU run reproduces the uninterrupted metrics.
-6. Held-out evaluation uses the same requests (prompts and seeds) every time: avg@k moves only
+6. With train.mini_batches == 1 the single update is on-policy: old log-probs are not computed
+   (old_logp=None: ratio exp(logp - logp.detach()) = 1 with the right gradient), saving a forward.
+7. Held-out evaluation uses the same requests (prompts and seeds) every time: avg@k moves only
    because the policy does.
-7. Rewards never change inside a step; a judge output outside {0, 0.5, 1} is counted
+8. Rewards never change inside a step; a judge output outside {0, 0.5, 1} is counted
    (``judge_invalid``) and handled by ``reward.on_invalid`` (rewards.py).
 """
 
@@ -146,10 +148,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------- the loop
 
-    def train(self, on_step=None) -> dict:
+    def train(self, on_step=None, bar_position: int = 0) -> dict:
         """Run to ``train.steps``; returns the last metrics. ``on_step(step, metrics)`` hook."""
         c = self.cfg.train
-        bar = ProgressBar(c.steps, self.step, self.out.name, c.progress)
+        bar = ProgressBar(c.steps, self.step, self.out.name, c.progress, bar_position)
         metrics: dict = {}
         try:
             if self.step == 0 and c.eval_every > 0 and self.eval_data is not None:
@@ -209,7 +211,8 @@ class Trainer:
         # 3. Old (and reference) log-probs of the sampled tokens, no grad, no logits.
         ids, attn, targets, mask = pad_samples(samples, self.tok.pad_token_id)
         T, mb = c.rollout.temperature, c.train.micro_batch_size
-        old_logp = sequence_logprobs(self.model, ids, attn, targets, T, mb)
+        on_policy = c.train.mini_batches == 1  # one update from these samples: ratio == 1
+        old_logp = None if on_policy else sequence_logprobs(self.model, ids, attn, targets, T, mb)
         ref_logp = sequence_logprobs(self.ref, ids, attn, targets, T, mb) if self.ref else None
         t3 = time.perf_counter()
 
@@ -268,7 +271,7 @@ class Trainer:
                     h,
                     head.weight,
                     targets[sl],
-                    old_logp[sl],
+                    old_logp[sl] if old_logp is not None else None,
                     advantages[micro],
                     bias=head.bias,
                     temperature=c.rollout.temperature,

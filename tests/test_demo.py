@@ -2,7 +2,19 @@
 
 import json
 
+import pytest
+import torch
+
 from papo_fast.demo import WarmupConfig, format_table, run_demo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is faster than two (and much faster on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_demo_end_to_end_small(tmp_path):
@@ -17,7 +29,7 @@ def test_demo_end_to_end_small(tmp_path):
         "train.eval_k=2",
         "train.progress=false",
     ]
-    summary = run_demo(tmp_path, overrides, wc=wc)
+    summary = run_demo(tmp_path, overrides, wc=wc, workers=1)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     for run in ("orm", "papo"):
         keys = ("heldout_accuracy", "zero_adv_frac", "process_active_frac", "mean_response_len")

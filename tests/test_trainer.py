@@ -16,6 +16,15 @@ from papo_fast.trainer import Trainer, pad_samples, sequence_logprobs
 TIMING = ("t_", "rollout_tok_s", "update_tok_s")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is faster than two (and much faster on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class ParityVerifier(Verifier):
     """Correct when the response has an even number of characters: a reward an untrained model
     gets half the time, so groups have a signal (the arithmetic verifier would give all zeros)."""
