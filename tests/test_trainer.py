@@ -163,3 +163,14 @@ def test_bad_input_fails_before_training(assets, tmp_path):
     with pytest.raises(ValueError, match=r"\['problem'\] not found.*question"):
         Trainer(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_reference_model_and_kl(assets, tmp_path):
+    cfg = make_config(assets, tmp_path / "run", steps=1)
+    cfg.loss.beta = 0.1
+    trainer = make_trainer(cfg)
+    assert trainer.ref is not None and not trainer.ref.training
+    assert not any(p.requires_grad for p in trainer.ref.parameters())
+    m = trainer.train_step()
+    # the first mini-batch is on the reference policy (KL 0), the second one step away from it
+    assert math.isfinite(m["kl"]) and m["kl"] > 0
