@@ -105,19 +105,21 @@ def policy_loss_torch(
         )
         seq_counts = lens.to(cdt)
 
-    def all_finite(*ts: torch.Tensor | None) -> bool:  # one host sync; overflow only errs to "no"
-        return bool(torch.isfinite(torch.stack([t.sum() for t in ts if t is not None])).all())
+    def sums(*ts: torch.Tensor | None) -> list[torch.Tensor]:  # non-finite iff some value is
+        return [t.sum() for t in ts if t is not None]  # (or the sum overflows: errs to "no")
 
     fast = False  # until all_finite says so
     mask_f = None if valid is None else valid.to(cdt)
 
-    def masked(x: torch.Tensor) -> torch.Tensor:  # x where valid, else 0
+    def masked(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:  # x where valid, else 0
         if valid is None:
             return x
-        return x * mask_f if fast else torch.where(valid, x, 0.0)
+        if fast:
+            return x.mul_(mask_f) if inplace else x * mask_f
+        return torch.where(valid, x, 0.0)
 
     def keep_unless(flags: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # where(flags, 0, x)
-        return x * ~flags if fast else torch.where(flags, 0.0, x)
+        return x.mul_(~flags) if fast else torch.where(flags, 0.0, x)  # x: ours to overwrite
 
     def count(flags: torch.Tensor) -> torch.Tensor:
         return (flags if valid is None else flags & valid).sum().to(cdt)
@@ -130,22 +132,23 @@ def policy_loss_torch(
     log_ratio = torch.zeros_like(lp) if old_logp is None else lp - old
     log_w = None if rollout_logp is None else old - rollout_logp.detach().to(cdt)
     delta = lp - ref_logp.detach().to(cdt) if cfg.uses_ref else None
-    token_log_ratio = log_ratio
+    input_sums = sums(log_ratio, neg_adv, log_w, delta)
     if cfg.ratio_level == "sequence":
         seq_mean = seq_sum(masked(log_ratio)) / seq_counts.clamp(min=1)  # [B]
-        log_ratio = expand(seq_mean)
-    ratio = torch.exp(log_ratio)
-    w = None if log_w is None else torch.exp(log_w)
+        ratio = torch.exp(expand(seq_mean)).expand_as(lp)  # [B, 1] → [B, L] view when padded
+    else:
+        ratio = log_ratio.exp_()  # in place: every new [T] buffer costs page faults on the CPU
+    w = None if log_w is None else log_w.exp_()
     e = torch.exp(-delta) if cfg.uses_ref and cfg.kl == "k3" else None
     # Finite everywhere: every input is finite at every valid token (all non-finite counts are 0)
-    # and nothing overflows, so masking may multiply.
-    fast = all_finite(token_log_ratio, neg_adv, log_w, delta, ratio, w, e)
+    # and nothing overflows, so masking may multiply. One host sync.
+    fast = bool(torch.isfinite(torch.stack(input_sums + sums(ratio, w, e))).all())
 
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
     pg_unclipped = ratio * neg_adv  # = d pg / d logp where not clipped (d ratio / d logp = ratio)
-    pg_clipped = ratio.clamp(lo, hi) * neg_adv
+    pg_clipped = ratio.clamp(lo, hi).mul_(neg_adv)
     clipped = pg_clipped > pg_unclipped  # high: ratio > hi, A > 0; low: ratio < lo, A < 0
-    pg = torch.maximum(pg_unclipped, pg_clipped)
+    pg = torch.maximum(pg_unclipped, pg_clipped, out=pg_clipped)
     dloss = keep_unless(clipped, pg_unclipped)
     n_dual = zero
     if cfg.dual_clip is not None:  # bound -c·A where A < 0, +inf elsewhere
@@ -153,13 +156,13 @@ def policy_loss_torch(
         bound = torch.where(neg > 0, cfg.dual_clip * neg, math.inf)
         bound = bound if per_token else expand(bound)
         dual = pg > bound
-        pg = torch.minimum(pg, bound)
+        pg = torch.minimum(pg, bound, out=pg)
         dloss = keep_unless(dual, dloss)
         n_dual = count(dual)
     if w is not None:
         w = w if cfg.is_cap is None else w.clamp_(max=cfg.is_cap)
-        pg = pg * w
-        dloss = dloss * w
+        pg.mul_(w)
+        dloss.mul_(w)
     loss, kl_sum = pg, zero
     if cfg.uses_ref:
         if cfg.kl == "k1":
@@ -168,28 +171,31 @@ def policy_loss_torch(
             kl, dkl = 0.5 * delta * delta, delta
         else:
             kl, dkl = e + delta - 1.0, 1.0 - e
-        loss = loss + cfg.beta * kl
-        dloss = dloss + cfg.beta * dkl
+        loss = loss.add_(kl, alpha=cfg.beta)
+        dloss = dloss.add_(dkl, alpha=cfg.beta) if torch.is_tensor(dkl) else dloss.add_(cfg.beta)
         kl_sum = masked(kl).sum()
 
     if cfg.agg == "seq-mean-token-mean":  # c_t = 1 / |y_i|
         inv_len = 1.0 / seq_counts.clamp(min=1)  # [B]
-        grad = masked(dloss * expand(inv_len))
-        loss_sum = (seq_sum(masked(loss)) * inv_len).sum()
+        grad = masked(dloss.mul_(expand(inv_len)), inplace=True)
+        loss_sum = (seq_sum(masked(loss, inplace=True)) * inv_len).sum()
     else:  # c_t = 1
-        grad = masked(dloss)
-        loss_sum = masked(loss).sum()
+        grad = masked(dloss, inplace=True)
+        loss_sum = masked(loss, inplace=True).sum()
     grad = grad.to(logp.dtype)
 
     clipped = clipped if valid is None else clipped & valid
     n_clip = clipped.sum().to(cdt)
     n_high = (clipped & (ratio > 1.0)).sum().to(cdt)  # ratio > 1: clipped at 1 + eps_high
     ratio_masked = masked(ratio)
+    ratio_sum = ratio_masked.sum()
     ratio_min = ratio_max = zero
     if n and (valid is None or fast):
-        big = torch.finfo(cdt).max
         ratio_max = ratio_masked.max()  # ratio >= 0: masked zeros never win
-        ratio_min = ratio.min() if valid is None else (ratio + (1.0 - mask_f) * big).min()
+        if valid is None:
+            ratio_min = ratio.min()
+        else:  # masked positions pushed to the largest float, valid ones untouched (+ 0)
+            ratio_min = ratio_masked.add_((1.0 - mask_f).mul_(torch.finfo(cdt).max)).min()
     elif n:
         ratio_min = torch.where(valid, ratio, math.inf).min()
         ratio_max = torch.where(valid, ratio, -math.inf).max()
@@ -205,7 +211,7 @@ def policy_loss_torch(
             n_high,
             n_dual,
             kl_sum,
-            ratio_masked.sum(),
+            ratio_sum,
             ratio_min,
             ratio_max,
             *nonfinite,

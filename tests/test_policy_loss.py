@@ -596,6 +596,18 @@ def test_bad_inputs(change, match):
         policy_loss(**_bad(**change))
 
 
+def test_packed_advantages_with_t_equal_b_are_per_sequence():
+    # lens [0, 2]: T == B == 2, so advantages of 2 values are read per sequence (A_0 unused).
+    logp = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    res = policy_loss(
+        logp,
+        None,
+        torch.tensor([5.0, 1.0], dtype=torch.float64),
+        cu_seqlens=torch.tensor([0, 0, 2]),
+    )
+    assert res.loss.item() == -1.0  # on-policy: -A_1 on both tokens, token-mean
+
+
 @pytest.mark.parametrize(
     "cu, match",
     [
@@ -624,7 +636,9 @@ def test_bad_cu_seqlens(cu, match):
 )
 def test_ragged_packed_matches_reference(lens, agg, level, seed):
     width = max(max(lens), 1)
-    d = make_batch(b=len(lens), length=width, per_token=True, seed=seed)
+    # T == B reads [B] advantages as per-sequence (documented), so per-token only when T != B.
+    per_token = sum(lens) != len(lens)
+    d = make_batch(b=len(lens), length=width, per_token=per_token, seed=seed)
     d["mask"] = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
     res, grad = ours(d, packed=True, agg=agg, ratio_level=level)
     loss, ref_grad = theirs(d, agg=agg, ratio_level=level)
