@@ -25,7 +25,8 @@ from papo_fast.rewards import Judge, parse_answer_line
 
 MAX_VALUE = 99  # running totals stay in [0, MAX_VALUE]
 MAX_OPERAND = 30
-SPECIALS = ["<pad>", "<bos>", "<eos>"]
+EOS, PAD = "<|endoftext|>", "<|pad|>"  # Qwen2's end-of-text name: no token added on load
+SPECIALS = [EOS, PAD]
 CHARS = list("0123456789+-=?\n :Answer")
 
 
@@ -191,17 +192,36 @@ class ArithRubricJudge(Judge):
 # ----------------------------------------------------------------------------- model
 
 
-def build_tokenizer():
-    """A character-level tokenizer made with `tokenizers`, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
+def _byte_char(c: str) -> str:
+    """GPT-2 byte-level alphabet: printable ASCII as is, space -> "Ġ", newline -> "Ċ"."""
+    return {" ": "\u0120", "\n": "\u010a"}.get(c, c)
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(CHARS)))}
+
+def build_tokenizer():
+    """A character-level tokenizer made with `tokenizers`, wrapped for transformers.
+
+    It is byte-level BPE with no merges, with exactly the normalizer, pre-tokenizer and decoder of
+    Qwen2's tokenizer: saved next to a Qwen2 config, AutoTokenizer loads it back as a
+    Qwen2Tokenizer, and it must encode the same way there.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    chars = sorted({_byte_char(c) for c in CHARS})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))  # no merges: characters
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
-    tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=EOS, bos_token=None
     )
 
 
@@ -220,7 +240,6 @@ def build_model(tokenizer, hidden_size=128, layers=3, seed=0):
         num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

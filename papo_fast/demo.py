@@ -84,8 +84,8 @@ def warmup(wc: WarmupConfig, out: Path) -> Path:
     t0 = time.perf_counter()
     for step in range(wc.steps):
         batch = traces[step * wc.batch_size : (step + 1) * wc.batch_size]
-        ids, mask = _sft_batch(tok, batch)
-        h = model.base_model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long())
+        ids, attn, mask = _sft_batch(tok, batch)
+        h = model.base_model(input_ids=ids, attention_mask=attn)
         logp, _ = fused_linear_logprobs(h.last_hidden_state[:, :-1], head.weight, ids[:, 1:])
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
@@ -105,7 +105,7 @@ def warmup(wc: WarmupConfig, out: Path) -> Path:
 
 
 def _sft_batch(tok, pairs):
-    """Right-padded prompt+response+EOS ids [B, L] and the response-target mask [B, L-1]."""
+    """Right-padded prompt+response+EOS ids and attention mask [B, L], target mask [B, L-1]."""
     seqs, starts = [], []
     for prompt, resp in pairs:
         p = tok(prompt)["input_ids"]
@@ -113,11 +113,13 @@ def _sft_batch(tok, pairs):
         starts.append(len(p))
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
     mask = torch.zeros(len(seqs), width, dtype=torch.bool)
     for i, (s, p) in enumerate(zip(seqs, starts, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
         mask[i, p : len(s)] = True
-    return ids, mask[:, 1:].float()
+    return ids, attn, mask[:, 1:].float()
 
 
 def _run_summary(metrics_path: Path) -> dict:

@@ -76,14 +76,18 @@ def test_warmup_mix_has_every_quality():
 def test_tokenizer_and_model_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    arith.build_tokenizer().save_pretrained(tmp_path)
+    built = arith.build_tokenizer()
+    arith.build_model(built, hidden_size=64, layers=1).save_pretrained(tmp_path)
+    built.save_pretrained(tmp_path)  # beside a Qwen2 config.json, as in every checkpoint
     tok = AutoTokenizer.from_pretrained(tmp_path)
     text = "17+25=?\n17+25=42\nAnswer: 42"
     ids = tok(text)["input_ids"]
-    assert len(ids) == len(text)  # one token per character
+    assert ids == built(text)["input_ids"]
+    assert len(ids) == len(text)  # one token per character, newline and space included
     assert tok.decode(ids) == text
-    arith.build_model(tok, hidden_size=64, layers=1).save_pretrained(tmp_path)
+    assert len(tok) == len(built) and tok.eos_token_id == built.eos_token_id
+    assert tok.pad_token_id not in (None, tok.eos_token_id)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     cfg = model.config
     assert cfg.hidden_size // cfg.num_attention_heads == 32 and cfg.model_type == "qwen2"
-    assert model.config.vocab_size == len(tok)
+    assert cfg.vocab_size == len(tok)
