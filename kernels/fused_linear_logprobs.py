@@ -129,6 +129,8 @@ def _stats_triton(z: torch.Tensor, targets: torch.Tensor, entropy: bool):
     lse = torch.empty(rows, device=z.device, dtype=torch.float32)
     logp = torch.empty_like(lse)
     ent = torch.empty_like(lse) if entropy else lse  # dummy pointer when ENTROPY is off
+    if rows == 0:
+        return lse, logp, (ent if entropy else None)
     _lse_fwd_kernel[launch_grid(rows)](
         z, targets, lse, logp, ent, n_vocab, z.stride(0), ENTROPY=entropy, num_warps=8
     )
@@ -137,6 +139,8 @@ def _stats_triton(z: torch.Tensor, targets: torch.Tensor, entropy: bool):
 
 def _grad_triton(z: torch.Tensor, targets, lse, coef) -> torch.Tensor:
     rows, n_vocab = z.shape
+    if rows == 0:
+        return z
     _grad_logits_kernel[launch_grid(rows)](
         z, targets, lse, coef.float().contiguous(), n_vocab, z.stride(0), num_warps=8
     )

@@ -23,6 +23,10 @@ recomputes the logits: one more product, the same numbers) only when one sequenc
 the chunk's row budget of tokens: its logits alone would break the memory bound, and policy_loss
 cannot split a sequence.
 
+The padded layout is packed first (its valid tokens gathered, cu_seqlens from the mask): padding
+gets no logits, so a batch with a quarter of padding costs a quarter less. policy_loss gives both
+layouts the same numbers, so this is exact.
+
 Metrics are combined across chunks exactly: fractions and means weighted by each chunk's valid
 tokens, min/max over the chunks that hold any. logp and entropy come back detached.
 """
@@ -68,15 +72,14 @@ if len(_SLOT) != len(_MEANS) + 4:
 
 
 class _Batch(NamedTuple):
-    """The non-differentiable inputs of the loss, and the chunks of whole sequences."""
+    """The non-differentiable inputs of the loss (packed layout), and the chunks of sequences."""
 
-    targets: torch.Tensor  # [T] (packed) or [B, L] (padded)
-    old_logp: torch.Tensor | None  # like targets
-    advantages: torch.Tensor  # [B] or like targets
-    mask: torch.Tensor | None  # [B, L]
-    cu_seqlens: torch.Tensor | None  # [B + 1]
-    ref_logp: torch.Tensor | None  # like targets
-    rollout_logp: torch.Tensor | None  # like targets
+    targets: torch.Tensor  # [T]
+    old_logp: torch.Tensor | None  # [T]
+    advantages: torch.Tensor  # [B] or [T]
+    cu_seqlens: torch.Tensor  # [B + 1]
+    ref_logp: torch.Tensor | None  # [T]
+    rollout_logp: torch.Tensor | None  # [T]
     per_token_adv: bool
     loss_kwargs: dict  # policy_loss's keywords, with the global counts
     chunks: list[tuple[int, int, int, int]]  # (seq start, seq end, token start, token end)
@@ -85,20 +88,14 @@ class _Batch(NamedTuple):
 def _chunk_loss(batch: _Batch, logp: torch.Tensor, chunk) -> PolicyLoss:
     """policy_loss on the sequences [s0, s1) = tokens [t0, t1); logp is the chunk's [t1 - t0]."""
     s0, s1, t0, t1 = chunk
-    padded = batch.mask is not None
-    rows = slice(s0, s1) if padded else slice(t0, t1)
-    part = lambda t: None if t is None else t[rows]  # noqa: E731
-    adv_rows = rows if batch.per_token_adv else slice(s0, s1)
-    layout = (
-        {"mask": batch.mask[rows]} if padded else {"cu_seqlens": batch.cu_seqlens[s0 : s1 + 1] - t0}
-    )
+    part = lambda t: None if t is None else t[t0:t1]  # noqa: E731
     return policy_loss(
-        logp.view(s1 - s0, -1) if padded else logp,
+        logp,
         part(batch.old_logp),
-        batch.advantages[adv_rows],
+        batch.advantages[t0:t1] if batch.per_token_adv else batch.advantages[s0:s1],
+        cu_seqlens=batch.cu_seqlens[s0 : s1 + 1] - t0,
         ref_logp=part(batch.ref_logp),
         rollout_logp=part(batch.rollout_logp),
-        **layout,
         **batch.loss_kwargs,
     )
 
@@ -130,7 +127,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         need_h, need_w, need_b = need
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         T = hidden.shape[0]
-        targets = batch.targets.reshape(-1).long()  # one index dtype for every path
+        targets = batch.targets
         logp = torch.empty(T, device=hidden.device, dtype=acc)
         ent = torch.empty_like(logp) if entropy else None
         grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if need_h else None
@@ -176,39 +173,39 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def _plan_chunks(targets, mask, cu_seqlens, rows: int):
-    """Greedy chunks of whole sequences of at most ``rows`` tokens (one sequence at least); None
-    when a sequence is longer than 4 x rows (the two-pass path). Padded rows count all L tokens."""
-    if mask is not None:
-        B, L = targets.shape
-        cu = [b * L for b in range(B + 1)]
-    else:
-        cu = cu_seqlens.tolist()
-    lengths = [y - x for x, y in zip(cu[:-1], cu[1:], strict=True)]
-    if cu[0] != 0 or cu[-1] != targets.numel() or min(lengths) < 0:
-        raise ValueError(f"cu_seqlens must rise from 0 to len(targets) = {targets.numel()}")
-    if max(lengths) > 4 * rows:
+def _plan_chunks(cu: list[int], rows: int):
+    """Greedy chunks of whole sequences of at most ``rows`` tokens (one sequence at least; empty
+    sequences ride along); None when a sequence is longer than 4 x rows (the two-pass path)."""
+    if max(y - x for x, y in zip(cu[:-1], cu[1:], strict=True)) > 4 * rows:
         return None
     chunks, s0, n = [], 0, len(cu) - 1
     for s in range(n):  # sequence s is tokens [cu[s], cu[s + 1])
-        if s > s0 and cu[s + 1] - cu[s0] > rows:
+        if cu[s] > cu[s0] and cu[s + 1] - cu[s0] > rows:
             chunks.append((s0, s, cu[s0], cu[s]))
             s0 = s
     chunks.append((s0, n, cu[s0], cu[n]))
     return chunks
 
 
-def _global_counts(targets, mask, cu_seqlens, num_tokens, num_seqs, max_len):
-    """policy_loss's local defaults computed over the whole batch (as 0-dim tensors, no sync)."""
-    if mask is not None:
-        seq_counts = (mask != 0).sum(1)
-    else:
-        seq_counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(targets.device)
-    return {
-        "num_tokens": seq_counts.sum() if num_tokens is None else num_tokens,
-        "num_seqs": (seq_counts > 0).sum() if num_seqs is None else num_seqs,
-        "max_len": seq_counts.max() if max_len is None else max_len,
-    }
+def _pack(mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp):
+    """Padded [B, L] -> packed [T_valid]: padding gets no logits. Exact: policy_loss gives both
+    layouts the same numbers. Returns the packed tensors, cu_seqlens and the valid positions."""
+    valid = mask.reshape(-1) != 0
+    idx = valid.nonzero().squeeze(1)  # [T_valid], one host sync
+    lens = (mask != 0).sum(1)
+    cu_seqlens = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+    flat = lambda t: None if t is None else t.reshape(-1).index_select(0, idx)  # noqa: E731
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # autograd scatters back
+    advantages = flat(advantages) if advantages.dim() == 2 else advantages
+    packed = (hidden, flat(targets), flat(old_logp), advantages, flat(ref_logp), flat(rollout_logp))
+    return packed, cu_seqlens, idx
+
+
+def _unpack(x: torch.Tensor | None, idx: torch.Tensor, shape) -> torch.Tensor | None:
+    """[T_valid] -> padded ``shape``, 0 at the padding."""
+    if x is None:
+        return None
+    return x.new_zeros(shape.numel()).index_copy_(0, idx, x).view(shape)
 
 
 def fused_linear_policy_loss(
@@ -256,7 +253,8 @@ def fused_linear_policy_loss(
         backend: "auto" (Triton softmax kernels on CUDA, PyTorch on CPU), "torch" or "triton".
 
     Returns:
-        FusedPolicyLoss: PolicyLoss's loss and metrics, then logp (and entropy), detached.
+        FusedPolicyLoss: PolicyLoss's loss and metrics, then logp (and entropy), detached, laid
+        out like targets (0 at padded positions: padding gets no logits).
 
     Raises:
         ValueError: fused_linear_logprobs' input errors, and policy_loss's, named.
@@ -279,43 +277,53 @@ def fused_linear_policy_loss(
             mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
             **kwargs, **user_counts,
         )  # fmt: skip
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    T, H, V = h2.shape[0], h2.shape[1], weight.shape[0]
-    rows = chunk_rows(T, H, V, hidden.device)
-    chunks = _plan_chunks(targets, mask, cu_seqlens, rows)
-    h2, weight = h2.contiguous(), weight.contiguous()
+    padded_shape, idx = targets.shape, None
+    if mask is not None:
+        packed, cu_seqlens, idx = _pack(
+            mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp
+        )
+        hidden, targets, old_logp, advantages, ref_logp, rollout_logp = packed
+    cu = cu_seqlens.tolist()
+    if (
+        cu[0] != 0
+        or cu[-1] != targets.numel()
+        or any(x > y for x, y in zip(cu[:-1], cu[1:], strict=True))
+    ):
+        raise ValueError(f"cu_seqlens must rise from 0 to len(targets) = {targets.numel()}")
+    T, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    rows = chunk_rows(max(T, 1), H, V, hidden.device)
+    chunks = _plan_chunks(cu, rows)
+    h2, weight, t1 = hidden.contiguous(), weight.contiguous(), targets.long()
 
     if chunks is None:  # two passes: logp, policy_loss, then the logprobs backward
         logp, ent = FusedLinearLogprobsFunction.apply(
-            h2,
-            weight,
-            bias,
-            targets.reshape(-1).long(),
-            float(temperature),
-            return_entropy,
-            backend,
-            rows,
+            h2, weight, bias, t1, float(temperature), return_entropy, backend, rows
         )
         res = policy_loss(
-            logp.view(targets.shape), old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens,
-            ref_logp=ref_logp, rollout_logp=rollout_logp, **kwargs, **user_counts,
+            logp, old_logp, advantages, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
+            rollout_logp=rollout_logp, **kwargs, **user_counts,
         )  # fmt: skip
-        ent = None if ent is None else ent.view(targets.shape)
-        return FusedPolicyLoss(*res, logp.detach().view(targets.shape), ent)
-
-    grad_on = torch.is_grad_enabled()
-    need = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    n_seqs = advantages.shape[0] if mask is not None else cu_seqlens.numel() - 1
-    batch = _Batch(
-        targets, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp,
-        advantages_per_token(advantages, n_seqs) if mask is None else advantages.dim() == 2,
-        {**kwargs, **_global_counts(targets, mask, cu_seqlens, **user_counts)}, chunks,
-    )  # fmt: skip
-    loss, metrics, logp, ent = FusedLinearPolicyLossFunction.apply(
-        h2, weight, bias, batch, float(temperature), return_entropy, backend, need
-    )
-    ent = None if ent is None else ent.view(targets.shape)
-    return FusedPolicyLoss(loss, *metrics.unbind(), logp.view(targets.shape), ent)
+        loss, metrics, logp = res.loss, res[1:], logp.detach()
+    else:
+        grad_on = torch.is_grad_enabled()
+        need = tuple(grad_on and t is not None and t.requires_grad for t in (h2, weight, bias))
+        seq_counts = cu_seqlens[1:] - cu_seqlens[:-1]
+        counts = {
+            "num_tokens": seq_counts.sum() if num_tokens is None else num_tokens,
+            "num_seqs": (seq_counts > 0).sum() if num_seqs is None else num_seqs,
+            "max_len": seq_counts.max() if max_len is None else max_len,
+        }  # policy_loss's own defaults, over the whole batch
+        batch = _Batch(
+            t1, old_logp, advantages, cu_seqlens, ref_logp, rollout_logp,
+            advantages_per_token(advantages, len(cu) - 1), {**kwargs, **counts}, chunks,
+        )  # fmt: skip
+        loss, metrics, logp, ent = FusedLinearPolicyLossFunction.apply(
+            h2, weight, bias, batch, float(temperature), return_entropy, backend, need
+        )
+        metrics = metrics.unbind()
+    if idx is not None:
+        logp, ent = _unpack(logp, idx, padded_shape), _unpack(ent, idx, padded_shape)
+    return FusedPolicyLoss(loss, *metrics, logp, ent)
 
 
 class PAPOLoss(torch.nn.Module):

@@ -168,6 +168,18 @@ def test_empty_sequence_in_its_own_chunk(small_chunks, agg):
     compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_valid_token_gives_zero_not_nan(backend):
+    d = make_batch()
+    h = d["hidden"].requires_grad_()
+    empty = torch.zeros_like(d["mask"])
+    res = fused_linear_policy_loss(h, d["weight"], d["targets"], d["old"].float(),
+                                   d["adv"].float(), mask=empty, backend=backend)  # fmt: skip
+    res.loss.backward()
+    assert res.loss.item() == 0.0 and res.num_tokens.item() == 0 and res.ratio_min.item() == 0.0
+    assert h.grad.abs().sum().item() == 0.0 and res.logp.abs().sum().item() == 0.0
+
+
 CONFIGS = {
     "dual_clip": dict(dual_clip=3.0),
     "kl_k1": dict(beta=0.1, kl="k1"),
@@ -216,9 +228,9 @@ def test_single_pass_does_three_products(small_chunks, monkeypatch, ratio_level)
     n = []
     real = flpl.chunk_logits
     monkeypatch.setattr(flpl, "chunk_logits", lambda *a: n.append(1) or real(*a))
-    d = make_batch()  # L = 11: one padded row per 16-row chunk -> 6 chunks
+    d = make_batch()  # valid lengths 11, 1, 4 | 9, 7 | 9: three chunks of at most 16 tokens
     ours(d, "padded", 1.0, ratio_level=ratio_level)
-    assert len(n) == 6
+    assert len(n) == 3
 
 
 def test_triton_matches_torch(small_chunks):
