@@ -5,7 +5,8 @@
     liger   liger-kernel's LigerFusedLinearGRPOLoss (chunked, loss_type "dapo"; compiled on CUDA)
     ours    fused_linear_policy_loss (token-mean, the same clip 0.2 / 0.28, no KL)
 
-Inputs are float32 on the CPU, bf16 on CUDA. All four run in the same session on the same inputs;
+Inputs are float32 on the CPU, bf16 on CUDA. Every token is valid, so that all variants do the same
+work (with padding ours skips the padded tokens' logits; the others compute them). All four run in the same session on the same inputs;
 each records ``x_floor`` (its best time over the floor's best time, from this run) and ``flops`` =
 3 x 2·T·H·V, the products' work (liger does a fourth product: it recomputes the logits in its
 backward). Peak memory is measured in a fresh process per variant (best of two): on a GPU
@@ -44,8 +45,7 @@ def make_inputs(size, dev):
     weight = torch.empty(V, H).normal_(generator=gen).div_(H**0.5)
     weight = weight.to(dev, dtype).requires_grad_()
     targets = torch.randint(0, V, (B, L), generator=gen).to(dev)
-    lengths = torch.randint(L // 2, L + 1, (B,), generator=gen)
-    mask = (torch.arange(L)[None, :] < lengths[:, None]).to(dev)
+    mask = torch.ones(B, L, dtype=torch.bool, device=dev)  # no padding: see the module docstring
     old_logp = (torch.randn(B, L, generator=gen) * 0.1 - 10.0).to(dev)
     advantages = torch.randn(B, generator=gen).to(dev)
     return hidden, weight, targets, mask, old_logp, advantages
