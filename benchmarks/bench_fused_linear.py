@@ -6,10 +6,12 @@
     ours    fused_linear_policy_loss (token-mean, the same clip 0.2 / 0.28, no KL)
 
 Inputs are float32 on the CPU, bf16 on CUDA. Every token is valid, so that all variants do the same
-work (with padding ours skips the padded tokens' logits; the others compute them). All four run in the same session on the same inputs;
-each records ``x_floor`` (its best time over the floor's best time, from this run) and ``flops`` =
-3 x 2·T·H·V, the products' work (liger does a fourth product: it recomputes the logits in its
-backward). Peak memory is measured in a fresh process per variant (best of two): on a GPU
+work (with padding ours skips the padded tokens' logits; the others compute them). All four run in
+the same session on the same inputs; each records ``x_floor`` (its best time over the floor's best
+time, from this run) and ``flops`` = 3 x 2·T·H·V, the products' work (liger does a fourth product:
+it recomputes the logits in its backward).
+
+Peak memory is measured in a fresh process per variant (best of two): on a GPU
 torch.cuda.max_memory_allocated minus the inputs; on the CPU, where torch's allocations are
 invisible to tracemalloc, the peak resident set (VmHWM, reset through /proc/self/clear_refs once the
 inputs exist) minus the resident set before the step. It counts everything the step allocates, the
