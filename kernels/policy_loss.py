@@ -68,9 +68,7 @@ class PolicyLoss(NamedTuple):
     ratio_min: torch.Tensor  # []
     ratio_max: torch.Tensor  # []
     num_tokens: torch.Tensor  # [] valid tokens in this call
-    num_nonfinite: (
-        torch.Tensor
-    )  # [] non-finite inputs among valid tokens (logp, old, ref, adv, rollout)
+    num_nonfinite: torch.Tensor  # [] non-finite input values at valid tokens, all inputs read
 
 
 # -------------------------------------------------------------------------------------------------
@@ -302,7 +300,8 @@ def policy_loss(
         is_cap: the truncation C of the rollout weight; None leaves it untruncated. Ignored without
             rollout_logp.
         check_finite: raise a ValueError naming the first input with a non-finite valid value (one
-            host sync; the counts come from the same pass). False: no sync, the loss goes NaN/inf.
+            host sync; the counts come from the same pass). False: no sync on the Triton path
+            (the PyTorch path, the CPU's, syncs once anyway), and the loss goes NaN/inf.
         backend: "auto" (CUDA → Triton, CPU → PyTorch), "torch" or "triton".
 
     Returns:
