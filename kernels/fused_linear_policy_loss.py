@@ -45,6 +45,7 @@ from .fused_linear_logprobs import (
     chunk_logits,
     chunk_rows,
     chunk_stats,
+    logits_buffer,
 )
 from .policy_loss import Count, PolicyLoss, policy_loss
 from .policy_loss_torch import advantages_per_token
@@ -134,10 +135,11 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
         losses, metrics = [], []
+        buf = logits_buffer(max(c[3] - c[2] for c in batch.chunks), weight)
         for chunk in batch.chunks:
             t0, t1 = chunk[2], chunk[3]
             h, t = hidden[t0:t1], targets[t0:t1]
-            z = chunk_logits(h, weight, bias, 1.0 / temperature)
+            z = chunk_logits(h, weight, bias, 1.0 / temperature, buf)
             lse, logp[t0:t1], ent_c, state = chunk_stats(z, t, entropy, backend)
             if entropy:
                 ent[t0:t1] = ent_c
@@ -151,7 +153,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
                 accumulate_grads(g, h, weight, gh, grad_w, grad_b)
             losses.append(res.loss.detach())
             metrics.append(torch.stack([x.to(acc) for x in res[1:]]))
-            z = state = g = None  # freed before the next chunk: one [rows, V] buffer alive
+            z = state = g = None  # an fp32 copy of half-precision logits is freed here
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.scaled = False
