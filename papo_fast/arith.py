@@ -1,9 +1,9 @@
 """The demo task: multi-step integer arithmetic with its steps written out.
 
-    prompt    "17+25-8+31=?\n"
-    response  "17+25=42\n42-8=34\n34+31=65\nAnswer: 65"      every step written: rubric 1
-              "17+25-8=34\n34+31=65\nAnswer: 65"              a step skipped:      rubric 0.5
-              "17+25=43\n42-8=34\n34+31=65\nAnswer: 65"       a slip, right end:   rubric 0.5
+    prompt    "17+5-8+9=?\n"
+    response  "17+5=22\n22-8=14\n14+9=23\nAnswer: 23"         every step written: rubric 1
+              "17+5-8=14\n14+9=23\nAnswer: 23"                 a step skipped:      rubric 0.5
+              "17+5=21\n22-8=14\n14+9=23\nAnswer: 23"         a slip, right end:   rubric 0.5
               anything whose answer is wrong or missing:        verifier 0, rubric not called
 
 Everything is made here, offline and seeded: the problems (running totals stay in [0, MAX_VALUE];
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from papo_fast.rewards import Judge, parse_answer_line
 
-MAX_VALUE = 99  # running totals stay in [0, MAX_VALUE]
-MAX_OPERAND = 30
+MAX_VALUE = 50  # running totals stay in [0, MAX_VALUE]
+MAX_OPERAND = 9  # one-digit operands: a tiny model learns the steps in a minute
 EOS, PAD = "<|endoftext|>", "<|pad|>"  # Qwen2's end-of-text name: no token added on load
 SPECIALS = [EOS, PAD]
 CHARS = list("0123456789+-=?\n :Answer")

@@ -34,11 +34,11 @@ from papo_fast.metrics import plot_comparison, plot_run, read_metrics
 @dataclass
 class WarmupConfig:
     seed: int = 0
-    hidden_size: int = 128
-    layers: int = 3
-    steps: int = 700
+    hidden_size: int = 64  # 2 heads of head_dim 32
+    layers: int = 2
+    steps: int = 600
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 4e-3
     num_train: int = 4000  # RL prompts
     num_heldout: int = 64
     train_ops: tuple[int, int] = (2, 4)
