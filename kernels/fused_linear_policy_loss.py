@@ -196,8 +196,12 @@ def _pack(mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp):
     idx = valid.nonzero().squeeze(1)  # [T_valid], one host sync
     lens = (mask != 0).sum(1)
     cu_seqlens = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
-    flat = lambda t: None if t is None else t.reshape(-1).index_select(0, idx)  # noqa: E731
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # autograd scatters back
+    if idx.numel() == valid.numel():  # no padding: views, no copies
+        flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+    else:
+        flat = lambda t: None if t is None else t.reshape(-1).index_select(0, idx)  # noqa: E731
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # grad scatters back
     advantages = flat(advantages) if advantages.dim() == 2 else advantages
     packed = (hidden, flat(targets), flat(old_logp), advantages, flat(ref_logp), flat(rollout_logp))
     return packed, cu_seqlens, idx

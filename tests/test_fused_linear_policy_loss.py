@@ -168,6 +168,15 @@ def test_empty_sequence_in_its_own_chunk(small_chunks, agg):
     compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
 
 
+def test_padded_without_padding(small_chunks):
+    """Every token valid: the padded layout is used in place (views, no gathered copy)."""
+    d = make_batch(lengths=[11] * 6)
+    want = reference(d, torch.float64, 1.0, agg="seq-mean-token-mean")
+    same = reference(d, torch.float32, 1.0, agg="seq-mean-token-mean")
+    res, *got = ours(d, "padded", 1.0, agg="seq-mean-token-mean")
+    compare(res, (res, *got), want, same, d["mask"], atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_valid_token_gives_zero_not_nan(backend):
     d = make_batch()
