@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf (vLLM comes later behind the same interface)
+    backend: str = "hf"  # hf | vllm (rollout_vllm.VLLMRollout; needs the vllm extra)
     group_size: int = 8  # G responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -119,7 +119,7 @@ class Config:
 
 CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
-    ("rollout", "backend"): ("hf",),
+    ("rollout", "backend"): ("hf", "vllm"),
     ("reward", "on_invalid"): ("zero", "error"),
     ("advantage", "mode"): ("papo", "orm", "prm", "mult", "fullnorm"),
     ("loss", "kl"): ("k1", "k2", "k3"),

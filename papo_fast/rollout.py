@@ -132,4 +132,8 @@ class HFGenerateBackend(RolloutBackend):
 def make_backend(name: str, model, tokenizer, batch_size: int) -> RolloutBackend:
     if name == "hf":
         return HFGenerateBackend(model, tokenizer, batch_size)
-    raise ValueError(f"unknown rollout backend {name!r}; available: 'hf'")
+    if name == "vllm":  # imported here: vllm is an optional extra
+        from papo_fast.rollout_vllm import VLLMRollout
+
+        return VLLMRollout.for_model(model)
+    raise ValueError(f"unknown rollout backend {name!r}; available: 'hf', 'vllm'")

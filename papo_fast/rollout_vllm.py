@@ -111,6 +111,15 @@ class VLLMRollout(RolloutBackend):
         torch.set_num_threads(threads)  # the engine lowers it for serving; the trainer shares it
         self._vllm = vllm
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, **kwargs) -> VLLMRollout:
+        """An engine for the trainer's model: loaded from its path (``model.name_or_path``) in its
+        dtype, then given its current weights (a resumed run's checkpoint included)."""
+        dtype = str(model.dtype).removeprefix("torch.")
+        backend = cls(model.name_or_path, **{"dtype": dtype, **kwargs})
+        backend.sync_weights(model)
+        return backend
+
     def _params(self, params: SamplingParams, n: int, seed: int):
         return self._vllm.SamplingParams(
             n=n,

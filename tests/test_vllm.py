@@ -144,8 +144,9 @@ class ParityVerifier:
         return [Outcome(float(len(r) % 2 == 0), len(r) % 2 == 0) for r in responses]
 
 
-def test_demo_training_steps_with_vllm(tiny, engine, tmp_path):
-    """Two PAPO steps of the demo task with the vLLM backend; the engine follows the weights."""
+def test_demo_training_steps_with_vllm(tiny, tmp_path):
+    """Two PAPO steps of the demo task with ``rollout.backend: vllm`` (a second engine, built by
+    the trainer from its model); the engine follows the weights."""
     from papo_fast.config import config_from_dict
     from papo_fast.metrics import read_metrics
     from papo_fast.trainer import Trainer
@@ -156,7 +157,7 @@ def test_demo_training_steps_with_vllm(tiny, engine, tmp_path):
         {
             "model": {"path": str(path)},
             "data": {"train_path": str(tmp_path / "train.jsonl")},
-            "rollout": {"group_size": 4, "max_new_tokens": 16},
+            "rollout": {"backend": "vllm", "group_size": 4, "max_new_tokens": 16},
             "optim": {"lr": 1e-2},
             "train": {
                 "out_dir": str(tmp_path / "run"),
@@ -169,9 +170,8 @@ def test_demo_training_steps_with_vllm(tiny, engine, tmp_path):
         }
     )
     trainer = Trainer(cfg)
+    assert isinstance(trainer.backend, VLLMRollout)
     trainer.verifier = ParityVerifier()
-    engine.sync_weights(trainer.model)
-    trainer.backend = engine
     trainer.train()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -181,8 +181,9 @@ def test_demo_training_steps_with_vllm(tiny, engine, tmp_path):
     changed = trainer.model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(changed, tiny[2].state_dict()["model.layers.0.self_attn.q_proj.weight"])
     # sync_weights ran after the last optimizer step: the engine samples from the trained model
-    samples = engine.generate(requests(tok, ["5+6-2"], G=4), SamplingParams(1.0, 1.0, 16))
+    samples = trainer.backend.generate(requests(tok, ["5+6-2"], G=4), SamplingParams(1.0, 1.0, 16))
     assert max_err(trainer.model, samples, 1.0) < TOL
+    trainer.backend.close()
 
 
 # ----------------------------------------------------------------------------- judge server
