@@ -52,11 +52,11 @@ DEMO_RL = {
     "optim": {"lr": 2e-4, "grad_clip": 1.0},
     "loss": {"eps_low": 0.2, "eps_high": 0.28, "agg": "token-mean"},
     "train": {
-        "steps": 60,
+        "steps": 150,
         "prompts_per_step": 16,
         "mini_batches": 2,
         "micro_batch_size": 64,
-        "eval_every": 20,
+        "eval_every": 25,
         "eval_prompts": 64,
         "eval_k": 4,
         "eval_temperature": 1.0,
