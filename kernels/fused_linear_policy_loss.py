@@ -248,7 +248,7 @@ def fused_linear_policy_loss(
         hidden: [B, L, H] with ``mask`` (padded) or [T, H] with ``cu_seqlens`` (packed); any float
             dtype, shared by weight and bias. Receives a gradient, as do weight and bias.
         weight: [V, H], the LM head.
-        targets: int [B, L] or [T], the sampled tokens, each in [0, V) (padding too: a pad id).
+        targets: int [B, L] or [T], the sampled tokens in [0, V); padded positions may hold any id.
         old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp: as in ``policy_loss``, laid
             out like targets (advantages [B] per sequence or per token).
         bias: optional [V].
@@ -265,6 +265,9 @@ def fused_linear_policy_loss(
     Raises:
         ValueError: fused_linear_logprobs' input errors, and policy_loss's, named.
     """
+    tensors = isinstance(mask, torch.Tensor) and isinstance(targets, torch.Tensor)
+    if tensors and mask.shape == targets.shape:  # padding may hold any id (e.g. -100): no logits
+        targets = targets.masked_fill(mask == 0, 0)
     backend = check_lm_head_inputs(hidden, weight, targets, bias, temperature, backend)
     if (mask is not None and hidden.dim() != 3) or (cu_seqlens is not None and hidden.dim() != 2):
         shape = tuple(hidden.shape)
@@ -321,11 +324,18 @@ def fused_linear_policy_loss(
         }  # policy_loss's own defaults, over the whole batch
         batch = _Batch(
             t1, old_logp, advantages, cu_seqlens, ref_logp, rollout_logp,
-            advantages_per_token(advantages, len(cu) - 1), {**kwargs, **counts}, chunks,
+            advantages_per_token(advantages, len(cu) - 1),
+            {**kwargs, **counts, "check_finite": False}, chunks,
         )  # fmt: skip
         loss, metrics, logp, ent = FusedLinearPolicyLossFunction.apply(
             h2, weight, bias, batch, float(temperature), return_entropy, backend, need
         )
+        # The inputs were checked above; only the computed log-probs can be new: one sync in all.
+        if check_finite and bool(metrics[_NONFINITE] > 0):
+            raise ValueError(
+                f"{int(metrics[_NONFINITE])} non-finite log-probs computed from hidden / weight / "
+                "bias (NaN or inf in them, or logits that overflow)"
+            )
         metrics = metrics.unbind()
     if idx is not None:
         logp, ent = _unpack(logp, idx, padded_shape), _unpack(ent, idx, padded_shape)

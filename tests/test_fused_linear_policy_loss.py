@@ -340,6 +340,35 @@ def test_bad_inputs_raise():
         f(h, w, t, old, adv)  # neither mask nor cu_seqlens
     with pytest.raises(ValueError, match="one device"):
         f(h, w.to("meta"), t, old, adv, mask=mask)
+    with pytest.raises(ValueError, match="old_logp"):
+        f(h, w, t, old.masked_fill(mask.bool() & (t == t[0, 0]), float("nan")), adv, mask=mask)
+
+
+def test_padding_targets_may_be_ignore_ids():
+    d = make_batch()
+    h, w, t, old, adv, mask = (d[k] for k in ("hidden", "weight", "targets", "old", "adv", "mask"))
+    res = fused_linear_policy_loss(h, w, t, old.float(), adv.float(), mask=mask)
+    ignored = t.masked_fill(~mask, -100)  # Hugging Face's label padding
+    res_ignored = fused_linear_policy_loss(h, w, ignored, old.float(), adv.float(), mask=mask)
+    assert_close(res_ignored.loss, res.loss, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_non_finite_hidden_is_named_once(small_chunks, layout):
+    d = make_batch()
+    h, w, t, old, adv, mask = (d[k] for k in ("hidden", "weight", "targets", "old", "adv", "mask"))
+    h = h.clone()
+    h[0, 0, 3] = float("nan")  # a valid token: its logits, and so its log-prob, are NaN
+    if layout == "padded":
+        args, kw = (h, w, t, old.float(), adv.float()), {"mask": mask}
+    else:
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
+        m = mask.bool()
+        args, kw = (h[m], w, t[m], old.float()[m], adv.float()), {"cu_seqlens": cu}
+    with pytest.raises(ValueError, match="non-finite log-probs computed from hidden"):
+        fused_linear_policy_loss(*args, **kw)
+    res = fused_linear_policy_loss(*args, **kw, check_finite=False)
+    assert res.num_nonfinite.item() >= 1
 
 
 # liger-kernel's loss_type -> our agg (its "grpo" divides by B, its "dr_grpo" by B x max length)
