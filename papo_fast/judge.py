@@ -256,6 +256,13 @@ class OpenAIChatBackend(JudgeBackend):
     def complete(self, conversations):
         return list(self.pool.map(self._one, conversations))
 
+    def close(self) -> None:
+        """Stop the worker threads and close the HTTP connections."""
+        self.pool.shutdown()
+        client = getattr(self.transport, "client", None)
+        if client is not None:
+            client.close()
+
     def take_metrics(self):
         with self._lock:
             out = dict(self._metrics)

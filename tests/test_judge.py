@@ -225,6 +225,7 @@ def test_bounded_concurrency_and_order():
     assert judge.score(["q"] * 12, ["r"] * 12, ["a"] * 12) == [0.5] * 12
     assert t.max_inflight == 3
     assert time.perf_counter() - t0 < 12 * 0.05  # ran concurrently
+    b.close()
 
 
 def test_payload_and_api_key_from_env(monkeypatch):

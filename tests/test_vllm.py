@@ -324,9 +324,14 @@ def test_judge_against_vllm_serve(judge_server):
 
     # a per-request timeout shorter than any answer: retried, then the unreachable policy
     slow = OpenAIJudgeConfig(
-        base_url=judge_server, model="judge", max_tokens=1500, timeout=0.05, max_retries=1
+        base_url=judge_server,
+        model="judge",
+        max_tokens=1500,
+        timeout=0.05,
+        max_retries=1,
+        backoff=0.01,
+        extra_body={"min_tokens": 1000},  # vLLM's sampling extension: no early EOS
     )
-    slow.backoff = 0.01
     judge = RubricJudge(OpenAIChatBackend(slow), on_unreachable="score", unreachable_score=1.0)
     assert judge.score(problems[:2], responses[:2], ["0", "2"]) == [1.0, 1.0]
     m = judge.take_metrics()
