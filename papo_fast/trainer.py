@@ -36,10 +36,12 @@ from pathlib import Path
 
 import torch
 
-from papo_fast import fused_linear_logprobs, fused_linear_policy_loss, papo_advantages
 from papo_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from papo_fast.config import Config, ConfigError
 from papo_fast.data import PromptSampler, load_prompts
+from papo_fast.kernels.advantages import papo_advantages
+from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
+from papo_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss
 from papo_fast.metrics import MetricsLogger, ProgressBar
 from papo_fast.rewards import compute_rewards, load_judge, load_verifier
 from papo_fast.rollout import Request, SamplingParams, make_backend
