@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SIZES = [(128, 3, 8, 8, 48, 4)]  # (hidden, layers, prompts per step, G, response tokens, steps)
+SIZES = [(64, 2, 16, 8, 48, 4)]  # the demo: (hidden, layers, prompts, G, max tokens, steps)
 SMOKE_SIZES = [(64, 1, 2, 4, 8, 2)]
 PHASES = ("t_rollout", "t_reward", "t_logprobs", "t_update")
 
