@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-SIZES = [(128, 3, 64, 8, 64)]  # (hidden, layers, prompts, G, max new tokens): one demo step x4
+# (hidden, layers, prompts, G, max new tokens): the demo's model, one demo step and four
+SIZES = [(64, 2, 16, 8, 64), (64, 2, 64, 8, 64)]
 SMOKE_SIZES = [(64, 1, 2, 4, 8)]
 
 
