@@ -2,7 +2,8 @@
 
 Four prompts, eight sampled responses each. The verifier says which answers are right; the rubric
 judge scores only the right ones (0 / 0.5 / 1). Watch the all-correct prompt: ORM gives every
-response 0 advantage there (no learning signal), PAPO still separates clean solutions from sloppy ones.
+response 0 advantage there (no learning signal); PAPO still separates clean solutions from
+sloppy ones.
 """
 
 import torch
