@@ -307,3 +307,26 @@ def test_token_advantages_both_layouts():
         token_advantages(adv)
     with pytest.raises(ValueError, match="mask must be"):
         token_advantages(adv, mask=mask[:2])
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_kernel_matches_the_cpu_path(mode):
+    # 2000 ragged groups (~8 each) in shuffled order, plus one group of 1500: the compiled kernel
+    ids = torch.cat([torch.randint(0, 2000, (16000,)), torch.full((1500,), 10**12)])
+    ids = ids[torch.randperm(ids.numel())]
+    out = (torch.randint(0, 4, (ids.numel(),)) / 4).float()
+    proc = (torch.randint(0, 3, (ids.numel(),)) / 2).float()
+    correct = out > 0.5
+    cpu = papo_advantages(out, proc, group_ids=ids, correct=correct, mode=mode)
+    gpu = papo_advantages(
+        out.cuda(), proc.cuda(), group_ids=ids.cuda(), correct=correct.cuda(), mode=mode
+    )
+    for a, b in zip(gpu[:3], cpu[:3], strict=True):
+        assert a.is_cuda
+        assert_close(a.cpu(), b, atol=2e-6, rtol=1e-6)
+    for key, value in cpu.stats.items():
+        assert_close(gpu.stats[key].cpu(), value, atol=1e-5, msg=key)
