@@ -9,9 +9,9 @@ TRL runs on-policy here (num_iterations=1: it skips the old log-probs); ours com
 setting used here.
 
 Each variant runs in a fresh process (``python bench_trainer.py ours|trl H LAYERS P G LEN STEPS``)
-that prints one JSON line: mean step time over the steps after the first, per-phase times (ours),
-and the peak resident set during the steps minus the resident set before them (VmHWM reset through
-/proc/self/clear_refs once the model and trainer exist).
+that prints one JSON line: mean step time over the steps after the first (a warm-up: lazy imports,
+allocator growth), per-phase times (ours), and the peak resident set during those steps minus the
+resident set before them (VmHWM reset through /proc/self/clear_refs after the warm-up step).
 """
 
 import json
@@ -71,9 +71,9 @@ def run_ours(root: Path, prompts: int, group: int, length: int, steps: int) -> d
         }
     )
     trainer = Trainer(cfg)
+    rows = [trainer.train_step()]  # warm-up: lazy imports, allocator growth
     base = _reset_peak()
-    rows = []
-    for _ in range(steps):
+    for _ in range(steps - 1):
         rows.append(trainer.train_step())
     peak = _status_kib("VmHWM") - base
     timed = rows[1:] or rows
@@ -96,6 +96,7 @@ def run_trl(root: Path, prompts: int, group: int, length: int, steps: int) -> di
         return [float(parse_answer_line(c) == a) for c, a in zip(completions, answer, strict=True)]
 
     times: list[float] = []
+    base: list[int] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -103,6 +104,8 @@ def run_trl(root: Path, prompts: int, group: int, length: int, steps: int) -> di
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            if len(times) == 1:  # after the warm-up step, as for ours
+                base.append(_reset_peak())
 
     args = GRPOConfig(
         output_dir=str(root / "trl"),
@@ -133,9 +136,8 @@ def run_trl(root: Path, prompts: int, group: int, length: int, steps: int) -> di
         model=model, reward_funcs=exact, args=args, train_dataset=ds, processing_class=tok
     )
     trainer.add_callback(Timer())
-    base = _reset_peak()
     trainer.train()
-    peak = _status_kib("VmHWM") - base
+    peak = _status_kib("VmHWM") - base[0]
     timed = times[1:] or times
     return {"step_s": sum(timed) / len(timed), "peak_mib": peak / 1024}
 
