@@ -73,6 +73,10 @@ class LossConfig:
     beta: float = 0.0
     kl: str = "k3"
     agg: str = "token-mean"
+    # Rollout correction (TIS), used only when the rollout backend returns the sampler's log-probs
+    # (rollout.backend: vllm): each token's loss is weighted by min(exp(old_logp - rollout_logp),
+    # is_cap). None: the weight is not truncated (as policy_loss's is_cap=None).
+    is_cap: float | None = 2.0
 
 
 @dataclass
@@ -248,5 +252,7 @@ def validate(cfg: Config) -> None:
             f"train.prompts_per_step x rollout.group_size = {n} responses must split evenly "
             f"into train.mini_batches = {cfg.train.mini_batches}"
         )
+    if cfg.loss.is_cap is not None and not cfg.loss.is_cap > 0:
+        raise ConfigError(f"loss.is_cap must be null or > 0, got {cfg.loss.is_cap}")
     if cfg.advantage.mode != "orm" and cfg.reward.judge == "none":
         raise ConfigError(f"advantage.mode={cfg.advantage.mode!r} needs a judge (reward.judge)")

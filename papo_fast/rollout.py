@@ -16,6 +16,8 @@ Choices:
 2. temperature == 0 means greedy (no noise).
 3. Prompts are left-padded in a batch; a response ends at EOS (included in ``response_ids``, so the
    policy learns to stop) or after max_new_tokens (``finished=False``).
+4. No sampler log-probs (``Sample.logprobs`` is None): generate samples from the trained module
+   itself, so the trainer's log-probs are the sampler's and there is nothing to correct.
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ class Sample(NamedTuple):
     prompt_ids: list[int]
     response_ids: list[int]  # ends with EOS when finished
     finished: bool
+    # [len(response_ids)] the sampler's log p of each response token, at the sampling temperature,
+    # when the backend reports them (VLLMRollout); None otherwise (HFGenerateBackend)
+    logprobs: list[float] | None = None
 
 
 class RolloutBackend:
-    """Interface of a sampler. Implementations: HFGenerateBackend (vLLM later)."""
+    """Interface of a sampler. Implementations: HFGenerateBackend, rollout_vllm.VLLMRollout.
+
+    A backend whose sampler can differ from the trained model fills ``Sample.logprobs``; the
+    trainer then corrects for the difference (trainer.py, the rollout-correction weight).
+    """
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Sample]:
         raise NotImplementedError

@@ -16,8 +16,8 @@ Choices:
 2. Log-probs: ``logprobs_mode="processed_logprobs"``, i.e. after temperature scaling, the
    distribution the token was drawn from, the same quantity as the trainer's
    ``fused_linear_logprobs(..., temperature=T)`` (with top_p < 1 vLLM's are renormalized over the
-   nucleus; the trainer's are not). They are returned as ``VLLMSample.logprobs`` for
-   policy_loss's ``rollout_logp`` (the truncated importance-weight correction).
+   nucleus; the trainer's are not). They are returned as ``Sample.logprobs``, which the trainer
+   passes to the loss as ``rollout_logp`` (the truncated importance-weight correction).
 3. Colocated, in-process engine: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller set it,
    so ``collective_rpc`` reaches the worker in this process and the trainer's tensors are handed
    over by reference, not serialized.
@@ -35,20 +35,12 @@ Choices:
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 
-from papo_fast.rollout import Request, RolloutBackend, SamplingParams
+from papo_fast.rollout import Request, RolloutBackend, Sample, SamplingParams
 
 SEED_MOD = 2**62  # vLLM adds the sample index to the seed; keep it inside int64
-
-
-class VLLMSample(NamedTuple):
-    prompt_ids: list[int]
-    response_ids: list[int]  # ends with EOS when finished
-    finished: bool
-    logprobs: list[float]  # [len(response_ids)], the sampler's log p of each response token
 
 
 def group_requests(requests: list[Request]) -> list[tuple[int, int]]:
@@ -135,14 +127,14 @@ class VLLMRollout(RolloutBackend):
             detokenize=False,  # the trainer decodes
         )
 
-    def generate(self, requests: list[Request], params: SamplingParams) -> list[VLLMSample]:
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Sample]:
         from vllm.inputs import TokensPrompt
 
         runs = group_requests(requests)
         prompts = [TokensPrompt(prompt_token_ids=list(requests[s].prompt_ids)) for s, _ in runs]
         sps = [self._params(params, n, requests[s].seed % SEED_MOD) for s, n in runs]
         outs = self.llm.generate(prompts, sps, use_tqdm=False)
-        samples: list[VLLMSample] = []
+        samples: list[Sample] = []
         for (start, n), out in zip(runs, outs, strict=True):
             if len(out.outputs) != n:
                 raise RuntimeError(f"vLLM returned {len(out.outputs)} samples, expected {n}")
@@ -150,7 +142,7 @@ class VLLMRollout(RolloutBackend):
                 ids = list(c.token_ids)
                 lp = [d[t].logprob for t, d in zip(ids, c.logprobs, strict=True)]
                 finished = c.finish_reason == "stop"
-                samples.append(VLLMSample(list(requests[start].prompt_ids), ids, finished, lp))
+                samples.append(Sample(list(requests[start].prompt_ids), ids, finished, lp))
         return samples
 
     @torch.no_grad()

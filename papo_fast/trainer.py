@@ -26,6 +26,12 @@ Choices, and where this departs from a textbook GRPO loop:
    because the policy does.
 8. Rewards never change inside a step; a judge output outside {0, 0.5, 1} is counted
    (``judge_invalid``) and handled by ``reward.on_invalid`` (rewards.py).
+9. Rollout correction: when the backend returns the sampler's log-probs (vLLM: another engine,
+   other kernels, maybe another dtype), each token's loss is weighted by the truncated importance
+   weight min(exp(old_logp - rollout_logp), loss.is_cap), old_logp being the trainer's log-prob at
+   sampling time (the current one when the step is on-policy). The weight's mean and max before
+   truncation are logged (``is_weight_mean``, ``is_weight_max``). The HF backend samples from the
+   trained module itself: no sampler log-probs, no weight.
 """
 
 from __future__ import annotations
@@ -85,6 +91,26 @@ def pad_samples(samples, pad_id: int):
         attn[i, :n] = 1
         resp[i, p:n] = True
     return ids, attn, ids[:, 1:], resp[:, 1:]
+
+
+def pad_rollout_logprobs(samples) -> torch.Tensor | None:
+    """The sampler's log-probs aligned with pad_samples' targets: [N, L-1] float32, 0 where the
+    target is not a response token; None when the backend returned none (choice 9)."""
+    given = [s.logprobs is not None for s in samples]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("the rollout backend returned log-probs for some samples only")
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples) - 1
+    out = torch.zeros(len(samples), width)
+    for i, s in enumerate(samples):
+        if len(s.logprobs) != len(s.response_ids):
+            raise ValueError(
+                f"sample {i}: {len(s.logprobs)} log-probs for {len(s.response_ids)} tokens"
+            )
+        p = len(s.prompt_ids)  # response token k is input p + k, predicted at position p + k - 1
+        out[i, p - 1 : p - 1 + len(s.response_ids)] = torch.tensor(s.logprobs)
+    return out
 
 
 def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -212,6 +238,7 @@ class Trainer:
 
         # 3. Old (and reference) log-probs of the sampled tokens, no grad, no logits.
         ids, attn, targets, mask = pad_samples(samples, self.tok.pad_token_id)
+        rollout_logp = pad_rollout_logprobs(samples)  # [N, L-1] or None (choice 9)
         T, mb = c.rollout.temperature, c.train.micro_batch_size
         on_policy = c.train.mini_batches == 1  # one update from these samples: ratio == 1
         old_logp = None if on_policy else sequence_logprobs(self.model, ids, attn, targets, T, mb)
@@ -219,7 +246,9 @@ class Trainer:
         t3 = time.perf_counter()
 
         # 4. One PPO epoch: mini_batches optimizer steps, micro-batches with global counts.
-        upd = self._update(ids, attn, targets, mask, old_logp, ref_logp, adv.advantages)
+        upd = self._update(
+            ids, attn, targets, mask, old_logp, ref_logp, rollout_logp, adv.advantages
+        )
         self.backend.sync_weights(self.model)
         t4 = time.perf_counter()
 
@@ -251,13 +280,16 @@ class Trainer:
             "update_tok_s": all_tokens / max(t4 - t3, 1e-9),
         }
 
-    def _update(self, ids, attn, targets, mask, old_logp, ref_logp, advantages) -> dict:
+    def _update(
+        self, ids, attn, targets, mask, old_logp, ref_logp, rollout_logp, advantages
+    ) -> dict:
         c = self.cfg
         n = ids.shape[0]
         gen = torch.Generator().manual_seed(request_seed(c.train.seed, self.step, -1))
         head = self.model.get_output_embeddings()
         sums = dict.fromkeys((*LOSS_METRICS, "entropy", "loss"), 0.0)
         tokens, norms = 0.0, []
+        w_sum, w_max = 0.0, 0.0  # the rollout-correction weight, before truncation (choice 9)
         for minibatch in torch.randperm(n, generator=gen).chunk(c.train.mini_batches):
             m = mask[minibatch]
             counts = {  # global over this optimizer step (DESIGN §2)
@@ -280,6 +312,8 @@ class Trainer:
                     return_entropy=True,
                     mask=mask[sl],
                     ref_logp=ref_logp[sl] if ref_logp is not None else None,
+                    rollout_logp=rollout_logp[sl] if rollout_logp is not None else None,
+                    is_cap=c.loss.is_cap,
                     eps_low=c.loss.eps_low,
                     eps_high=c.loss.eps_high,
                     dual_clip=c.loss.dual_clip,
@@ -295,11 +329,18 @@ class Trainer:
                     sums[key] += float(getattr(out, key)) * k
                 sums["entropy"] += float((out.entropy * mask[sl]).sum())
                 sums["loss"] += float(out.loss.detach())
+                if rollout_logp is not None:  # on-policy: old_logp is the loss's own logp
+                    old = old_logp[sl] if old_logp is not None else out.logp
+                    w = torch.exp(old.float() - rollout_logp[sl])[mask[sl]]  # [valid tokens]
+                    if w.numel():
+                        w_sum, w_max = w_sum + float(w.sum()), max(w_max, float(w.max()))
             params = [p for p in self.model.parameters() if p.grad is not None]
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         res = {k: v / max(tokens, 1.0) for k, v in sums.items() if k != "loss"}
+        if rollout_logp is not None:
+            res |= {"is_weight_mean": w_sum / max(tokens, 1.0), "is_weight_max": w_max}
         return {
             **res,
             "loss": sums["loss"] / c.train.mini_batches,

@@ -32,6 +32,7 @@ def test_defaults_and_overrides(tmp_path):
         ({}, ["train.mini_batches=3"], "split evenly"),
         ({}, ["reward.judge=none"], "needs a judge"),
         ({}, ["rollout.top_p=1.5"], "top_p"),
+        ({}, ["loss.is_cap=0"], "loss.is_cap must be null or > 0"),
     ],
 )
 def test_config_errors(data, overrides, message):

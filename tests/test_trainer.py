@@ -10,8 +10,8 @@ from papo_fast import arith
 from papo_fast.config import ConfigError, config_from_dict
 from papo_fast.metrics import read_metrics
 from papo_fast.rewards import Outcome, Verifier
-from papo_fast.rollout import Request, SamplingParams
-from papo_fast.trainer import Trainer, pad_samples, sequence_logprobs
+from papo_fast.rollout import Request, RolloutBackend, Sample, SamplingParams
+from papo_fast.trainer import Trainer, pad_rollout_logprobs, pad_samples, sequence_logprobs
 
 TIMING = ("t_", "rollout_tok_s", "update_tok_s")
 
@@ -87,6 +87,7 @@ def test_one_training_step(assets, tmp_path):
         assert key in m, key
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and 0 < m["accuracy"] < 1
     assert m["judge_calls"] == round(m["accuracy"] * 16)
+    assert "is_weight_mean" not in m  # the HF backend returns no log-probs: no correction
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, "no weight changed"
     assert (tmp_path / "run" / "checkpoints" / "step_000001" / "model.safetensors").is_file()
@@ -174,3 +175,67 @@ def test_reference_model_and_kl(assets, tmp_path):
     m = trainer.train_step()
     # the first mini-batch is on the reference policy (KL 0), the second one step away from it
     assert math.isfinite(m["kl"]) and m["kl"] > 0
+
+
+def test_rollout_logprobs_align_with_the_response_targets():
+    # prompt [5, 6, 7], response [8, 9]: targets are ids[1:] = [6, 7, 8, 9, pad], so the response
+    # tokens 8 and 9 are targets 2 and 3; the second sample's response starts at target 0
+    samples = [Sample([5, 6, 7], [8, 9], True, [-0.5, -0.25]), Sample([5], [4, 3, 2, 1], False,
+               [-1.0, -2.0, -3.0, -4.0])]  # fmt: skip
+    _, _, targets, mask = pad_samples(samples, pad_id=0)
+    got = pad_rollout_logprobs(samples)
+    assert got.shape == targets.shape == (2, 4)
+    assert got.tolist() == [[0.0, 0.0, -0.5, -0.25], [-1.0, -2.0, -3.0, -4.0]]
+    assert mask.tolist() == [[False, False, True, True], [True, True, True, True]]
+    assert pad_rollout_logprobs([s._replace(logprobs=None) for s in samples]) is None
+    with pytest.raises(ValueError, match="some samples only"):
+        pad_rollout_logprobs([samples[0], samples[1]._replace(logprobs=None)])
+    with pytest.raises(ValueError, match="2 log-probs for 3 tokens"):
+        pad_rollout_logprobs([samples[0]._replace(response_ids=[8, 9, 1])])
+
+
+class ShiftedLogprobBackend(RolloutBackend):
+    """The HF backend's samples, plus "sampler" log-probs that are the trained model's own minus
+    log(weight): every token's importance weight exp(old_logp - rollout_logp) is ``weight``."""
+
+    def __init__(self, inner, model, pad_id, temperature, weight):
+        self.inner, self.model, self.pad_id = inner, model, pad_id
+        self.temperature, self.shift = temperature, math.log(weight)
+
+    def generate(self, requests, params):
+        samples = self.inner.generate(requests, params)
+        ids, attn, targets, mask = pad_samples(samples, self.pad_id)
+        logp = sequence_logprobs(self.model, ids, attn, targets, self.temperature, rows=16)
+        out = []
+        for s, row, m in zip(samples, logp, mask, strict=True):
+            out.append(s._replace(logprobs=(row[m] - self.shift).tolist()))
+        return out
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_rollout_correction_weights_the_loss(assets, tmp_path, mini_batches):
+    """A sampler whose log-probs are the model's minus log 1.5: weight 1.5 on every token. With
+    beta = 0 the first update's loss is linear in the weight: 1.5x the uncorrected loss, capped
+    at loss.is_cap (1.2x), untruncated with is_cap None."""
+
+    def run(name, weight=None, is_cap=None):
+        cfg = make_config(assets, tmp_path / name, mini_batches=mini_batches)
+        cfg.loss.is_cap = is_cap
+        trainer = make_trainer(cfg)
+        if weight is not None:
+            trainer.backend = ShiftedLogprobBackend(
+                trainer.backend, trainer.model, trainer.tok.pad_token_id, 1.0, weight
+            )
+        return trainer.train_step()
+
+    plain = run("plain")
+    assert "is_weight_mean" not in plain
+    full = run("full", weight=1.5)
+    capped = run("capped", weight=1.5, is_cap=1.2)
+    assert abs(plain["loss"]) > 1e-4
+    for m in (full, capped):  # the weight is logged before truncation
+        assert m["is_weight_mean"] == pytest.approx(1.5, rel=1e-4)
+        assert m["is_weight_max"] == pytest.approx(1.5, rel=1e-4)
+    if mini_batches == 1:  # one update: the whole loss is the first mini-batch's
+        assert full["loss"] == pytest.approx(1.5 * plain["loss"], rel=1e-4)
+        assert capped["loss"] == pytest.approx(1.2 * plain["loss"], rel=1e-4)

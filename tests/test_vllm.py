@@ -178,6 +178,8 @@ def test_demo_training_steps_with_vllm(tiny, tmp_path):
     for r in rows:
         assert torch.isfinite(torch.tensor([r["loss"], r["grad_norm"], r["entropy"]])).all()
         assert r["rollout_tok_s"] > 0 and r["response_len"] > 0 and r["grad_norm"] > 0
+        # rollout correction on vLLM's log-probs: same weights, float32, so the weight is ~1
+        assert abs(r["is_weight_mean"] - 1) < 1e-3 and abs(r["is_weight_max"] - 1) < 1e-2
     changed = trainer.model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(changed, tiny[2].state_dict()["model.layers.0.self_attn.q_proj.weight"])
     # sync_weights ran after the last optimizer step: the engine samples from the trained model
