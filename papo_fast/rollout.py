@@ -138,11 +138,15 @@ class HFGenerateBackend(RolloutBackend):
         return samples
 
 
-def make_backend(name: str, model, tokenizer, batch_size: int) -> RolloutBackend:
+def make_backend(
+    name: str, model, tokenizer, batch_size: int, vllm_options: dict | None = None
+) -> RolloutBackend:
+    """The configured backend: "hf" (batch_size responses per generate call) or "vllm" (an engine
+    for ``model`` built with ``vllm_options``, VLLMRollout's keyword arguments)."""
     if name == "hf":
         return HFGenerateBackend(model, tokenizer, batch_size)
     if name == "vllm":  # imported here: vllm is an optional extra
         from papo_fast.rollout_vllm import VLLMRollout
 
-        return VLLMRollout.for_model(model)
+        return VLLMRollout.for_model(model, **(vllm_options or {}))
     raise ValueError(f"unknown rollout backend {name!r}; available: 'hf', 'vllm'")

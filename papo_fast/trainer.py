@@ -159,7 +159,13 @@ class Trainer:
             weight_decay=c.optim.weight_decay,
         )
         self.sampler = PromptSampler(len(self.train_data), c.train.seed)
-        self.backend = make_backend(c.rollout.backend, self.model, self.tok, c.rollout.batch_size)
+        self.backend = make_backend(
+            c.rollout.backend,
+            self.model,
+            self.tok,
+            c.rollout.batch_size,
+            c.rollout.vllm.engine_options(),
+        )
         self.sampling = SamplingParams(
             c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens
         )

@@ -1,5 +1,7 @@
 """Config loading: YAML, --set overrides, and clear errors for bad keys and values."""
 
+import re
+
 import pytest
 
 from papo_fast.config import ConfigError, config_from_dict, load_config
@@ -33,10 +35,19 @@ def test_defaults_and_overrides(tmp_path):
         ({}, ["reward.judge=none"], "needs a judge"),
         ({}, ["rollout.top_p=1.5"], "top_p"),
         ({}, ["loss.is_cap=0"], "loss.is_cap must be null or > 0"),
+        ({}, ["rollout.vllm.gpu_mem=0.5"], "unknown key config.rollout.vllm.gpu_mem; valid keys:"),
+        ({"rollout": {"vllm": 1}}, [], "config.rollout.vllm must be a mapping"),
+        ({}, ["rollout.vllm.gpu_memory_utilization=1.5"], "gpu_memory_utilization must be in"),
+        ({}, ["rollout.vllm.max_model_len=0"], "max_model_len must be null or >= 1"),
+        ({}, ["rollout.vllm.dtype=fp8"], "rollout.vllm.dtype must be null or one of"),
+        ({}, ["rollout.vllm.enforce_eager=1"], "config.rollout.vllm.enforce_eager must be bool"),
+        ({}, ["rollout.vllm.engine_kwargs=[1]"], "engine_kwargs must be dict"),
+        ({}, ["rollout.vllm.engine_kwargs={dtype: half}"], "may not set ['dtype']"),
+        ({}, ["rollout.batch_size.x=1"], "config.rollout.batch_size must be int"),
     ],
 )
 def test_config_errors(data, overrides, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict(data, overrides)
 
 
@@ -52,3 +63,24 @@ def test_example_configs_load():
     assert examples
     for path in examples:
         load_config(path)
+
+
+def test_vllm_engine_options(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "rollout:\n  backend: vllm\n  vllm:\n    gpu_memory_utilization: 0.5\n"
+        "    max_model_len: 4096\n    engine_kwargs: {enable_prefix_caching: true}\n"
+    )
+    cfg = load_config(path, ["rollout.vllm.enforce_eager=true", "rollout.vllm.kv_cache_gib=2"])
+    assert cfg.rollout.vllm.engine_options() == {  # no dtype: the trainer's model.dtype
+        "gpu_memory_utilization": 0.5,
+        "max_model_len": 4096,
+        "enforce_eager": True,
+        "kv_cache_gib": 2.0,
+        "enable_prefix_caching": True,
+    }
+    cfg = config_from_dict({}, ["rollout.vllm.dtype=bfloat16"])
+    assert cfg.rollout.vllm.engine_options()["dtype"] == "bfloat16"
+    assert cfg.to_dict()["rollout"]["vllm"]["engine_kwargs"] == {}
+    assert config_from_dict({}).loss.is_cap == 2.0
+    assert config_from_dict({}, ["loss.is_cap=null"]).loss.is_cap is None

@@ -157,7 +157,12 @@ def test_demo_training_steps_with_vllm(tiny, tmp_path):
         {
             "model": {"path": str(path)},
             "data": {"train_path": str(tmp_path / "train.jsonl")},
-            "rollout": {"backend": "vllm", "group_size": 4, "max_new_tokens": 16},
+            "rollout": {
+                "backend": "vllm",
+                "group_size": 4,
+                "max_new_tokens": 16,
+                "vllm": {"enforce_eager": True, "max_model_len": 256},
+            },
             "optim": {"lr": 1e-2},
             "train": {
                 "out_dir": str(tmp_path / "run"),
@@ -171,6 +176,7 @@ def test_demo_training_steps_with_vllm(tiny, tmp_path):
     )
     trainer = Trainer(cfg)
     assert isinstance(trainer.backend, VLLMRollout)
+    assert trainer.backend.llm.llm_engine.model_config.max_model_len == 256  # rollout.vllm
     trainer.verifier = ParityVerifier()
     trainer.train()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
