@@ -15,6 +15,10 @@ Choices:
 3. Judges and verifiers are named in the config: a registered name ("answer_line",
    "arith_rubric", "none") or "package.module:attr" for one of your own (a class or a factory
    called with no arguments).
+4. Counters: a verifier or judge may report its own (parse failures, requests, seconds...) with
+   ``take_metrics()``, counts since the last call; the trainer merges them into each step's
+   metrics (``collect_metrics``). The interfaces' default reports nothing, and duck-typed
+   verifiers and judges need not define it.
 """
 
 from __future__ import annotations
@@ -44,12 +48,30 @@ class Verifier:
     ) -> list[Outcome]:
         raise NotImplementedError
 
+    def take_metrics(self) -> dict[str, float]:
+        """Counters since the last call, then reset (choice 4); none by default."""
+        return {}
+
 
 class Judge:
     """Interface: a process score in {0, 0.5, 1} per response (only correct ones are passed)."""
 
     def score(self, problems: list[str], responses: list[str], answers: list[str]) -> list[float]:
         raise NotImplementedError
+
+    def take_metrics(self) -> dict[str, float]:
+        """Counters since the last call, then reset (choice 4); none by default."""
+        return {}
+
+
+def collect_metrics(*parts) -> dict[str, float]:
+    """The ``take_metrics()`` counters of each verifier / judge that has them (choice 4)."""
+    out: dict[str, float] = {}
+    for part in parts:
+        take = getattr(part, "take_metrics", None)
+        if take is not None:
+            out |= {k: float(v) for k, v in take().items()}
+    return out
 
 
 def parse_answer_line(response: str) -> str | None:

@@ -32,6 +32,9 @@ Choices, and where this departs from a textbook GRPO loop:
    sampling time (the current one when the step is on-policy). The weight's mean and max before
    truncation are logged (``is_weight_mean``, ``is_weight_max``). The HF backend samples from the
    trained module itself: no sampler log-probs, no weight.
+10. The verifier's and judge's own counters (``take_metrics``: parse failures, requests, retries,
+    seconds...) go into the step's metrics as they report them, those of held-out evaluation with
+    an ``eval_`` prefix (rewards.py).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from papo_fast.kernels.advantages import papo_advantages
 from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
 from papo_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss
 from papo_fast.metrics import MetricsLogger, ProgressBar
-from papo_fast.rewards import compute_rewards, load_judge, load_verifier
+from papo_fast.rewards import collect_metrics, compute_rewards, load_judge, load_verifier
 from papo_fast.rollout import Request, SamplingParams, make_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -230,6 +233,7 @@ class Trainer:
         rw = compute_rewards(
             self.verifier, self.judge, problems, texts, answers, c.reward.on_invalid
         )
+        reward_counters = collect_metrics(self.verifier, self.judge)  # choice 10
         adv = papo_advantages(
             torch.tensor(rw.outcome),
             torch.tensor(rw.process),
@@ -276,6 +280,7 @@ class Trainer:
             "finished_frac": sum(s.finished for s in samples) / len(samples),
             "judge_calls": rw.judge_calls,
             "judge_invalid": rw.judge_invalid,
+            **reward_counters,
             **upd,
             "t_rollout": t1 - t0,
             "t_reward": t2 - t1,
@@ -380,10 +385,12 @@ class Trainer:
         answers = [r["answer"] for r in rows for _ in range(c.eval_k)]
         rw = compute_rewards(self.verifier, self.judge, problems, texts, answers, "zero")
         n_correct = sum(rw.correct)
+        counters = collect_metrics(self.verifier, self.judge)
         return {
             "eval_accuracy": n_correct / len(samples),
             "eval_process_mean": sum(rw.process) / n_correct if n_correct else float("nan"),
             "eval_response_len": sum(len(s.response_ids) for s in samples) / len(samples),
+            **{f"eval_{k}": v for k, v in counters.items()},
         }
 
     def save(self) -> Path:

@@ -184,6 +184,12 @@ class MathVerifier(Verifier):
             self.stats["errors"] += 1
         return False
 
+    def take_metrics(self) -> dict[str, float]:
+        """``stats`` since the last call as ``verify_<name>``, then reset (rewards.py, choice 4)."""
+        out = {f"verify_{k}": v for k, v in self.stats.items()}
+        self.stats = dict.fromkeys(self.stats, 0)
+        return out
+
     def verify(
         self, problems: list[str], responses: list[str], answers: list[str]
     ) -> list[Outcome]:

@@ -6,6 +6,8 @@ from papo_fast.rewards import (
     AnswerLineVerifier,
     Judge,
     JudgeError,
+    Verifier,
+    collect_metrics,
     compute_rewards,
     load_judge,
     load_verifier,
@@ -84,3 +86,21 @@ def test_registry_and_import_paths():
         load_judge("gpt")
     with pytest.raises(ValueError, match="cannot load verifier"):
         load_verifier("papo_fast.arith:Nope")
+
+
+def test_collect_metrics_from_whoever_reports_them():
+    from papo_fast.judge import RubricJudge
+    from papo_fast.verify import MathVerifier
+
+    class Duck:  # a duck-typed verifier without take_metrics
+        def verify(self, problems, responses, answers):
+            return []
+
+    verifier, judge = MathVerifier(use_math_verify=False), RubricJudge(lambda m: "no score")
+    verifier.verify(["q", "q"], [r"\boxed{1}", "none"], ["1", "1"])
+    judge.score(["q"], ["r"], ["a"])
+    got = collect_metrics(verifier, judge, Duck(), AnswerLineVerifier(), None)
+    assert got["verify_no_answer"] == 1 and got["verify_timeouts"] == 0
+    assert got["judge_scored"] == 1 and got["judge_parse_fail"] == 1
+    assert collect_metrics(verifier, judge)["judge_parse_fail"] == 0  # taken: reset
+    assert Verifier().take_metrics() == {} and Judge().take_metrics() == {}

@@ -239,3 +239,31 @@ def test_rollout_correction_weights_the_loss(assets, tmp_path, mini_batches):
     if mini_batches == 1:  # one update: the whole loss is the first mini-batch's
         assert full["loss"] == pytest.approx(1.5 * plain["loss"], rel=1e-4)
         assert capped["loss"] == pytest.approx(1.2 * plain["loss"], rel=1e-4)
+
+
+class CountingVerifier(ParityVerifier):
+    """ParityVerifier that reports how many responses it checked since the last take."""
+
+    def __init__(self):
+        self.n = 0
+
+    def verify(self, problems, responses, answers):
+        self.n += len(responses)
+        return super().verify(problems, responses, answers)
+
+    def take_metrics(self):
+        n, self.n = self.n, 0
+        return {"verify_seen": n}
+
+
+def test_verifier_and_judge_counters_in_the_metrics(assets, tmp_path):
+    from papo_fast.judge import RubricJudge
+
+    trainer = make_trainer(make_config(assets, tmp_path / "run"))
+    trainer.verifier = CountingVerifier()
+    trainer.judge = RubricJudge(lambda messages: "no box")  # every score a parse failure
+    trainer.train()
+    (m,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert m["verify_seen"] == 16 and m["eval_verify_seen"] == 8  # 4 x G=4; eval 4 x k=2
+    assert m["judge_scored"] == m["judge_parse_fail"] == m["judge_calls"] > 0
+    assert m["judge_unreachable"] == 0 and m["eval_judge_scored"] == m["eval_judge_parse_fail"]
