@@ -15,7 +15,11 @@ Choices:
 3. Judges and verifiers are named in the config: a registered name ("answer_line",
    "arith_rubric", "none") or "package.module:attr" for one of your own (a class or a factory
    called with no arguments).
-4. Counters: a verifier or judge may report its own (parse failures, requests, seconds...) with
+4. Reference solutions: when the data maps a solution field, the solutions of the judged
+   responses go to the judge as ``solutions=`` (one per response, None where the record has
+   none), but only to a judge whose ``score`` takes that argument (or **kwargs): the interface
+   stays three lists for judges that do not use them.
+5. Counters: a verifier or judge may report its own (parse failures, requests, seconds...) with
    ``take_metrics()``, counts since the last call; the trainer merges them into each step's
    metrics (``collect_metrics``). The interfaces' default reports nothing, and duck-typed
    verifiers and judges need not define it.
@@ -24,6 +28,7 @@ Choices:
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,29 +54,42 @@ class Verifier:
         raise NotImplementedError
 
     def take_metrics(self) -> dict[str, float]:
-        """Counters since the last call, then reset (choice 4); none by default."""
+        """Counters since the last call, then reset (choice 5); none by default."""
         return {}
 
 
 class Judge:
-    """Interface: a process score in {0, 0.5, 1} per response (only correct ones are passed)."""
+    """Interface: a process score in {0, 0.5, 1} per response (only correct ones are passed).
+
+    ``score`` may also take ``solutions``: the reference solutions of those responses, None where
+    there is none (choice 4; the rubric judge uses them, the arithmetic rubric does not).
+    """
 
     def score(self, problems: list[str], responses: list[str], answers: list[str]) -> list[float]:
         raise NotImplementedError
 
     def take_metrics(self) -> dict[str, float]:
-        """Counters since the last call, then reset (choice 4); none by default."""
+        """Counters since the last call, then reset (choice 5); none by default."""
         return {}
 
 
 def collect_metrics(*parts) -> dict[str, float]:
-    """The ``take_metrics()`` counters of each verifier / judge that has them (choice 4)."""
+    """The ``take_metrics()`` counters of each verifier / judge that has them (choice 5)."""
     out: dict[str, float] = {}
     for part in parts:
         take = getattr(part, "take_metrics", None)
         if take is not None:
             out |= {k: float(v) for k, v in take().items()}
     return out
+
+
+def takes_solutions(judge) -> bool:
+    """Whether ``judge.score`` accepts ``solutions=`` (choice 4)."""
+    try:
+        params = inspect.signature(judge.score).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass nothing extra
+        return False
+    return any(p.name == "solutions" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def parse_answer_line(response: str) -> str | None:
@@ -113,8 +131,12 @@ def compute_rewards(
     responses: list[str],
     answers: list[str],
     on_invalid: str = "zero",
+    solutions: list[str | None] | None = None,
 ) -> RewardResult:
-    """Verifier on every response, judge on the correct ones only (see the module docstring)."""
+    """Verifier on every response, judge on the correct ones only (see the module docstring).
+
+    ``solutions`` (one per response, or None) reach the judge when it takes them (choice 4).
+    """
     if on_invalid not in ("zero", "error"):
         raise ValueError(f"on_invalid must be 'zero' or 'error', got {on_invalid!r}")
     outcomes = verifier.verify(problems, responses, answers)
@@ -126,8 +148,11 @@ def compute_rewards(
     invalid = 0
     if judge is not None and idx:
         sub = ([problems[i] for i in idx], [responses[i] for i in idx], [answers[i] for i in idx])
+        extra = {}
+        if solutions is not None and takes_solutions(judge):
+            extra["solutions"] = [solutions[i] for i in idx]
         try:
-            scores = list(judge.score(*sub))
+            scores = list(judge.score(*sub, **extra))
         except Exception as err:  # a failed judge call: every score of the batch is invalid
             if on_invalid == "error":
                 raise JudgeError(f"judge raised on {len(idx)} responses: {err!r}") from err

@@ -34,7 +34,8 @@ Choices, and where this departs from a textbook GRPO loop:
    trained module itself: no sampler log-probs, no weight.
 10. The verifier's and judge's own counters (``take_metrics``: parse failures, requests, retries,
     seconds...) go into the step's metrics as they report them, those of held-out evaluation with
-    an ``eval_`` prefix (rewards.py).
+    an ``eval_`` prefix (rewards.py). With data.solution_field, the reference solutions reach a
+    judge whose ``score`` takes ``solutions=`` (the rubric judge does).
 """
 
 from __future__ import annotations
@@ -230,8 +231,9 @@ class Trainer:
 
         # 2. Rewards: verifier on all, judge on the correct ones, then advantages per group.
         texts = self.tok.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        solutions = self._solutions(rows, G)
         rw = compute_rewards(
-            self.verifier, self.judge, problems, texts, answers, c.reward.on_invalid
+            self.verifier, self.judge, problems, texts, answers, c.reward.on_invalid, solutions
         )
         reward_counters = collect_metrics(self.verifier, self.judge)  # choice 10
         adv = papo_advantages(
@@ -364,6 +366,14 @@ class Trainer:
         w = self.cfg.optim.warmup_steps
         return self.cfg.optim.lr * (min(1.0, (self.step + 1) / w) if w > 0 else 1.0)
 
+    def _solutions(self, rows: list[dict], k: int) -> list[str | None] | None:
+        """Each row's reference solution, ``k`` times, when the data maps one (else None)."""
+        if not self.cfg.data.solution_field:
+            return None
+        return [
+            None if r["solution"] is None else str(r["solution"]) for r in rows for _ in range(k)
+        ]
+
     def _encode(self, problems: list[str]) -> list[list[int]]:
         tpl = self.cfg.data.prompt_template
         return self.tok([tpl.format(problem=p) for p in problems])["input_ids"]
@@ -383,7 +393,8 @@ class Trainer:
         texts = self.tok.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         problems = [r["problem"] for r in rows for _ in range(c.eval_k)]
         answers = [r["answer"] for r in rows for _ in range(c.eval_k)]
-        rw = compute_rewards(self.verifier, self.judge, problems, texts, answers, "zero")
+        solutions = self._solutions(rows, c.eval_k)
+        rw = compute_rewards(self.verifier, self.judge, problems, texts, answers, "zero", solutions)
         n_correct = sum(rw.correct)
         counters = collect_metrics(self.verifier, self.judge)
         return {

@@ -104,3 +104,39 @@ def test_collect_metrics_from_whoever_reports_them():
     assert got["judge_scored"] == 1 and got["judge_parse_fail"] == 1
     assert collect_metrics(verifier, judge)["judge_parse_fail"] == 0  # taken: reset
     assert Verifier().take_metrics() == {} and Judge().take_metrics() == {}
+
+
+class SolutionJudge(Judge):
+    """Takes reference solutions and remembers them."""
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, problems, responses, answers, solutions=None):
+        self.seen.append(solutions)
+        return [1.0] * len(responses)
+
+
+class KwargsJudge(Judge):
+    def __init__(self):
+        self.seen = []
+
+    def score(self, problems, responses, answers, **kwargs):
+        self.seen.append(kwargs)
+        return [1.0] * len(responses)
+
+
+def test_solutions_reach_a_judge_that_takes_them():
+    solutions = ["s0", "s1", None, "s3"]
+    judge = SolutionJudge()
+    compute_rewards(AnswerLineVerifier(), judge, PROBLEMS, RESPONSES, ANSWERS, solutions=solutions)
+    compute_rewards(AnswerLineVerifier(), judge, PROBLEMS, RESPONSES, ANSWERS)
+    assert judge.seen == [["s0", None], None]  # the correct responses' (0 and 2); none given
+    kw = KwargsJudge()
+    compute_rewards(AnswerLineVerifier(), kw, PROBLEMS, RESPONSES, ANSWERS, solutions=solutions)
+    assert kw.seen == [{"solutions": ["s0", None]}]
+    plain = RecordingJudge([1.0, 1.0])  # score(problems, responses, answers): not passed
+    rw = compute_rewards(
+        AnswerLineVerifier(), plain, PROBLEMS, RESPONSES, ANSWERS, "zero", solutions
+    )
+    assert rw.process == [1.0, 0.0, 1.0, 0.0] and rw.judge_invalid == 0

@@ -267,3 +267,22 @@ def test_verifier_and_judge_counters_in_the_metrics(assets, tmp_path):
     assert m["verify_seen"] == 16 and m["eval_verify_seen"] == 8  # 4 x G=4; eval 4 x k=2
     assert m["judge_scored"] == m["judge_parse_fail"] == m["judge_calls"] > 0
     assert m["judge_unreachable"] == 0 and m["eval_judge_scored"] == m["eval_judge_parse_fail"]
+
+
+def test_reference_solutions_reach_the_judge(assets, tmp_path):
+    from papo_fast.judge import RubricJudge
+
+    rows = arith.make_split(0, 8, 2, 3)
+    path = arith.write_jsonl(
+        [{**r, "worked": f"worked {r['problem']}"} for r in rows], tmp_path / "t.jsonl"
+    )
+    cfg = make_config(assets, tmp_path / "run")
+    cfg.data.train_path, cfg.data.eval_path, cfg.data.solution_field = str(path), None, "worked"
+    trainer = make_trainer(cfg)
+    prompts = []
+    trainer.judge = RubricJudge(lambda messages: prompts.append(messages[-1]["content"]) or "1")
+    m = trainer.train_step()
+    assert len(prompts) == m["judge_calls"] > 0
+    for text in prompts:  # each judge prompt has its own problem's reference solution
+        problem = text.split("Problem:\n", 1)[1].split("\n", 1)[0]
+        assert f"Reference solution:\nworked {problem}\n" in text
