@@ -212,10 +212,16 @@ def _segment_norm_torch(x, w, seg, num_slots: int, eps: float, scale_by_std: boo
     Returns the normalized [N, K] (0 outside members and inactive groups) and active [slots, K].
     """
     k = x.shape[1]
-    n = x.new_zeros(num_slots, k).index_add_(0, seg, w)
-    mean = x.new_zeros(num_slots, k).index_add_(0, seg, x * w) / n.clamp_min(1)
+    flat = (seg[:, None] * k + torch.arange(k, device=seg.device)).view(-1)  # [N * K] bins
+
+    def segment_sum(v: torch.Tensor) -> torch.Tensor:  # [N, K] -> [slots, K]
+        # a 1-D index_add_ (several times faster on the CPU than index_add_ along dim 0 of [N, K])
+        return v.new_zeros(num_slots * k).index_add_(0, flat, v.reshape(-1)).view(num_slots, k)
+
+    n = segment_sum(w)
+    mean = segment_sum(x * w) / n.clamp_min(1)
     d = (x - mean[seg]) * w
-    std = (x.new_zeros(num_slots, k).index_add_(0, seg, d * d) / (n - 1).clamp_min(1)).sqrt()
+    std = (segment_sum(d * d) / (n - 1).clamp_min(1)).sqrt()
     active = (n >= 2) & (std > eps)  # empty slots are inactive
     a = d / (std[seg] + eps) if scale_by_std else d
     return a * active[seg], active
