@@ -36,6 +36,7 @@ import random
 import re
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -127,11 +128,12 @@ def build_prompt(
 # ----------------------------------------------------------------------------- backends
 
 
-class JudgeBackend:
+class JudgeBackend(ABC):
     """Interface: one answer text per conversation, in order; None: unreachable after retries."""
 
+    @abstractmethod
     def complete(self, conversations: list[Messages]) -> list[str | None]:
-        raise NotImplementedError
+        """One answer text per conversation."""
 
     def take_metrics(self) -> dict[str, float]:
         return {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,28 +46,30 @@ class Outcome(NamedTuple):
     correct: bool  # binary; selects the responses the judge sees
 
 
-class Verifier:
+class Verifier(ABC):
     """Interface: outcome reward and correctness for each response."""
 
+    @abstractmethod
     def verify(
         self, problems: list[str], responses: list[str], answers: list[str]
     ) -> list[Outcome]:
-        raise NotImplementedError
+        """One Outcome per response."""
 
     def take_metrics(self) -> dict[str, float]:
         """Counters since the last call, then reset (choice 5); none by default."""
         return {}
 
 
-class Judge:
+class Judge(ABC):
     """Interface: a process score in {0, 0.5, 1} per response (only correct ones are passed).
 
     ``score`` may also take ``solutions``: the reference solutions of those responses, None where
     there is none (choice 4; the rubric judge uses them, the arithmetic rubric does not).
     """
 
+    @abstractmethod
     def score(self, problems: list[str], responses: list[str], answers: list[str]) -> list[float]:
-        raise NotImplementedError
+        """One score in {0, 0.5, 1} per (correct) response."""
 
     def take_metrics(self) -> dict[str, float]:
         """Counters since the last call, then reset (choice 5); none by default."""

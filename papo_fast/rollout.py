@@ -22,6 +22,7 @@ Choices:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,18 +50,19 @@ class Sample(NamedTuple):
     logprobs: list[float] | None = None
 
 
-class RolloutBackend:
+class RolloutBackend(ABC):
     """Interface of a sampler. Implementations: HFGenerateBackend, rollout_vllm.VLLMRollout.
 
     A backend whose sampler can differ from the trained model fills ``Sample.logprobs``; the
     trainer then corrects for the difference (trainer.py, the rollout-correction weight).
     """
 
+    @abstractmethod
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Sample]:
-        raise NotImplementedError
+        """One Sample per request, in order."""
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Called after every optimizer step with the trained model."""
+    def sync_weights(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
+        """Called after every optimizer step with the trained model; nothing by default."""
 
 
 class _SeededGumbel:

@@ -103,7 +103,18 @@ def test_collect_metrics_from_whoever_reports_them():
     assert got["verify_no_answer"] == 1 and got["verify_timeouts"] == 0
     assert got["judge_scored"] == 1 and got["judge_parse_fail"] == 1
     assert collect_metrics(verifier, judge)["judge_parse_fail"] == 0  # taken: reset
-    assert Verifier().take_metrics() == {} and Judge().take_metrics() == {}
+
+    class PlainVerifier(Verifier):  # the interfaces' default: nothing to report
+        def verify(self, problems, responses, answers):
+            return []
+
+    class PlainJudge(Judge):
+        def score(self, problems, responses, answers):
+            return []
+
+    assert PlainVerifier().take_metrics() == {} and PlainJudge().take_metrics() == {}
+    with pytest.raises(TypeError):
+        Verifier()  # an interface: verify must be implemented
 
 
 class SolutionJudge(Judge):
