@@ -78,6 +78,18 @@ def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> di
 
 
 @triton.jit
+def _member_tile(
+    X, PERM, MEMBER, i, end, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr
+):
+    """X (fp32) and the member mask of the BLOCK responses from sorted position i (0 elsewhere)."""
+    offs = i + tl.arange(0, BLOCK)
+    inb = offs < end
+    idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
+    m = inb if ALL_MEMBERS else inb & (tl.load(MEMBER + idx, mask=inb, other=0) != 0)
+    return tl.load(X + idx, mask=m, other=0.0).to(tl.float32), m
+
+
+@triton.jit
 def _segment_norm(
     X, PERM, MEMBER, start, end, eps,
     BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr,
@@ -86,20 +98,14 @@ def _segment_norm(
     n = 0.0
     total = 0.0
     for i in range(start, end, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        inb = offs < end
-        idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
-        m = inb if ALL_MEMBERS else inb & (tl.load(MEMBER + idx, mask=inb, other=0) != 0)
+        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
         n += tl.sum(m.to(tl.float32), axis=0)
-        total += tl.sum(tl.load(X + idx, mask=m, other=0.0).to(tl.float32), axis=0)
+        total += tl.sum(x, axis=0)
     mean = total / tl.maximum(n, 1.0)
     ss = 0.0
     for i in range(start, end, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        inb = offs < end
-        idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
-        m = inb if ALL_MEMBERS else inb & (tl.load(MEMBER + idx, mask=inb, other=0) != 0)
-        d = tl.where(m, tl.load(X + idx, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
+        d = tl.where(m, x - mean, 0.0)
         ss += tl.sum(d * d, axis=0)
     std = tl.sqrt(ss / tl.maximum(n - 1.0, 1.0))
     return mean, 1.0 / (std + eps), (n >= 2.0) & (std > eps)

@@ -3,18 +3,10 @@
 import json
 
 import pytest
-import torch
 
 from papo_fast.demo import WarmupConfig, format_table, run_demo
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster than two (and much faster on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_end_to_end_small(tmp_path):

@@ -1,19 +1,11 @@
 """The Hugging Face generate backend: per-request seeds, EOS handling, greedy."""
 
 import pytest
-import torch
 
 from papo_fast import arith
 from papo_fast.rollout import HFGenerateBackend, Request, SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster than two (and much faster on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

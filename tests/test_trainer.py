@@ -16,13 +16,7 @@ from papo_fast.trainer import Trainer, pad_rollout_logprobs, pad_samples, sequen
 TIMING = ("t_", "rollout_tok_s", "update_tok_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster than two (and much faster on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ParityVerifier(Verifier):
