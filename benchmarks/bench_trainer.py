@@ -15,7 +15,6 @@ resident set before them (VmHWM reset through /proc/self/clear_refs after the wa
 """
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import in_fresh_process
 
 SIZES = [(64, 2, 16, 8, 48, 4)]  # the demo: (hidden, layers, prompts, G, max tokens, steps)
 SMOKE_SIZES = [(64, 1, 2, 4, 8, 2)]
@@ -142,12 +142,6 @@ def run_trl(root: Path, prompts: int, group: int, length: int, steps: int) -> di
     return {"step_s": sum(timed) / len(timed), "peak_mib": peak / 1024}
 
 
-def measure(variant: str, size) -> dict:
-    cmd = [sys.executable, __file__, variant, *map(str, size)]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("variant", ["ours", "trl"])
 @pytest.mark.benchmark(group="trainer_step")
 def test_trainer_step(benchmark, size, variant):
@@ -155,7 +149,9 @@ def test_trainer_step(benchmark, size, variant):
         pytest.importorskip("trl")
     if torch.cuda.is_available():
         pytest.skip("a CPU comparison (peak memory is the process's resident set)")
-    result = benchmark.pedantic(measure, args=(variant, size), rounds=1, iterations=1)
+    result = benchmark.pedantic(
+        in_fresh_process, args=(__file__, variant, *size), rounds=1, iterations=1
+    )
     benchmark.extra_info.update(result)
     assert result["step_s"] > 0 and result["peak_mib"] >= 0
 

@@ -5,7 +5,10 @@ Each suite defines ``SIZES`` (what `pytest benchmarks/ --benchmark-only` times) 
 A test that takes a ``size`` argument is parametrized over the one that fits the run.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -28,3 +31,11 @@ def device() -> torch.device:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def in_fresh_process(script: str, *args) -> dict:
+    """Run ``python script *args`` and return the JSON dict on its last line of output (a fresh
+    process per measurement: clean peak memory, no state shared with other variants)."""
+    cmd = [sys.executable, script, *map(str, args)]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -225,7 +225,7 @@ def build_tokenizer():
     )
 
 
-def build_model(tokenizer, hidden_size=128, layers=3, seed=0):
+def build_model(tokenizer, hidden_size=128, layers=3, seed=0, max_positions=256):
     """A tiny Qwen2 (head_dim 32, grouped-query attention) with tied embeddings, float32."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -238,7 +238,7 @@ def build_model(tokenizer, hidden_size=128, layers=3, seed=0):
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -294,26 +294,12 @@ def test_factory_from_env(monkeypatch):
 def test_hf_backend_runs_a_tiny_model():
     """An untrained tiny model as an in-process judge: it answers garbage, counted as parse
     failures (scored 0), through the same RubricJudge."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from papo_fast.arith import build_tokenizer
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    from papo_fast.arith import build_model, build_tokenizer
     from papo_fast.judge import HFJudgeBackend
 
-    b = HFJudgeBackend(Qwen2ForCausalLM(cfg), tok, max_new_tokens=8, batch_size=2)
+    tok = build_tokenizer()
+    model = build_model(tok, hidden_size=64, layers=1)
+    b = HFJudgeBackend(model, tok, max_new_tokens=8, batch_size=2)
     judge = RubricJudge(b, template="{problem}=?\n{response}")
     scores = judge.score(["1+2", "3+4", "5+6"], ["Answer: 3", "Answer: 7", "Answer: 11"], ["0"] * 3)
     assert len(scores) == 3 and set(scores) <= {0.0, 0.5, 1.0}

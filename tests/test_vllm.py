@@ -206,7 +206,9 @@ CHAT_TEMPLATE = (
 def build_chat_model(path):
     """A tiny untrained chat model with a byte-level tokenizer (any text encodes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
+
+    from papo_fast.arith import build_model
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -220,20 +222,7 @@ def build_chat_model(path):
     )
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    build_model(tok, hidden_size=64, layers=1, max_positions=4096).save_pretrained(path)
 
 
 def free_port() -> int:
