@@ -180,7 +180,7 @@ def _grad_torch(e: torch.Tensor, inv_s: torch.Tensor, targets, coef) -> torch.Te
 # ----------------------------------------------------------------------------- chunk steps
 
 
-def chunk_rows(n_tokens: int, hidden_size: int, vocab_size: int, device: torch.device) -> int:
+def chunk_rows(n_tokens: int, vocab_size: int, device: torch.device) -> int:
     """Token rows per logits chunk: a power of two that keeps [rows, V] in fp32 under a budget
     (32 MiB on the CPU, 1 GiB on a GPU), clamped to [128, 4096] and to the token count.
 
@@ -189,7 +189,6 @@ def chunk_rows(n_tokens: int, hidden_size: int, vocab_size: int, device: torch.d
     as at 512 or 1024. The products stream the weight once per chunk, so their FLOPs per weight
     byte grow with rows and not with H: H does not enter. The GPU budget is not measured yet.
     """
-    del hidden_size
     budget = (1 << 30) if device.type == "cuda" else (1 << 25)
     rows = 1 << max(0, (budget // (4 * vocab_size)).bit_length() - 1)
     return max(1, min(max(rows, 128), 4096, n_tokens))
@@ -407,7 +406,7 @@ def fused_linear_logprobs(
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     t1 = targets.reshape(-1).long()  # one index dtype (int32 ids are common) for every path
-    rows = chunk_rows(h2.shape[0], h2.shape[1], weight.shape[0], hidden.device)
+    rows = chunk_rows(h2.shape[0], weight.shape[0], hidden.device)
     logp, ent = FusedLinearLogprobsFunction.apply(
         h2, weight.contiguous(), bias, t1, float(temperature), return_entropy, backend, rows
     )

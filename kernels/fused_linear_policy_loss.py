@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+from papo_fast._backend import resolve_backend
+
 from .fused_linear_logprobs import (
     FusedLinearLogprobsFunction,
     accumulate_grads,
@@ -47,8 +49,8 @@ from .fused_linear_logprobs import (
     chunk_stats,
     logits_buffer,
 )
-from .policy_loss import Count, PolicyLoss, policy_loss
-from .policy_loss_torch import advantages_per_token
+from .policy_loss import Count, PolicyLoss, check_inputs, policy_loss
+from .policy_loss_torch import LossConfig, advantages_per_token
 
 FusedPolicyLoss = NamedTuple(
     "FusedPolicyLoss",
@@ -175,6 +177,22 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+def _raise_non_finite(batch: _Batch, seq_counts: torch.Tensor) -> None:
+    """The chunks counted non-finite values at valid tokens: name the input (the error path may
+    look again), else the log-probs computed from hidden / weight / bias."""
+    adv = batch.advantages if batch.per_token_adv else batch.advantages[seq_counts > 0]
+    named = ("old_logp", batch.old_logp), ("advantages", adv), ("rollout_logp", batch.rollout_logp)
+    uses_ref = batch.loss_kwargs["beta"] != 0  # ref_logp is read only then
+    for name, t in (*named, ("ref_logp", batch.ref_logp if uses_ref else None)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{name} has {bad} non-finite value(s) among the valid tokens")
+    raise ValueError(
+        "non-finite log-probs computed from hidden / weight / bias (NaN or inf in them, or logits "
+        "that overflow)"
+    )
+
+
 def _plan_chunks(cu: list[int], rows: int):
     """Greedy chunks of whole sequences of at most ``rows`` tokens (one sequence at least; empty
     sequences ride along); None when a sequence is longer than 4 x rows (the two-pass path)."""
@@ -275,32 +293,34 @@ def fused_linear_policy_loss(
             f"hidden must be [B, L, H] with mask or [T, H] with cu_seqlens, got {shape}"
         )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    kwargs = dict(
+    hyper = dict(
         eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl=kl,
-        ratio_level=ratio_level, agg=agg, is_cap=is_cap, check_finite=check_finite, backend=backend,
+        ratio_level=ratio_level, agg=agg, is_cap=is_cap,
     )  # fmt: skip
+    kwargs = dict(**hyper, check_finite=check_finite, backend=backend)
     user_counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
-    with torch.no_grad():  # every check of policy_loss, on the whole batch, before any product
-        policy_loss(
-            torch.zeros(targets.shape, device=targets.device, dtype=acc), old_logp, advantages,
-            mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
-            **kwargs, **user_counts,
-        )  # fmt: skip
+    # policy_loss's checks on the whole batch before any product; logp is a zero-stride stand-in
+    # (no memory, no pass). Finiteness is counted in the chunks' own passes.
+    logp_like = torch.zeros((), device=targets.device, dtype=acc).expand(targets.shape)
+    check_inputs(
+        logp_like, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp,
+        LossConfig.of(**hyper), user_counts, verify_cu=False,
+    )  # fmt: skip
+    resolve_backend(backend, hidden, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp)
     padded_shape, idx = targets.shape, None
     if mask is not None:
         packed, cu_seqlens, idx = _pack(
             mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp
         )
         hidden, targets, old_logp, advantages, ref_logp, rollout_logp = packed
-    cu = cu_seqlens.tolist()
+    cu = cu_seqlens.tolist()  # the one host sync of the chunk plan (and the layout's check)
     if (
         cu[0] != 0
         or cu[-1] != targets.numel()
         or any(x > y for x, y in zip(cu[:-1], cu[1:], strict=True))
     ):
         raise ValueError(f"cu_seqlens must rise from 0 to len(targets) = {targets.numel()}")
-    T, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
-    rows = chunk_rows(max(T, 1), H, V, hidden.device)
+    rows = chunk_rows(max(hidden.shape[0], 1), weight.shape[0], hidden.device)
     chunks = _plan_chunks(cu, rows)
     h2, weight, t1 = hidden.contiguous(), weight.contiguous(), targets.long()
 
@@ -330,12 +350,8 @@ def fused_linear_policy_loss(
         loss, metrics, logp, ent = FusedLinearPolicyLossFunction.apply(
             h2, weight, bias, batch, float(temperature), return_entropy, backend, need
         )
-        # The inputs were checked above; only the computed log-probs can be new: one sync in all.
-        if check_finite and bool(metrics[_NONFINITE] > 0):
-            raise ValueError(
-                f"{int(metrics[_NONFINITE])} non-finite log-probs computed from hidden / weight / "
-                "bias (NaN or inf in them, or logits that overflow)"
-            )
+        if check_finite and bool(metrics[_NONFINITE] > 0):  # one sync for the whole batch
+            _raise_non_finite(batch, seq_counts)
         metrics = metrics.unbind()
     if idx is not None:
         logp, ent = _unpack(logp, idx, padded_shape), _unpack(ent, idx, padded_shape)

@@ -95,9 +95,11 @@ def _check_count(name: str, value: Count | None) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def _check_inputs(
+def check_inputs(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
 ) -> None:
+    """Every argument check of ``policy_loss`` (no pass over the values; one sync for cu_seqlens
+    when ``verify_cu``). Finiteness is counted in the loss's own pass."""
     if not isinstance(logp, torch.Tensor):
         raise ValueError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
     check_float("logp", logp)
@@ -307,13 +309,13 @@ def policy_loss(
     Returns:
         PolicyLoss: the scalar loss and its metrics (0-dim tensors).
     """
-    cfg = LossConfig(
-        float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip),
-        float(beta), kl, ratio_level, agg, None if is_cap is None else float(is_cap),
+    cfg = LossConfig.of(
+        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl=kl,
+        ratio_level=ratio_level, agg=agg, is_cap=is_cap,
     )  # fmt: skip
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
-    _check_inputs(
+    check_inputs(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
     )
     ref_logp = ref_logp if cfg.uses_ref else None

@@ -51,6 +51,14 @@ class LossConfig:
     agg: str
     is_cap: float | None
 
+    @classmethod
+    def of(cls, *, eps_low, eps_high, dual_clip, beta, kl, ratio_level, agg, is_cap) -> LossConfig:
+        """From policy_loss's keywords (numbers made floats; checked by ``check_inputs``)."""
+        return cls(
+            float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip),
+            float(beta), kl, ratio_level, agg, None if is_cap is None else float(is_cap),
+        )  # fmt: skip
+
     @property
     def uses_ref(self) -> bool:
         return self.beta != 0.0

@@ -157,10 +157,10 @@ def test_packed_sequence_longer_than_a_grid_dimension():
 
 def test_chunk_rows_budget():
     cpu = torch.device("cpu")
-    assert fll.chunk_rows(4096, 512, 32000, cpu) == 256  # 256 x 32000 x 4 B = 31.25 MiB
-    assert fll.chunk_rows(4096, 512, 152064, cpu) == 128  # the floor of the clamp
-    assert fll.chunk_rows(100, 512, 32000, cpu) == 100  # never more rows than tokens
-    assert fll.chunk_rows(16384, 4096, 152064, torch.device("cuda")) == 1024
+    assert fll.chunk_rows(4096, 32000, cpu) == 256  # 256 x 32000 x 4 B = 31.25 MiB
+    assert fll.chunk_rows(4096, 152064, cpu) == 128  # the floor of the clamp
+    assert fll.chunk_rows(100, 32000, cpu) == 100  # never more rows than tokens
+    assert fll.chunk_rows(16384, 152064, torch.device("cuda")) == 1024
 
 
 def test_bad_inputs_raise():
