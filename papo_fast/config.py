@@ -13,6 +13,7 @@ trained.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class ModelConfig:
     ref_path: str | None = None  # reference policy for beta > 0 (default: the initial `path`)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -274,6 +276,10 @@ def validate(cfg: Config) -> None:
     for name, v in positive.items():
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.model.device):
+        raise ConfigError(
+            f"model.device must be auto, cpu, cuda or cuda:N, got {cfg.model.device!r}"
+        )
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
     if not 0 < cfg.rollout.top_p <= 1:

@@ -60,15 +60,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "kl", "ratio_mean")
 
 
+def model_device(cfg: Config) -> torch.device:
+    """model.device, with "auto" = the GPU when there is one."""
+    if cfg.model.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.model.device)
+
+
 def load_model(path: str, cfg: Config, trainable: bool = True):
-    """A causal LM and its tokenizer from a local directory (a clear error when it is not one)."""
+    """A causal LM (on model.device) and its tokenizer from a local directory (a clear error when
+    it is not one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path or not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model path {path!r} is not a directory with a config.json")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation
-    )
+    ).to(model_device(cfg))
     model.train(trainable)
     model.requires_grad_(trainable)
     return model, AutoTokenizer.from_pretrained(path)
@@ -249,8 +257,10 @@ class Trainer:
         t2 = time.perf_counter()
 
         # 3. Old (and reference) log-probs of the sampled tokens, no grad, no logits.
-        ids, attn, targets, mask = pad_samples(samples, self.tok.pad_token_id)
+        dev = self.model.device
+        ids, attn, targets, mask = (t.to(dev) for t in pad_samples(samples, self.tok.pad_token_id))
         rollout_logp = pad_rollout_logprobs(samples)  # [N, L-1] or None (choice 9)
+        rollout_logp = rollout_logp.to(dev) if rollout_logp is not None else None
         T, mb = c.rollout.temperature, c.train.micro_batch_size
         on_policy = c.train.mini_batches == 1  # one update from these samples: ratio == 1
         old_logp = None if on_policy else sequence_logprobs(self.model, ids, attn, targets, T, mb)
@@ -259,7 +269,7 @@ class Trainer:
 
         # 4. One PPO epoch: mini_batches optimizer steps, micro-batches with global counts.
         upd = self._update(
-            ids, attn, targets, mask, old_logp, ref_logp, rollout_logp, adv.advantages
+            ids, attn, targets, mask, old_logp, ref_logp, rollout_logp, adv.advantages.to(dev)
         )
         self.backend.sync_weights(self.model)
         t4 = time.perf_counter()
@@ -300,9 +310,11 @@ class Trainer:
         n = ids.shape[0]
         gen = torch.Generator().manual_seed(request_seed(c.train.seed, self.step, -1))
         head = self.model.get_output_embeddings()
-        sums = dict.fromkeys((*LOSS_METRICS, "entropy", "loss"), 0.0)
-        tokens, norms = 0.0, []
-        w_sum, w_max = 0.0, 0.0  # the rollout-correction weight, before truncation (choice 9)
+        # Metrics stay on the device, summed as [LOSS_METRICS x tokens, entropy, loss, tokens,
+        # rollout weight sum] and its max; read once at the end of the step (no sync per micro).
+        sums = torch.zeros(len(LOSS_METRICS) + 4, dtype=torch.float64, device=ids.device)
+        w_max = torch.zeros((), dtype=torch.float64, device=ids.device)
+        norms = []
         for minibatch in torch.randperm(n, generator=gen).chunk(c.train.mini_batches):
             m = mask[minibatch]
             counts = {  # global over this optimizer step (DESIGN §2)
@@ -336,28 +348,30 @@ class Trainer:
                     **counts,
                 )
                 out.loss.backward()
-                k = float(out.num_tokens)
-                tokens += k
-                for key in LOSS_METRICS:
-                    sums[key] += float(getattr(out, key)) * k
-                sums["entropy"] += float((out.entropy * mask[sl]).sum())
-                sums["loss"] += float(out.loss.detach())
+                k = out.num_tokens.double()
+                w_sum = torch.zeros_like(k)
                 if rollout_logp is not None:  # on-policy: old_logp is the loss's own logp
                     old = old_logp[sl] if old_logp is not None else out.logp
-                    w = torch.exp(old.float() - rollout_logp[sl])[mask[sl]]  # [valid tokens]
-                    if w.numel():
-                        w_sum, w_max = w_sum + float(w.sum()), max(w_max, float(w.max()))
+                    w = torch.exp(old.double() - rollout_logp[sl])[mask[sl]]  # [valid tokens]
+                    w_sum = w.sum()
+                    w_max = torch.maximum(w_max, w.max()) if w.numel() else w_max
+                entropy = (out.entropy * mask[sl]).sum().double()
+                metrics = [getattr(out, key).double() * k for key in LOSS_METRICS]
+                sums += torch.stack([*metrics, entropy, out.loss.detach().double(), k, w_sum])
             params = [p for p in self.model.parameters() if p.grad is not None]
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip)))
+            norms.append(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        res = {k: v / max(tokens, 1.0) for k, v in sums.items() if k != "loss"}
+        *metric_sums, entropy, loss, tokens, w_sum = sums.tolist()
+        per_token = 1.0 / max(tokens, 1.0)
+        res = {key: v * per_token for key, v in zip(LOSS_METRICS, metric_sums, strict=True)}
+        res["entropy"] = entropy * per_token
         if rollout_logp is not None:
-            res |= {"is_weight_mean": w_sum / max(tokens, 1.0), "is_weight_max": w_max}
+            res |= {"is_weight_mean": w_sum * per_token, "is_weight_max": float(w_max)}
         return {
             **res,
-            "loss": sums["loss"] / c.train.mini_batches,
-            "grad_norm": sum(norms) / len(norms),
+            "loss": loss / c.train.mini_batches,
+            "grad_norm": float(torch.stack(norms).mean()),
         }
 
     # ------------------------------------------------------------------------- helpers

@@ -44,6 +44,7 @@ def test_defaults_and_overrides(tmp_path):
         ({}, ["rollout.vllm.engine_kwargs=[1]"], "engine_kwargs must be dict"),
         ({}, ["rollout.vllm.engine_kwargs={dtype: half}"], "may not set ['dtype']"),
         ({}, ["rollout.batch_size.x=1"], "config.rollout.batch_size must be int"),
+        ({}, ["model.device=gpu"], "model.device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_config_errors(data, overrides, message):
