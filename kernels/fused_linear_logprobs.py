@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from papo_fast._backend import resolve_backend
+from papo_fast._backend import compute_dtype, resolve_backend
 
 # ----------------------------------------------------------------------------- Triton
 
@@ -150,14 +150,10 @@ def _grad_triton(z: torch.Tensor, targets, lse, coef) -> torch.Tensor:
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _stats_torch(z: torch.Tensor, targets: torch.Tensor, entropy: bool):
     """Statistics of a logits chunk; leaves e = exp(z - max) in the (fp32) buffer it returns with
     1/sum(e), so the gradient needs no second exp. z is overwritten when it is already fp32."""
-    x = z.to(_acc_dtype(z.dtype))
+    x = z.to(compute_dtype(z))
     m = x.amax(dim=1, keepdim=True)  # [rows, 1]
     z_target = x.gather(1, targets[:, None]).squeeze(1)
     e = torch.sub(x, m) if entropy else x.sub_(m)  # entropy needs x after the exp
@@ -230,7 +226,7 @@ def chunk_grad_recompute(z, targets, lse, coef, backend: str) -> torch.Tensor:
     """The same gradient from freshly recomputed logits and the saved logsumexp."""
     if backend == "triton":
         return _grad_triton(z, targets, lse, coef)
-    e = z.to(_acc_dtype(z.dtype)).sub_(lse.to(_acc_dtype(z.dtype))[:, None]).exp_()
+    e = z.to(compute_dtype(z)).sub_(lse.to(compute_dtype(z))[:, None]).exp_()
     return _grad_torch(e, e.new_ones(()), targets, coef)
 
 
@@ -328,7 +324,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, entropy, backend, rows):
         T = hidden.shape[0]
-        acc = _acc_dtype(hidden.dtype)
+        acc = compute_dtype(hidden)
         lse = torch.empty(T, device=hidden.device, dtype=acc)
         logp = torch.empty_like(lse)
         ent = torch.empty_like(lse) if entropy else None
@@ -350,7 +346,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = _acc_dtype(hidden.dtype)
+        acc = compute_dtype(hidden)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from papo_fast._backend import resolve_backend
+from papo_fast._backend import compute_dtype, resolve_backend
 
 from .fused_linear_logprobs import (
     FusedLinearLogprobsFunction,
@@ -128,7 +128,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, batch, temperature, entropy, backend, need):
         need_h, need_w, need_b = need
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(hidden)
         T = hidden.shape[0]
         targets = batch.targets
         logp = torch.empty(T, device=hidden.device, dtype=acc)
@@ -292,7 +292,7 @@ def fused_linear_policy_loss(
         raise ValueError(
             f"hidden must be [B, L, H] with mask or [T, H] with cu_seqlens, got {shape}"
         )
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(hidden)
     hyper = dict(
         eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl=kl,
         ratio_level=ratio_level, agg=agg, is_cap=is_cap,

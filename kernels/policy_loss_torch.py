@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from papo_fast._backend import compute_dtype
+
 # Slots of the stats vector (the Triton kernel writes one such row per program).
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, KL_SUM, RATIO_SUM, RATIO_MIN, RATIO_MAX = range(9)
 NONFINITE = 9  # slots 9..13 count non-finite values among valid tokens, in this order:
@@ -62,11 +64,6 @@ class LossConfig:
     @property
     def uses_ref(self) -> bool:
         return self.beta != 0.0
-
-
-def compute_dtype(logp: torch.Tensor) -> torch.dtype:
-    """fp32 math for bf16/fp16/fp32 inputs; float64 stays float64 (gradcheck)."""
-    return torch.float64 if logp.dtype == torch.float64 else torch.float32
 
 
 def advantages_per_token(advantages: torch.Tensor, num_seqs: int) -> bool:

@@ -64,3 +64,9 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 def check_float(name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The math and accumulator dtype of the ops: fp32 for bf16 / fp16 / fp32 inputs, and float64
+    for float64 inputs (so that gradcheck runs)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
