@@ -5,11 +5,14 @@ gives each CORRECT response a 3-tier process score (0, 0.5, 1). Wrong responses 
 the judge and get process 0 (DESIGN §1: the paper's judge sees correct responses only).
 
 Choices:
-1. Invalid judge output policy. A score outside {0, 0.5, 1} (including NaN, None, or an exception
-   raised by the judge for one batch) is counted in ``RewardResult.judge_invalid`` and replaced by 0
-   under ``on_invalid="zero"`` (the default: the paper counts a judge parse failure as 0), or raises
-   a JudgeError naming the response under ``on_invalid="error"``. Training never sees a value
-   outside the three tiers.
+1. Invalid judge output policy, per response. A score outside {0, 0.5, 1} (including NaN, None,
+   a response the judge failed on, named by a JudgePartialFailure, or every response of a batch
+   when the judge raised anything else) is counted in ``RewardResult.judge_invalid`` and replaced
+   by 0 under ``on_invalid="zero"`` (the default: the paper counts a judge parse failure as 0), or
+   raises a JudgeError naming the response under ``on_invalid="error"``. The other responses keep
+   their scores. Training never sees a value outside the three tiers. A JudgeConfigError (a
+   refused key, an unknown model, a wrong URL) is no invalid output: it stops the run under
+   either policy, since scoring every response 0 would silently turn PAPO into ORM.
 2. Outcome reward = correctness by default; shaping (e.g. an overlong penalty) goes in the
    verifier's reward while ``correct`` stays the binary flag that selects the judge's inputs.
 3. Judges and verifiers are named in the config: a registered name ("answer_line",
@@ -39,6 +42,25 @@ TIERS = (0.0, 0.5, 1.0)
 
 class JudgeError(ValueError):
     """The judge returned something outside {0, 0.5, 1} and the policy is "error"."""
+
+
+class JudgeConfigError(ValueError):
+    """The judge cannot work as configured (a refused key, an unknown model, a wrong URL, a bad
+    setting): the run stops, whatever ``on_invalid`` says (choice 1)."""
+
+
+class JudgePartialFailure(RuntimeError):
+    """The judge failed on some of the responses it was given, and scored the others.
+
+    Args:
+        message: what failed, for people.
+        scores: one per response: the score, or None where the judge failed.
+        failures: position in ``scores`` -> why that response has no score.
+    """
+
+    def __init__(self, message: str, scores: list[float | None], failures: dict[int, str]):
+        super().__init__(message)
+        self.scores, self.failures = scores, failures
 
 
 class Outcome(NamedTuple):
@@ -154,23 +176,27 @@ def compute_rewards(
         extra = {}
         if solutions is not None and takes_solutions(judge):
             extra["solutions"] = [solutions[i] for i in idx]
+        failures: dict[int, str] = {}  # position among the judged -> why it has no score
         try:
             scores = list(judge.score(*sub, **extra))
-        except Exception as err:  # a failed judge call: every score of the batch is invalid
+        except JudgeConfigError:
+            raise  # choice 1: a configuration error stops the run under either policy
+        except JudgePartialFailure as err:  # choice 1: only the failed responses are invalid
+            scores, failures = list(err.scores), err.failures
+        except Exception as err:  # a judge call that failed as a whole: the batch is invalid
             if on_invalid == "error":
                 raise JudgeError(f"judge raised on {len(idx)} responses: {err!r}") from err
             scores = [None] * len(idx)
         if len(scores) != len(idx):
             raise JudgeError(f"judge returned {len(scores)} scores for {len(idx)} responses")
-        for i, s in zip(idx, scores, strict=True):
+        for k, (i, s) in enumerate(zip(idx, scores, strict=True)):
             if _valid_tier(s):
                 process[i] = float(s)
                 continue
             invalid += 1
             if on_invalid == "error":
-                raise JudgeError(
-                    f"judge returned {s!r} for response {i} (allowed: {TIERS}): {responses[i]!r}"
-                )
+                what = failures.get(k, f"returned {s!r} (allowed: {TIERS})")
+                raise JudgeError(f"judge on response {i}: {what}: {responses[i]!r}")
     return RewardResult(
         outcome=[float(o.reward) for o in outcomes],
         correct=correct,

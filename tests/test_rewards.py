@@ -5,7 +5,9 @@ import pytest
 from papo_fast.rewards import (
     AnswerLineVerifier,
     Judge,
+    JudgeConfigError,
     JudgeError,
+    JudgePartialFailure,
     Verifier,
     collect_metrics,
     compute_rewards,
@@ -69,6 +71,39 @@ def test_judge_exception_counts_every_score_invalid():
     assert rw.process == [0.0] * 4 and rw.judge_invalid == 2
     with pytest.raises(JudgeError, match="server down"):
         compute_rewards(AnswerLineVerifier(), Broken(), PROBLEMS, RESPONSES, ANSWERS, "error")
+
+
+@pytest.mark.parametrize("on_invalid", ["zero", "error"])
+def test_judge_config_error_is_never_swallowed(on_invalid):
+    class Misconfigured(Judge):
+        def score(self, problems, responses, answers):
+            raise JudgeConfigError("judge server answered HTTP 401: check the key")
+
+    with pytest.raises(JudgeConfigError, match="HTTP 401"):
+        compute_rewards(
+            AnswerLineVerifier(), Misconfigured(), PROBLEMS, RESPONSES, ANSWERS, on_invalid
+        )
+
+
+class HalfFailed(Judge):
+    """Scores the second correct response (0.5) and fails on the first."""
+
+    def __init__(self, scores=(None, 0.5)):
+        self.scores = list(scores)
+
+    def score(self, problems, responses, answers):
+        raise JudgePartialFailure("1 of 2 failed", self.scores, {0: "HTTP 400 (too long)"})
+
+
+def test_partial_judge_failure_invalidates_only_the_failed_responses():
+    rw = compute_rewards(AnswerLineVerifier(), HalfFailed(), PROBLEMS, RESPONSES, ANSWERS)
+    assert rw.process == [0.0, 0.0, 0.5, 0.0]  # response 2 keeps its score
+    assert (rw.judge_calls, rw.judge_invalid) == (2, 1)
+    # the error names the response (0: the first correct one) and why it has no score
+    with pytest.raises(JudgeError, match=r"response 0: HTTP 400 \(too long\)"):
+        compute_rewards(AnswerLineVerifier(), HalfFailed(), PROBLEMS, RESPONSES, ANSWERS, "error")
+    with pytest.raises(JudgeError, match="1 scores for 2"):
+        compute_rewards(AnswerLineVerifier(), HalfFailed([0.5]), PROBLEMS, RESPONSES, ANSWERS)
 
 
 def test_wrong_number_of_scores_is_an_error():
