@@ -5,18 +5,28 @@
 The YAML file has one mapping per component (model, data, rollout, reward, advantage, loss, optim,
 train); every key is optional and defaults to the values below. ``--set a.b=c`` overrides parse
 their value as YAML (``--set train.steps=20``, ``--set model.ref_path=null``,
-``--set rollout.vllm.enforce_eager=true``). An unknown section or key, or a value of the wrong
-type, is a ConfigError that names it and lists the valid keys, before anything is loaded or
-trained.
+``--set rollout.vllm.enforce_eager=true``). An unknown section or key, a value of the wrong
+type, or a number outside its key's rule (NUMERIC_RULES) is a ConfigError that names the key,
+before anything is loaded or trained.
+
+Numbers are read the way Python's int() and float() read them, in files and in --set alike:
+``1e-6``, ``1E-6``, ``.5``, ``1_000``, ``010`` (ten) are numbers; YAML 1.1's own notations
+(``0x10``, ``0o17``, ``1:30``) are not numbers and stay text. A numeric key also accepts such a
+number written as a string (``"4e-4"``); an int key accepts a float spelling of a whole number
+(``1e3`` -> 1000) and nothing else. True/false are never numbers, and a text key keeps the text
+it was given when quoted (``answer_field: "1e-6"``). Every float must be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 
@@ -186,13 +196,47 @@ def _coerce(where: str, value, tp):
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(where, v, a) for v, a in zip(value, args, strict=True))
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and type(value) is tp:
+    if tp in (int, float):
+        return _number(where, value, tp)
+    if tp in (str, bool) and type(value) is tp:
         return value
     if tp is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return dict(value)
-    raise ConfigError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    hint = " (quote it to keep it as text)" if tp is str and isinstance(value, int | float) else ""
+    raise ConfigError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}{hint}")
+
+
+def _number(where: str, value, tp: type) -> int | float:
+    """``value`` as an int or a float: a number, or a string that Python's float() reads.
+
+    An int key takes a float only when it is a whole number (``1e3`` -> 1000; a string is
+    checked exactly with Decimal, so ``1.00000000000000001`` is not taken for 1). A bool is never
+    a number. Non-finite floats pass here and are rejected by validate(), which names the rule.
+    """
+    wrong = ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise wrong
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise wrong from None
+        if tp is float:
+            return number
+        exact = Decimal(value)  # reads every spelling float() reads, without rounding
+        if not (math.isfinite(number) and exact == exact.to_integral_value()):
+            raise wrong
+        return int(exact)
+    if tp is float:
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range
+            raise ConfigError(f"{where} must be a finite number, got {value}") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise wrong
+        return int(value)
+    return value
 
 
 def _build(cls, data: dict, where: str):
@@ -215,6 +259,46 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+_DIGITS = r"[0-9]+(?:_[0-9]+)*"  # Python's digit groups: 1_000, never 1__0 or _1
+_INT_RE = re.compile(rf"^[-+]?{_DIGITS}$")
+_FLOAT_RE = re.compile(
+    rf"^[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?{_DIGITS})?$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"  # YAML's own spellings of inf and nan
+)
+
+
+@functools.cache
+def _yaml_loader():
+    """yaml.SafeLoader whose plain-scalar numbers are those of Python's int() and float().
+
+    YAML 1.1 reads ``1e-6`` as text (its exponent needs a dot), ``010`` as eight and ``1:30`` as
+    ninety; here the first is a float, the second ten and the third text.
+    """
+    import yaml
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(int_tag, _INT_RE, list("-+0123456789"))
+    Loader.add_implicit_resolver(float_tag, _FLOAT_RE, list("-+.0123456789"))
+
+    def construct_int(loader, node):
+        text = loader.construct_scalar(node)
+        try:
+            return int(text)
+        except ValueError:  # an explicit !!int in YAML's notation (0x10, 1:30)
+            return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+    Loader.add_constructor(int_tag, construct_int)
+    return Loader
+
+
 def _set(tree: dict, dotted: str) -> None:
     import yaml
 
@@ -226,8 +310,8 @@ def _set(tree: dict, dotted: str) -> None:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(usage)
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
+        value = yaml.load(raw, Loader=_yaml_loader())
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a bad explicit tag (!!int x)
         raise ConfigError(f"--set {dotted!r}: value is not valid YAML ({err})") from err
     node = tree
     for depth, part in enumerate(parts[:-1]):
@@ -258,34 +342,167 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err})") from err
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+            reason = getattr(err, "problem", None) or err
+            raise ConfigError(f"{where}: not valid YAML: {reason}") from err
+        except ValueError as err:  # a bad explicit tag (!!int x) has no position
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: the file must hold a mapping of sections (model, data, ..., train), "
+                f"got {type(data).__name__}"
+            )
     return config_from_dict(data, overrides)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An interval of allowed numbers; ``str()`` states it the way the error message does."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.low if self.low_open else v >= self.low
+        below = v < self.high if self.high_open else v <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return "a finite number"
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low}, {self.high}{right}"
+
+
+AT_LEAST_0, AT_LEAST_1 = Bounds(0), Bounds(1)
+POSITIVE = Bounds(0, low_open=True)
+FRACTION = Bounds(0, 1, low_open=True)  # (0, 1]
+BELOW_1 = Bounds(0, 1, high_open=True)  # [0, 1)
+
+# The one rule of every numeric key ("null or" the rule where the key may be null); every float
+# must also be finite. A tuple's rule holds for each item.
+NUMERIC_RULES: dict[str, Bounds] = {
+    "rollout.group_size": AT_LEAST_1,
+    "rollout.temperature": POSITIVE,  # log-probs are taken at the sampling temperature
+    "rollout.top_p": FRACTION,
+    "rollout.max_new_tokens": AT_LEAST_1,
+    "rollout.batch_size": AT_LEAST_1,
+    "rollout.vllm.gpu_memory_utilization": FRACTION,
+    "rollout.vllm.max_model_len": AT_LEAST_1,
+    "rollout.vllm.kv_cache_gib": POSITIVE,
+    "advantage.lam": Bounds(),
+    "advantage.eps": POSITIVE,
+    "loss.eps_low": BELOW_1,  # the lower clip bound 1 - eps_low stays > 0
+    "loss.eps_high": AT_LEAST_0,
+    "loss.dual_clip": Bounds(1, low_open=True),
+    "loss.beta": AT_LEAST_0,
+    "loss.is_cap": POSITIVE,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.betas": BELOW_1,
+    "optim.grad_clip": POSITIVE,  # a negative norm would reverse every update
+    "optim.warmup_steps": AT_LEAST_0,
+    "train.seed": Bounds(0, 2**32, high_open=True),  # the sampler's seed * 1_000_003 fits int64
+    "train.steps": AT_LEAST_0,
+    "train.prompts_per_step": AT_LEAST_1,
+    "train.mini_batches": AT_LEAST_1,
+    "train.micro_batch_size": AT_LEAST_1,
+    "train.eval_every": AT_LEAST_0,
+    "train.eval_prompts": AT_LEAST_1,
+    "train.eval_k": AT_LEAST_1,
+    "train.eval_temperature": POSITIVE,
+    "train.save_every": AT_LEAST_0,
+    "train.keep_checkpoints": AT_LEAST_1,  # pruning to none would delete the checkpoint just saved
+    "train.threads": AT_LEAST_0,
+}
+
+
+def settings(cls: type = Config, prefix: str = "") -> dict[str, typing.Any]:
+    """Every leaf setting as "section.key" (nested: "rollout.vllm.dtype") -> its annotation."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(settings(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = hints[f.name]
+    return out
+
+
+def _without_none(tp) -> tuple[typing.Any, bool]:
+    """(the annotation without None, whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def numeric_settings() -> dict[str, typing.Any]:
+    """The settings whose values are numbers (int, float, or a tuple of them)."""
+    out = {}
+    for key, tp in settings().items():
+        base, _ = _without_none(tp)
+        items = typing.get_args(base) if typing.get_origin(base) is tuple else (base,)
+        if items and all(t in (int, float) for t in items):
+            out[key] = tp
+    return out
+
+
+def _check_numbers(cfg: Config) -> None:
+    for key, tp in numeric_settings().items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        _, nullable = _without_none(tp)
+        if value is None and nullable:
+            continue
+        rule = NUMERIC_RULES[key]
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, v in items:
+            name = f"config.{key}" if i is None else f"config.{key}[{i}]"
+            if not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v}")
+            if v not in rule:
+                raise ConfigError(
+                    f"{name} must be {'null or ' if nullable else ''}{rule}, got {v!r}"
+                )
+
+
+def _check_prompt_template(template: str) -> None:
+    """The trainer fills the template with ``template.format(problem=...)`` and nothing else."""
+    where = "config.data.prompt_template"
+    try:
+        a, b = template.format(problem="\x00a"), template.format(problem="\x00b")
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as err:
+        raise ConfigError(
+            f"{where} {template!r} cannot be filled with the problem alone "
+            f"({type(err).__name__}: {err}); write the problem as {{problem}} and a literal "
+            "brace as {{ or }}"
+        ) from None
+    if a == b:
+        raise ConfigError(f"{where} must contain {{problem}}, got {template!r}")
 
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone do not catch."""
-    positive = {
-        "rollout.group_size": cfg.rollout.group_size,
-        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-        "rollout.batch_size": cfg.rollout.batch_size,
-        "train.prompts_per_step": cfg.train.prompts_per_step,
-        "train.mini_batches": cfg.train.mini_batches,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.eval_k": cfg.train.eval_k,
-    }
-    for name, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"{name} must be >= 1, got {v}")
+    _check_numbers(cfg)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.model.device):
         raise ConfigError(
             f"model.device must be auto, cpu, cuda or cuda:N, got {cfg.model.device!r}"
         )
-    if cfg.train.steps < 0:
-        raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
-    if cfg.rollout.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
+    _check_prompt_template(cfg.data.prompt_template)
     n = cfg.train.prompts_per_step * cfg.rollout.group_size
     if n % cfg.train.mini_batches:
         raise ConfigError(
@@ -297,21 +514,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.vllm.dtype must be null or one of {VLLM_DTYPES}, got {v.dtype!r}"
         )
-    if not 0 < v.gpu_memory_utilization <= 1:
-        raise ConfigError(
-            f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {v.gpu_memory_utilization}"
-        )
-    if v.max_model_len is not None and v.max_model_len < 1:
-        raise ConfigError(f"rollout.vllm.max_model_len must be null or >= 1, got {v.max_model_len}")
-    if v.kv_cache_gib is not None and not v.kv_cache_gib > 0:
-        raise ConfigError(f"rollout.vllm.kv_cache_gib must be null or > 0, got {v.kv_cache_gib}")
     reserved = sorted(VLLM_RESERVED & set(v.engine_kwargs))
     if reserved:
         raise ConfigError(
             f"rollout.vllm.engine_kwargs may not set {reserved}: VLLMRollout sets "
             "model and logprobs_mode itself, and the others are rollout.vllm keys"
         )
-    if cfg.loss.is_cap is not None and not cfg.loss.is_cap > 0:
-        raise ConfigError(f"loss.is_cap must be null or > 0, got {cfg.loss.is_cap}")
     if cfg.advantage.mode != "orm" and cfg.reward.judge == "none":
         raise ConfigError(f"advantage.mode={cfg.advantage.mode!r} needs a judge (reward.judge)")
