@@ -17,20 +17,30 @@ Choices:
 2. The score is the last \\boxed{} of the judge's answer, after its own reasoning blocks are
    removed; failing that, the last "score: X" (``fallback_pattern``). 1, 1.0, 0.5, .5, 1/2,
    \\frac{1}{2}, 0 are read; anything else is a parse failure: score 0, counted.
-3. Unreachable judge (every retry failed): ``on_unreachable="raise"`` (default) raises
-   JudgeUnreachable, and the trainer's reward.on_invalid policy decides (rewards.py: the batch is
-   scored 0 and counted, or training stops); ``on_unreachable="score"`` gives that response
-   ``unreachable_score`` (the paper: 1.0) and counts it. Client errors (HTTP 400/401/403/404: a
-   wrong model name or key) always raise: they are configuration errors, not outages.
-4. The OpenAI-compatible client sends one chat-completion per response, at most
+3. Failures count per response. Unreachable (every retry failed): ``on_unreachable="raise"``
+   (default) leaves that response without a score, and the trainer's reward.on_invalid policy
+   decides (rewards.py: scored 0 and counted, or training stops); ``on_unreachable="score"`` gives
+   it ``unreachable_score`` (the paper: 1.0) and counts it. A request the server refuses (HTTP 400,
+   413, 422...: a prompt over the judge's context) leaves that response without a score under
+   either policy (counted as ``judge_rejected``): it is no outage. The responses without a score
+   come back as a JudgeUnreachable or JudgeRequestError holding the others' scores, so one failed
+   request never costs the batch its scores.
+4. Configuration errors stop the run: a refused key (HTTP 401/403), an unknown model or path
+   (404), a URL that is no chat-completions endpoint (405, redirects) raise JudgeConfigError,
+   which the reward step never turns into scores of 0 (that would silently train ORM). Settings
+   are checked when the client is built: the base URL must be http(s)://host[:port]/..., the
+   numbers finite and in range, and every PAPO_JUDGE_* variable is named with its bad value.
+5. The OpenAI-compatible client sends one chat-completion per response, at most
    ``max_concurrency`` in flight, each with its own timeout; timeouts, connection errors, 408,
    409, 429 and 5xx are retried ``max_retries`` times with exponential backoff and jitter. The API
    key is read from the environment variable named by ``api_key_env`` when a request is built and
-   is never stored in the config, logged or put in an error message.
+   is never stored in the config, logged or put in an error message (a server's message that
+   echoes it has it masked).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -40,8 +50,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
-from papo_fast.rewards import Judge
+from papo_fast.rewards import TIERS, Judge, JudgeConfigError, JudgePartialFailure
 from papo_fast.verify import last_boxed, strip_reasoning
 
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
@@ -76,12 +88,24 @@ REFERENCE_BLOCK = "Reference solution:\n{solution}\n\n"
 FALLBACK_PATTERN = r"(?i)score\s*(?:is|of|:|=)?\s*\**\s*(1\.0|0\.5|0\.0|\.5|1/2|1|0)\b"
 
 
-class JudgeUnreachable(RuntimeError):
-    """The judge gave no answer after every retry, and the policy is "raise"."""
+UNREACHABLE_POLICIES = ("raise", "score")
 
 
-class JudgeRequestError(RuntimeError):
-    """The judge server rejected a request (HTTP 4xx other than 408/409/429): a config error."""
+class JudgeUnreachable(JudgePartialFailure):
+    """Some responses got no answer after every retry and the policy is "raise" (choice 3):
+    ``scores`` holds the others' scores, None for those."""
+
+
+class JudgeRequestError(JudgePartialFailure):
+    """The judge server refused some requests (HTTP 400, 413, 422...; choice 3): ``scores`` holds
+    the others' scores, None for those."""
+
+
+class Rejected(NamedTuple):
+    """A backend's answer to a request the server refused (choice 3): no score for that one."""
+
+    status: int  # HTTP status
+    detail: str  # the server's message, shortened, the key masked
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -129,11 +153,12 @@ def build_prompt(
 
 
 class JudgeBackend(ABC):
-    """Interface: one answer text per conversation, in order; None: unreachable after retries."""
+    """Interface: one answer text per conversation, in order; None: unreachable after retries;
+    a Rejected: the server refused that request. A configuration error raises JudgeConfigError."""
 
     @abstractmethod
-    def complete(self, conversations: list[Messages]) -> list[str | None]:
-        """One answer text per conversation."""
+    def complete(self, conversations: list[Messages]) -> list[str | None | Rejected]:
+        """One answer text (or None, or Rejected) per conversation."""
 
     def take_metrics(self) -> dict[str, float]:
         return {}
@@ -151,6 +176,8 @@ class CallableBackend(JudgeBackend):
 
 @dataclass
 class OpenAIJudgeConfig:
+    """The OpenAI-compatible client's settings, checked when OpenAIChatBackend is built."""
+
     base_url: str = "http://127.0.0.1:8000/v1"  # an OpenAI-compatible server (vllm serve, ...)
     model: str = ""  # the served model name
     api_key_env: str = "PAPO_JUDGE_API_KEY"  # NAME of the variable holding the key (optional)
@@ -164,9 +191,58 @@ class OpenAIJudgeConfig:
     extra_body: dict = field(default_factory=dict)  # e.g. {"chat_template_kwargs": {...}}
 
 
+# OpenAIJudgeConfig's numbers: field -> (type, lowest allowed value, whether that value is allowed)
+LIMITS = {
+    "temperature": (float, 0, True),
+    "max_tokens": (int, 1, True),
+    "max_concurrency": (int, 1, True),
+    "timeout": (float, 0, False),
+    "max_retries": (int, 0, True),
+    "backoff": (float, 0, True),
+    "backoff_max": (float, 0, True),
+}
+URL_FORM = (
+    "http://host:port/v1 (the server's OpenAI-compatible root, e.g. http://127.0.0.1:8000/v1)"
+)
+
+
+def check_base_url(url, name: str) -> None:
+    """JudgeConfigError naming ``name`` unless ``url`` is http(s)://host[:port][/...] (choice 4)."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+        ok = ok and (parts.port is None or parts.port > 0)  # .port raises when out of range
+    except ValueError:
+        ok = False
+    if not ok:
+        raise JudgeConfigError(
+            f"{name}={url!r} is not an http(s) URL with a host: expected the form {URL_FORM}"
+        )
+
+
+def check_number(name: str, value, field: str, shown=None) -> None:
+    """JudgeConfigError naming ``name`` unless ``value`` fits ``LIMITS[field]`` (choice 4)."""
+    kind, low, inclusive = LIMITS[field]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = number and (kind is float or isinstance(value, int)) and math.isfinite(value)
+    if not (number and (value >= low if inclusive else value > low)):
+        what = "an integer" if kind is int else "a finite number"
+        shown = value if shown is None else shown
+        raise JudgeConfigError(
+            f"{name}={shown!r} must be {what} {'>=' if inclusive else '>'} {low}"
+        )
+
+
+def _check_choice(name: str, value, allowed: tuple, shown=None) -> None:
+    if value not in allowed:
+        shown = value if shown is None else shown
+        raise JudgeConfigError(f"{name}={shown!r} must be one of {', '.join(map(repr, allowed))}")
+
+
 # transport(url, headers, payload, timeout) -> (HTTP status, decoded JSON body or None)
 Transport = Callable[[str, dict, dict, float], tuple[int, dict | None]]
-RETRY_STATUS = {408, 409, 429}
+RETRY_STATUS = {408, 409, 429}  # and 5xx: transient, retried
+CONFIG_STATUS = {401, 403, 404, 405}  # and 3xx: the key, the model or the URL is wrong (choice 4)
 
 
 class HttpxTransport:
@@ -187,7 +263,7 @@ class HttpxTransport:
 
 
 class OpenAIChatBackend(JudgeBackend):
-    """Chat completions against an OpenAI-compatible endpoint (choice 4).
+    """Chat completions against an OpenAI-compatible endpoint (choices 3 to 5).
 
     Args:
         cfg: endpoint, model, sampling and client limits.
@@ -202,9 +278,10 @@ class OpenAIChatBackend(JudgeBackend):
         sleep: Callable[[float], None] = time.sleep,
     ):
         if not cfg.model:
-            raise ValueError("OpenAIJudgeConfig.model is empty: name the served judge model")
-        if cfg.max_concurrency < 1 or cfg.timeout <= 0 or cfg.max_retries < 0:
-            raise ValueError("max_concurrency >= 1, timeout > 0 and max_retries >= 0 are required")
+            raise JudgeConfigError("OpenAIJudgeConfig.model is empty: name the served judge model")
+        check_base_url(cfg.base_url, "OpenAIJudgeConfig.base_url")
+        for name in LIMITS:
+            check_number(f"OpenAIJudgeConfig.{name}", getattr(cfg, name), name)
         self.cfg, self.sleep = cfg, sleep
         self.transport = transport or HttpxTransport(cfg.max_concurrency)
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
@@ -219,11 +296,44 @@ class OpenAIChatBackend(JudgeBackend):
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
+    def _detail(self, body) -> str:
+        """The server's error message, on one line, the key masked, at most 200 characters."""
+        err = body.get("error") if isinstance(body, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else err
+        if msg is None and isinstance(body, dict):
+            msg = body.get("message") or body.get("detail")
+        text = " ".join(str(msg).split()) if msg else ""
+        key = os.environ.get(self.cfg.api_key_env)
+        return (text.replace(key, "***") if key else text)[:200]
+
+    def _config_error(self, status: int, body) -> JudgeConfigError:
+        c, detail = self.cfg, self._detail(body)
+        parts = urlsplit(c.base_url)  # user:password@ left out of the message
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        head = f"judge server {url} answered HTTP {status} for model {c.model!r}"
+        head += f" ({detail})" if detail else ""
+        if status in (401, 403):
+            state = "set" if os.environ.get(c.api_key_env) else "not set"
+            fix = f"the API key was refused: put it in the environment variable {c.api_key_env}"
+            fix += f" ({state} now)"
+        elif status == 404:
+            fix = (
+                "no such model or path: check the served model name (OpenAIJudgeConfig.model, "
+                "PAPO_JUDGE_MODEL) and the base URL (OpenAIJudgeConfig.base_url, "
+                f"PAPO_JUDGE_BASE_URL), of the form {URL_FORM}"
+            )
+        else:
+            fix = (
+                "the base URL (OpenAIJudgeConfig.base_url, PAPO_JUDGE_BASE_URL) leads to no "
+                f"chat-completions endpoint: expected the form {URL_FORM}"
+            )
+        return JudgeConfigError(f"{head}: {fix}")
+
     def _count(self, key: str, value: float = 1) -> None:
         with self._lock:
             self._metrics[key] += value
 
-    def _one(self, messages: Messages) -> str | None:
+    def _one(self, messages: Messages) -> str | None | Rejected:
         c = self.cfg
         payload = {
             "model": c.model,
@@ -252,7 +362,9 @@ class OpenAIChatBackend(JudgeBackend):
                     return ""  # a malformed answer: a parse failure, not an outage
             if status in RETRY_STATUS or status >= 500:
                 continue
-            raise JudgeRequestError(f"judge server answered HTTP {status} for model {c.model!r}")
+            if status in CONFIG_STATUS or 300 <= status < 400:
+                raise self._config_error(status, body)
+            return Rejected(status, self._detail(body))  # this request only (choice 3)
         return None
 
     def complete(self, conversations):
@@ -339,7 +451,8 @@ class RubricJudge(Judge):
         system: an optional system message.
         fallback_pattern: regex whose last match's group 1 is the score when there is no \\boxed{}
             (None: \\boxed{} only).
-        on_unreachable: "raise" (JudgeUnreachable) or "score" (``unreachable_score``, counted).
+        on_unreachable: "raise" (no score: JudgeUnreachable) or "score" (``unreachable_score``,
+            counted); choice 3.
         unreachable_score: 0, 0.5 or 1; the paper uses 1.0.
     """
 
@@ -352,16 +465,16 @@ class RubricJudge(Judge):
         on_unreachable: str = "raise",
         unreachable_score: float = 1.0,
     ):
-        if on_unreachable not in ("raise", "score"):
-            raise ValueError(f"on_unreachable must be 'raise' or 'score', got {on_unreachable!r}")
-        if unreachable_score not in (0.0, 0.5, 1.0):
-            raise ValueError(f"unreachable_score must be 0, 0.5 or 1, got {unreachable_score!r}")
+        _check_choice("on_unreachable", on_unreachable, UNREACHABLE_POLICIES)
+        _check_choice("unreachable_score", unreachable_score, TIERS)
         if "{response}" not in template:
-            raise ValueError("the judge template must contain {response}")
+            raise JudgeConfigError("the judge template must contain {response}")
         self.backend = backend if isinstance(backend, JudgeBackend) else CallableBackend(backend)
         self.template, self.system, self.fallback_pattern = template, system, fallback_pattern
         self.on_unreachable, self.unreachable_score = on_unreachable, float(unreachable_score)
-        self._metrics = {"judge_scored": 0, "judge_parse_fail": 0, "judge_unreachable": 0}
+        self._metrics = dict.fromkeys(
+            ("judge_scored", "judge_parse_fail", "judge_unreachable", "judge_rejected"), 0
+        )
 
     def messages(self, problem: str, response: str, answer: str, solution: str | None = None):
         user = build_prompt(self.template, problem, response, answer, solution)
@@ -375,26 +488,47 @@ class RubricJudge(Judge):
         answers: list[str],
         solutions: Sequence[str | None] | None = None,
     ) -> list[float]:
-        """One tier per response; every response passed is assumed correct (rewards.py)."""
+        """One tier per response; every response passed is assumed correct (rewards.py).
+
+        Raises:
+            JudgeUnreachable, JudgeRequestError: some responses have no score (choice 3); the
+                exception holds every score, None for those, and why each one failed.
+            JudgeConfigError: the key, the model or the URL is wrong (choice 4).
+        """
         solutions = solutions if solutions is not None else [None] * len(responses)
         convs = [
             self.messages(p, r, a, s)
             for p, r, a, s in zip(problems, responses, answers, solutions, strict=True)
         ]
         replies = self.backend.complete(convs) if convs else []
-        scores = []
-        for reply in replies:
-            if reply is None:
+        scores: list[float | None] = []
+        failures: dict[int, str] = {}  # position -> why it has no score
+        for k, reply in enumerate(replies):
+            if isinstance(reply, Rejected):
+                self._metrics["judge_rejected"] += 1
+                detail = f" ({reply.detail})" if reply.detail else ""
+                failures[k] = f"HTTP {reply.status}{detail}"
+                scores.append(None)
+            elif reply is None:
                 self._metrics["judge_unreachable"] += 1
                 if self.on_unreachable == "raise":
-                    raise JudgeUnreachable("the judge did not answer after every retry")
-                scores.append(self.unreachable_score)
-                continue
-            tier = parse_score(reply, self.fallback_pattern)
-            if tier is None:
-                self._metrics["judge_parse_fail"] += 1
-            scores.append(0.0 if tier is None else tier)
-        self._metrics["judge_scored"] += len(scores)
+                    failures[k] = "unreachable after every retry"
+                scores.append(None if self.on_unreachable == "raise" else self.unreachable_score)
+            else:
+                tier = parse_score(reply, self.fallback_pattern)
+                if tier is None:
+                    self._metrics["judge_parse_fail"] += 1
+                scores.append(0.0 if tier is None else tier)
+        self._metrics["judge_scored"] += len(scores) - len(failures)
+        if failures:
+            rejected = any(isinstance(r, Rejected) for r in replies)
+            shown = "; ".join(f"response {k}: {why}" for k, why in list(failures.items())[:3])
+            more = ", ..." if len(failures) > 3 else ""
+            raise (JudgeRequestError if rejected else JudgeUnreachable)(
+                f"the judge failed on {len(failures)} of {len(scores)} responses ({shown}{more})",
+                scores,
+                failures,
+            )
         return scores
 
     def take_metrics(self) -> dict[str, float]:
@@ -404,6 +538,40 @@ class RubricJudge(Judge):
         return out
 
 
+# the environment variables of openai_rubric_judge -> OpenAIJudgeConfig's numbers
+ENV_NUMBERS = {
+    "PAPO_JUDGE_CONCURRENCY": "max_concurrency",
+    "PAPO_JUDGE_TIMEOUT": "timeout",
+    "PAPO_JUDGE_RETRIES": "max_retries",
+    "PAPO_JUDGE_MAX_TOKENS": "max_tokens",
+}
+
+
+def _env_float(var: str, default: float) -> float:
+    raw = os.environ.get(var)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise JudgeConfigError(f"{var}={raw!r} is not a number") from None
+
+
+def _env_number(var: str, field: str):
+    """``var`` read as ``OpenAIJudgeConfig.<field>`` (its default when unset) and checked."""
+    raw = os.environ.get(var)
+    if raw is None:
+        return getattr(OpenAIJudgeConfig, field)
+    kind = LIMITS[field][0]
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise JudgeConfigError(f"{var}={raw!r} is not {what}") from None
+    check_number(var, value, field, shown=raw)
+    return value
+
+
 def openai_rubric_judge() -> RubricJudge:
     """A RubricJudge over an OpenAI-compatible server, configured from the environment.
 
@@ -411,18 +579,26 @@ def openai_rubric_judge() -> RubricJudge:
     PAPO_JUDGE_API_KEY (the key, if the server wants one), PAPO_JUDGE_CONCURRENCY (32),
     PAPO_JUDGE_TIMEOUT (seconds, 120), PAPO_JUDGE_RETRIES (3), PAPO_JUDGE_MAX_TOKENS (1024),
     PAPO_JUDGE_ON_UNREACHABLE ("raise" | "score"), PAPO_JUDGE_UNREACHABLE_SCORE (1.0).
+
+    Raises:
+        JudgeConfigError: a variable is missing or bad; the message names it and its value.
     """
     env = os.environ.get
-    cfg = OpenAIJudgeConfig(
-        base_url=env("PAPO_JUDGE_BASE_URL", OpenAIJudgeConfig.base_url),
-        model=env("PAPO_JUDGE_MODEL", ""),
-        max_concurrency=int(env("PAPO_JUDGE_CONCURRENCY", "32")),
-        timeout=float(env("PAPO_JUDGE_TIMEOUT", "120")),
-        max_retries=int(env("PAPO_JUDGE_RETRIES", "3")),
-        max_tokens=int(env("PAPO_JUDGE_MAX_TOKENS", "1024")),
-    )
+    base_url = env("PAPO_JUDGE_BASE_URL", OpenAIJudgeConfig.base_url)
+    check_base_url(base_url, "PAPO_JUDGE_BASE_URL")
+    model = env("PAPO_JUDGE_MODEL", "")
+    if not model:
+        raise JudgeConfigError(
+            "PAPO_JUDGE_MODEL is not set: name the served judge model (vllm serve's "
+            "--served-model-name)"
+        )
+    numbers = {field: _env_number(var, field) for var, field in ENV_NUMBERS.items()}
+    on_unreachable = env("PAPO_JUDGE_ON_UNREACHABLE", "raise")
+    _check_choice("PAPO_JUDGE_ON_UNREACHABLE", on_unreachable, UNREACHABLE_POLICIES)
+    unreachable_score = _env_float("PAPO_JUDGE_UNREACHABLE_SCORE", 1.0)
+    shown = env("PAPO_JUDGE_UNREACHABLE_SCORE")
+    _check_choice("PAPO_JUDGE_UNREACHABLE_SCORE", unreachable_score, TIERS, shown)
+    cfg = OpenAIJudgeConfig(base_url=base_url, model=model, **numbers)
     return RubricJudge(
-        OpenAIChatBackend(cfg),
-        on_unreachable=env("PAPO_JUDGE_ON_UNREACHABLE", "raise"),
-        unreachable_score=float(env("PAPO_JUDGE_UNREACHABLE_SCORE", "1.0")),
+        OpenAIChatBackend(cfg), on_unreachable=on_unreachable, unreachable_score=unreachable_score
     )

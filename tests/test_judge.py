@@ -2,6 +2,7 @@
 backends, and the OpenAI client's retries, timeouts, concurrency and unreachable policy on a fake
 transport."""
 
+import json
 import threading
 import time
 
@@ -10,15 +11,17 @@ import pytest
 from papo_fast.judge import (
     RUBRIC_PROMPT,
     CallableBackend,
+    JudgeConfigError,
     JudgeRequestError,
     JudgeUnreachable,
     OpenAIChatBackend,
     OpenAIJudgeConfig,
     RubricJudge,
     build_prompt,
+    openai_rubric_judge,
     parse_score,
 )
-from papo_fast.rewards import compute_rewards, load_judge
+from papo_fast.rewards import JudgeError, Outcome, Verifier, compute_rewards, load_judge
 from papo_fast.verify import MathVerifier
 
 # ----------------------------------------------------------------------------- parsing
@@ -204,7 +207,7 @@ def test_unreachable_score_policy_is_counted():
 def test_client_error_raises_without_retry():
     t = FakeTransport([(404, {"error": "model not found"})])
     b, _ = backend(t, max_retries=3)
-    with pytest.raises(JudgeRequestError, match="404"):
+    with pytest.raises(JudgeConfigError, match="404"):
         RubricJudge(b, on_unreachable="score").score(["q"], ["r"], ["a"])
     assert t.calls == 1
 
@@ -245,9 +248,9 @@ def test_payload_and_api_key_from_env(monkeypatch):
 
 def test_key_never_in_error_messages(monkeypatch):
     monkeypatch.setenv("PAPO_JUDGE_API_KEY", "sk-secret-456")
-    t = FakeTransport([(401, {"error": "bad key"})])
+    t = FakeTransport([(401, {"error": "bad key sk-secret-456"})])  # a server echoing the key
     b, _ = backend(t)
-    with pytest.raises(JudgeRequestError) as err:
+    with pytest.raises(JudgeConfigError) as err:
         b.complete([[{"role": "user", "content": "x"}]])
     assert "sk-secret" not in str(err.value)
 
@@ -309,3 +312,303 @@ def test_hf_backend_runs_a_tiny_model():
 def test_callable_backend_class():
     b = CallableBackend(lambda m: "Score: 1")
     assert RubricJudge(b).score(["q"], ["r"], ["a"]) == [1.0]
+
+
+# ----------------------------------------------------------------------------- judge failures
+
+
+class ByContent:
+    """A fake transport that answers by the response in the prompt: ``rules`` maps a marker
+    (e.g. "[too long]") to a (status, body) pair or an exception to raise; else \\boxed{1}."""
+
+    def __init__(self, rules):
+        self.rules, self.calls = rules, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, url, headers, payload, timeout):
+        with self.lock:
+            self.calls += 1
+        user = payload["messages"][-1]["content"]
+        step = next((v for k, v in self.rules.items() if k in user), ok(r"\boxed{1}"))
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+
+TOO_LONG = (400, {"object": "error", "message": "maximum context length is 8192", "code": 400})
+NINE = [r"\boxed{4}"] * 4 + [r"[too long] \boxed{4}"] + [r"\boxed{4}"] * 4
+
+
+@pytest.mark.parametrize("on_invalid", ["zero", "error"])
+@pytest.mark.parametrize(
+    "status, body, hint",
+    [
+        (401, {"error": {"message": "invalid api key"}}, "PAPO_JUDGE_API_KEY"),
+        (403, {"error": {"message": "forbidden"}}, "PAPO_JUDGE_API_KEY"),
+        (404, {"error": {"message": "The model `judge` does not exist."}}, "does not exist"),
+    ],
+)
+def test_refused_key_or_unknown_model_stops_the_reward_step(status, body, hint, on_invalid):
+    """Configuration errors are never scored 0 and counted: PAPO would silently become ORM."""
+    t = FakeTransport([(status, body)])
+    b, _ = backend(t, max_retries=3)
+    judge = RubricJudge(b, on_unreachable="score")  # not an outage: the policy does not apply
+    with pytest.raises(JudgeConfigError, match=f"HTTP {status}") as err:
+        compute_rewards(
+            MathVerifier(), judge, ["2+2"] * 3, [r"\boxed{4}"] * 3, ["4"] * 3, on_invalid
+        )
+    assert hint in str(err.value) and "'judge'" in str(err.value)  # the model's name
+    assert isinstance(err.value, ValueError)  # the command line's clean error path
+
+
+def test_url_credentials_never_in_error_messages():
+    t = FakeTransport([(401, {"error": {"message": "invalid api key"}})])
+    cfg = OpenAIJudgeConfig(base_url="https://me:pw-secret@judge.example.com/v1", model="judge")
+    with pytest.raises(JudgeConfigError, match="https://judge.example.com/v1") as err:
+        OpenAIChatBackend(cfg, transport=t).complete([[{"role": "user", "content": "x"}]])
+    assert "pw-secret" not in str(err.value)
+
+
+def test_one_rejected_request_invalidates_only_its_response():
+    t = ByContent({"[too long]": TOO_LONG})
+    b, _ = backend(t)
+    judge = RubricJudge(b)
+    rw = compute_rewards(MathVerifier(), judge, ["2+2"] * 9, NINE, ["4"] * 9)
+    assert rw.process == [1.0] * 4 + [0.0] + [1.0] * 4
+    assert (rw.judge_calls, rw.judge_invalid) == (9, 1)
+    assert t.calls == 9  # not retried
+    m = judge.take_metrics()
+    assert m["judge_rejected"] == 1 and m["judge_scored"] == 8 and m["judge_unreachable"] == 0
+    with pytest.raises(JudgeError, match=r"response 4: HTTP 400 \(maximum context length"):
+        compute_rewards(MathVerifier(), judge, ["2+2"] * 9, NINE, ["4"] * 9, "error")
+    with pytest.raises(JudgeRequestError) as err:  # the judge alone: its partial scores
+        judge.score(["2+2"] * 9, NINE, ["4"] * 9)
+    assert err.value.scores == [1.0] * 4 + [None] + [1.0] * 4 and list(err.value.failures) == [4]
+
+
+def test_rejected_request_is_not_an_outage_under_the_score_policy():
+    t = ByContent({"[too long]": TOO_LONG})
+    b, _ = backend(t)
+    judge = RubricJudge(b, on_unreachable="score", unreachable_score=1.0)
+    rw = compute_rewards(MathVerifier(), judge, ["2+2"] * 9, NINE, ["4"] * 9)
+    assert rw.process[4] == 0.0 and rw.judge_invalid == 1  # not given the unreachable score
+
+
+def test_partial_outage_keeps_the_answered_scores():
+    t = ByContent({"[lost]": ConnectionResetError("reset by peer")})
+    b, _ = backend(t, max_retries=1)
+    responses = [r"\boxed{4}", r"[lost] \boxed{4}", r"\boxed{4}"]
+    rw = compute_rewards(MathVerifier(), RubricJudge(b), ["2+2"] * 3, responses, ["4"] * 3)
+    assert rw.process == [1.0, 0.0, 1.0] and rw.judge_invalid == 1
+    with pytest.raises(JudgeError, match="response 1: unreachable"):
+        compute_rewards(MathVerifier(), RubricJudge(b), ["2+2"] * 3, responses, ["4"] * 3, "error")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "localhost:8000/v1",
+        "127.0.0.1:8000",
+        "ftp://127.0.0.1:8000/v1",
+        "http://",
+        "http://127.0.0.1:99999/v1",  # port out of range
+        "",
+    ],
+)
+def test_base_url_without_scheme_or_host_is_rejected_when_built(url, monkeypatch):
+    with pytest.raises(JudgeConfigError, match=r"OpenAIJudgeConfig\.base_url") as err:
+        OpenAIChatBackend(
+            OpenAIJudgeConfig(base_url=url, model="judge"), transport=FakeTransport([ok("")])
+        )
+    assert "http://host:port/v1" in str(err.value) and repr(url) in str(err.value)
+    monkeypatch.setenv("PAPO_JUDGE_MODEL", "judge")
+    monkeypatch.setenv("PAPO_JUDGE_BASE_URL", url)
+    with pytest.raises(JudgeConfigError, match="PAPO_JUDGE_BASE_URL") as err:
+        openai_rubric_judge()
+    assert "http://host:port/v1" in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1", "https://api.example.com/v1/"])
+def test_http_and_https_base_urls_are_accepted(url):
+    b = OpenAIChatBackend(
+        OpenAIJudgeConfig(base_url=url, model="judge"), transport=FakeTransport([ok("")])
+    )
+    assert b.url == url.rstrip("/") + "/chat/completions"
+
+
+@pytest.mark.parametrize(
+    "var, value",
+    [
+        ("PAPO_JUDGE_TIMEOUT", "abc"),
+        ("PAPO_JUDGE_TIMEOUT", "nan"),
+        ("PAPO_JUDGE_TIMEOUT", "inf"),
+        ("PAPO_JUDGE_TIMEOUT", "0"),
+        ("PAPO_JUDGE_TIMEOUT", "-5"),
+        ("PAPO_JUDGE_TIMEOUT", ""),
+        ("PAPO_JUDGE_CONCURRENCY", "many"),
+        ("PAPO_JUDGE_CONCURRENCY", "0"),
+        ("PAPO_JUDGE_CONCURRENCY", "2.5"),
+        ("PAPO_JUDGE_RETRIES", "x"),
+        ("PAPO_JUDGE_RETRIES", "-1"),
+        ("PAPO_JUDGE_MAX_TOKENS", "ten"),
+        ("PAPO_JUDGE_MAX_TOKENS", "0"),
+        ("PAPO_JUDGE_UNREACHABLE_SCORE", "abc"),
+        ("PAPO_JUDGE_UNREACHABLE_SCORE", "0.7"),
+        ("PAPO_JUDGE_UNREACHABLE_SCORE", "nan"),
+        ("PAPO_JUDGE_ON_UNREACHABLE", "ignore"),
+    ],
+)
+def test_bad_environment_variable_is_named_with_its_value(var, value, monkeypatch):
+    monkeypatch.setenv("PAPO_JUDGE_MODEL", "judge")
+    monkeypatch.setenv(var, value)
+    with pytest.raises(JudgeConfigError) as err:
+        load_judge("papo_fast.judge:openai_rubric_judge")
+    assert f"{var}={value!r}" in str(err.value)
+
+
+def test_missing_model_variable_is_named(monkeypatch):
+    monkeypatch.delenv("PAPO_JUDGE_MODEL", raising=False)
+    with pytest.raises(JudgeConfigError, match="PAPO_JUDGE_MODEL"):
+        openai_rubric_judge()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("timeout", float("nan")),
+        ("timeout", float("inf")),
+        ("timeout", 0.0),
+        ("max_concurrency", 0),
+        ("max_retries", -1),
+        ("max_tokens", 0),
+        ("backoff", float("nan")),
+        ("temperature", -0.5),
+    ],
+)
+def test_bad_client_setting_is_named_when_built(field, value):
+    with pytest.raises(JudgeConfigError, match=rf"OpenAIJudgeConfig\.{field}="):
+        OpenAIChatBackend(
+            OpenAIJudgeConfig(model="judge", **{field: value}), transport=FakeTransport([ok("")])
+        )
+
+
+# ----------------------------------------------------------------------------- a real HTTP server
+
+
+class FakeOpenAIServer:
+    """A local OpenAI-compatible chat endpoint: 401 unless the key is "sk-good", 404 for a model
+    other than "judge", 400 for a prompt holding "[too long]", otherwise \\boxed{1}."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    status, out = 404, {"detail": "Not Found"}
+                elif self.headers.get("Authorization") != "Bearer sk-good":
+                    status, out = 401, {"error": {"message": "invalid api key"}}
+                elif body["model"] != "judge":
+                    status, out = 404, {"error": {"message": "The model does not exist."}}
+                elif "[too long]" in body["messages"][-1]["content"]:
+                    status, out = TOO_LONG
+                else:
+                    status, out = ok(r"\boxed{1}")
+                data = json.dumps(out).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def judge_env(monkeypatch):
+    """The PAPO_JUDGE_* variables of a working judge on a fake local server."""
+    pytest.importorskip("httpx")
+    server = FakeOpenAIServer()
+    for var, value in {
+        "PAPO_JUDGE_BASE_URL": server.url,
+        "PAPO_JUDGE_MODEL": "judge",
+        "PAPO_JUDGE_API_KEY": "sk-good",
+        "PAPO_JUDGE_RETRIES": "1",
+    }.items():
+        monkeypatch.setenv(var, value)
+    yield server
+    server.close()
+
+
+def test_failures_over_http_from_the_environment(judge_env, monkeypatch):
+    judge = openai_rubric_judge()
+    rw = compute_rewards(MathVerifier(), judge, ["2+2"] * 9, NINE, ["4"] * 9)
+    assert rw.process == [1.0] * 4 + [0.0] + [1.0] * 4 and rw.judge_invalid == 1
+    monkeypatch.setenv("PAPO_JUDGE_API_KEY", "sk-wrong")
+    with pytest.raises(JudgeConfigError, match="HTTP 401") as err:
+        compute_rewards(MathVerifier(), judge, ["2+2"], [r"\boxed{4}"], ["4"])
+    assert "sk-wrong" not in str(err.value)
+    monkeypatch.setenv("PAPO_JUDGE_API_KEY", "sk-good")
+    monkeypatch.setenv("PAPO_JUDGE_MODEL", "no-such-model")
+    with pytest.raises(JudgeConfigError, match="HTTP 404.*'no-such-model'"):
+        compute_rewards(MathVerifier(), openai_rubric_judge(), ["2+2"], [r"\boxed{4}"], ["4"])
+    monkeypatch.setenv("PAPO_JUDGE_MODEL", "judge")
+    monkeypatch.setenv("PAPO_JUDGE_BASE_URL", judge_env.url.removesuffix("/v1"))  # no /v1
+    with pytest.raises(JudgeConfigError, match="HTTP 404.*PAPO_JUDGE_BASE_URL"):
+        compute_rewards(MathVerifier(), openai_rubric_judge(), ["2+2"], [r"\boxed{4}"], ["4"])
+
+
+class AlwaysRight(Verifier):
+    """Every response correct: every one goes to the judge."""
+
+    def verify(self, problems, responses, answers):
+        return [Outcome(1.0, True) for _ in responses]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_run_stops_with_exit_code_2_on_a_refused_key(
+    judge_env, monkeypatch, tmp_path, capsys
+):
+    """The whole command: a refused key ends `papo-fast train` with the reason, exit code 2,
+    instead of a run whose process scores are all 0."""
+    import yaml
+
+    from papo_fast import arith, rewards
+    from papo_fast.cli import main
+
+    tok = arith.build_tokenizer()
+    tok.save_pretrained(tmp_path / "model")
+    arith.build_model(tok, hidden_size=64, layers=1, seed=0).save_pretrained(tmp_path / "model")
+    arith.write_jsonl(arith.make_split(0, 8, 2, 3), tmp_path / "train.jsonl")
+    monkeypatch.setitem(rewards.VERIFIERS, "always_right", AlwaysRight)
+    config = {
+        "model": {"path": str(tmp_path / "model")},
+        "data": {"train_path": str(tmp_path / "train.jsonl")},
+        "rollout": {"group_size": 2, "max_new_tokens": 4},
+        "reward": {"verifier": "always_right", "judge": "papo_fast.judge:openai_rubric_judge"},
+        "train": {
+            "out_dir": str(tmp_path / "run"),
+            "steps": 1,
+            "prompts_per_step": 2,
+            "mini_batches": 1,
+            "micro_batch_size": 4,
+            "progress": False,
+        },
+    }
+    (tmp_path / "papo.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("PAPO_JUDGE_API_KEY", "sk-wrong")
+    assert main(["train", str(tmp_path / "papo.yaml")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("papo-fast: error: ") and "HTTP 401" in err
+    assert "PAPO_JUDGE_API_KEY" in err and "sk-wrong" not in err
