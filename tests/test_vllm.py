@@ -298,7 +298,7 @@ class CountingTransport:
 def test_judge_against_vllm_serve(judge_server):
     from papo_fast.judge import (
         HttpxTransport,
-        JudgeRequestError,
+        JudgeConfigError,
         OpenAIChatBackend,
         OpenAIJudgeConfig,
         RubricJudge,
@@ -336,5 +336,5 @@ def test_judge_against_vllm_serve(judge_server):
 
     # a wrong model name is a configuration error, raised at once
     wrong = OpenAIJudgeConfig(base_url=judge_server, model="no-such-model")
-    with pytest.raises(JudgeRequestError, match="404"):
+    with pytest.raises(JudgeConfigError, match="404"):
         RubricJudge(OpenAIChatBackend(wrong)).score(problems[:1], responses[:1], ["0"])
