@@ -1,27 +1,103 @@
-"""Atomic checkpoints: weights (safetensors), optimizer, RNG states, data position and step.
+"""The run directory: one run at a time, atomic checkpoints, and a safe way back in.
 
+    OUT/run.lock                   flock-ed by the process training in OUT; holds "pid N on HOST"
     OUT/checkpoints/step_000040/   model.safetensors, config.json, tokenizer files (save_pretrained)
-                                   trainer_state.pt (optimizer, RNG states, sampler, step, extra)
+                                   trainer_state.pt (optimizer, RNG states, sampler, step, config)
     OUT/checkpoints/latest         the name of the last complete checkpoint, one line
 
-A save writes everything into a hidden temporary directory, renames it into place (atomic on one
-filesystem) and only then rewrites ``latest`` through os.replace. A kill at any moment leaves
-``latest`` naming a complete checkpoint; the next save removes leftover temporary directories.
+Choices:
+1. Atomic saves. A save writes everything into a hidden temporary directory, renames it into place
+   (atomic on one filesystem) and only then rewrites ``latest`` through os.replace. A kill at any
+   moment leaves ``latest`` naming a complete checkpoint; the next save removes leftover temporary
+   directories. Re-saving a step that exists moves the old directory aside (``.replaced-step_N``)
+   and removes it only once the new one is in place; after a kill between the two renames, the
+   next save or latest_checkpoint moves the old one back. Old checkpoints are pruned the same
+   way: renamed out of sight first, then removed.
+2. Nothing in a run directory is executed. trainer_state.pt holds tensors and plain types only
+   (the torch RNG state is a uint8 tensor, the Python one a tuple of ints) and is read with
+   ``torch.load(weights_only=True)``. ``latest`` must name a ``step_NNNNNN`` directory that
+   resolves inside checkpoints/ (no ``..``, no absolute path, no symlink out of it).
+3. One run per directory: RunLock takes an exclusive flock on OUT/run.lock without waiting. The
+   kernel drops it when the holder exits, killed or not, so a crash never leaves a stale lock.
+4. A failed write (a full disk, a quota) is a RunDirError that says so and where; the temporary
+   directory goes, the previous checkpoint and ``latest`` stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import pickle
 import random
+import re
 import shutil
+import socket
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 STATE_FILE = "trainer_state.pt"
+POINTER = "latest"
+LOCK_FILE = "run.lock"
+STEP_NAME = re.compile(r"step_\d{6,}")
+ASIDE = ".replaced-"  # prefix of a checkpoint directory being replaced (choice 1)
+
+
+class RunDirError(ValueError):
+    """A run directory or checkpoint that cannot be used: busy, unwritable, or unsafe to read."""
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on ``out_dir/run.lock`` (choice 3)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / LOCK_FILE
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> None:
+        """Take the lock (no-op when held); RunDirError naming the holder when another has it.
+        OSError when the directory is not writable."""
+        if self._file is not None:
+            return
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its pid yet"
+            f.close()
+            raise RunDirError(
+                f"{self.path.parent} is in use by another run ({holder}, {self.path})"
+            ) from None
+        except BaseException:
+            f.close()
+            raise
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+
+# ----------------------------------------------------------------------------- RNG states
 
 
 def rng_state() -> dict:
+    """torch (uint8 tensor), Python (a tuple of ints) and CUDA (uint8 tensors) RNG states."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -29,56 +105,212 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    try:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RunDirError(f"the checkpoint's RNG state cannot be restored: {err}") from err
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _replace_text(path: Path, text: str) -> None:
+# ----------------------------------------------------------------------------- saving
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then os.replace it in."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _finish_replacement(root: Path) -> None:
+    """Complete or undo a replacement a kill interrupted (choice 1)."""
+    for aside in root.glob(ASIDE + "step_*"):
+        final = root / aside.name[len(ASIDE) :]
+        if final.is_dir():  # the new one made it in: the old one goes
+            shutil.rmtree(aside, ignore_errors=True)
+        else:  # killed between the two renames: the old one comes back
+            os.rename(aside, final)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    aside = final.with_name(ASIDE + final.name)
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _read_pointer(root: Path) -> str | None:
+    try:
+        return (root / POINTER).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints, never the one ``latest`` names."""
+    named = _read_pointer(root)
+    done = [p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir()]
+    done.sort(key=lambda p: int(p.name[len("step_") :]))
+    for old in done[: max(0, len(done) - keep)]:
+        if old.name == named:
+            continue
+        trash = root / f".tmp-pruned-{old.name}-{os.getpid()}"
+        try:
+            os.rename(old, trash)
+        except OSError as err:
+            warnings.warn(f"could not remove the old checkpoint {old}: {err}", stacklevel=3)
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text
+
+
+def _torch_write_failed(err: BaseException) -> bool:
+    """torch.save's zip writer reports a short write (ENOSPC) with these words and no errno."""
+    text = str(err)
+    return "PytorchStreamWriter" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def _write_failure(root: Path, name: str, previous: str | None, err: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    if _disk_full(err):
+        why = f"the disk is full ({free})"
+    elif _torch_write_failed(err):
+        why = f"writing {STATE_FILE} failed, most likely because the disk is full ({free})"
+    else:
+        why = f"{type(err).__name__}: {err} ({free})"
+    if previous:
+        kept = f"the previous checkpoint {previous} is intact and {root / POINTER} still names it"
+    else:
+        kept = "there is no earlier checkpoint"
+    return f"could not write checkpoint {name} in {root}: {why}; {kept}"
 
 
 def save_checkpoint(
     root: str | Path, step: int, model, tokenizer, optimizer, extra: dict, keep: int = 2
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep the ``keep`` newest."""
+    """Write checkpoint ``step`` under ``root`` atomically; keep the ``keep`` newest.
+
+    ``extra`` (merged into trainer_state.pt) must hold tensors and plain types only (choice 2).
+    A failed write is a RunDirError that names the directory and the reason (choice 4).
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    name = f"step_{step:06d}"
+    name = step_name(step)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}
-    torch.save(state, tmp / STATE_FILE)
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _replace_text(root / "latest", name + "\n")
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[: max(0, len(done) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    previous = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _finish_replacement(root)
+        previous = _read_pointer(root)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}
+        torch.save(state, tmp / STATE_FILE)
+        _move_into_place(tmp, root / name)
+        write_text_atomic(root / POINTER, name + "\n")
+    except (OSError, RuntimeError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if root.is_dir():
+            _finish_replacement(root)
+        raise RunDirError(_write_failure(root, name, previous, err)) from err
+    _prune(root, keep)
+    return root / name
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory named by ``root/latest``, or None when there is no complete checkpoint."""
-    pointer = Path(root) / "latest"
-    if not pointer.is_file():
+    """The directory ``root/latest`` names, or None when there is no ``latest``.
+
+    A ``latest`` that names anything but a complete ``step_NNNNNN`` directory inside ``root``
+    is a RunDirError (choice 2).
+    """
+    root = Path(root)
+    pointer = root / POINTER
+    if not (pointer.exists() or pointer.is_symlink()):
         return None
-    path = Path(root) / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / STATE_FILE).is_file() else None
+    _finish_replacement(root)
+    name = _read_pointer(root)
+    if name is None or not STEP_NAME.fullmatch(name):
+        raise RunDirError(
+            f"{pointer} must name a checkpoint directory step_NNNNNN of this run, "
+            f"not {(name or '')[:100]!r}; refusing to resume from it"
+        )
+    path = root / name
+    real = path.resolve()
+    if real.parent != root.resolve():
+        raise RunDirError(f"{path} resolves to {real}, outside {root}; refusing to resume from it")
+    state = path / STATE_FILE
+    if not state.is_file():
+        raise RunDirError(f"{pointer} names {name}, but {path} holds no {STATE_FILE}")
+    if state.resolve().parent != real:
+        raise RunDirError(f"{state} is a link out of {path}; refusing to resume from it")
+    return path
+
+
+# key -> (type, what it is) of what a trainer_state.pt must hold
+STATE_KEYS = {
+    "step": (int, "the step"),
+    "optimizer": (dict, "the optimizer state"),
+    "rng": (dict, "the RNG states"),
+    "sampler": (dict, "the data position"),
+    "config": (dict, "the configuration"),
+}
 
 
 def load_state(path: str | Path) -> dict:
-    """trainer_state.pt of a checkpoint (the weights load with from_pretrained(path))."""
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    """trainer_state.pt of a checkpoint (the weights load with from_pretrained(path)).
+
+    Read with weights_only=True: a file holding anything but tensors and plain types is refused
+    before any of it runs (choice 2).
+    """
+    file = Path(path) / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise RunDirError(
+            f"refusing to load {file}: it holds objects{what} beyond tensors and plain types, "
+            "and loading them would run code; trainer states hold tensors and plain types only"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise RunDirError(f"{file} cannot be read: {str(err).splitlines()[0]}") from err
+    if not isinstance(state, dict):
+        raise RunDirError(f"{file} holds a {type(state).__name__}, not a trainer state")
+    for key, (kind, what) in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise RunDirError(f"{file} has no {what} ({key!r} is {state.get(key)!r:.60})")
+    rng = state["rng"]
+    if not isinstance(rng.get("torch"), torch.Tensor) or not isinstance(rng.get("python"), tuple):
+        raise RunDirError(f"{file}: the RNG states are not a torch uint8 tensor and a tuple")
+    if file.parent.name != step_name(state["step"]):
+        raise RunDirError(f"{file} is the state of step {state['step']}, not of {file.parent.name}")
+    return state

@@ -5,15 +5,21 @@
     plot_run(out_dir / "metrics.jsonl", out_dir / "curves.png")
     plot_comparison({"orm": path_a, "papo": path_b}, out / "comparison.png")
 
-On resume the file keeps the lines up to the checkpoint's step and drops the rest (they are
-recomputed), so a resumed run's file reads like an uninterrupted one's.
+A new run never overwrites a file that holds metrics. On resume the file keeps the lines up to
+the checkpoint's step and drops the rest (they are recomputed), so a resumed run's file reads like
+an uninterrupted one's; that rewrite is atomic. A partial last line (a run killed mid-write, a
+full disk) is dropped with a warning; any other line that is not a JSON object is an error that
+names the file and the line.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
+
+from papo_fast.checkpoint import write_text_atomic
 
 # (key, title) of the panels, in order; missing keys are skipped
 PANELS = [
@@ -36,10 +42,15 @@ class MetricsLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("", encoding="utf-8")
+            if self.path.exists() and self.path.stat().st_size > 0:
+                raise ValueError(
+                    f"{self.path} already holds metrics; a new run does not overwrite them "
+                    "(resume that run, or log to another file)"
+                )
+            self.path.touch()
         elif self.path.exists():
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -47,10 +58,32 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order (see the module docstring for damaged files)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a metrics file (byte {err.start} is not UTF-8)") from None
+    lines = text.split("\n")  # the last item is "" when the file ends with a newline
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            out.append(json.loads(line))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: a write that was cut short
+                warnings.warn(
+                    f"{path}:{number}: dropped a partial last line ({len(line)} characters, "
+                    "no newline): the run stopped while writing it",
+                    stacklevel=2,
+                )
+                break
+            raise ValueError(
+                f"{path}:{number}: not a JSON line ({err.msg}, column {err.colno}): {line[:80]!r}"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}")
+        out.append(record)
     return out
 
 

@@ -1,4 +1,6 @@
-"""metrics.jsonl handling on resume, and the plots."""
+"""metrics.jsonl handling on resume, damaged files, and the plots."""
+
+import pytest
 
 from papo_fast.metrics import MetricsLogger, plot_comparison, plot_run, read_metrics
 
@@ -10,8 +12,44 @@ def test_resume_drops_lines_after_the_checkpoint(tmp_path):
         log.write({"step": step, "reward": step / 10})
     MetricsLogger(path, resume_step=2)
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
-    MetricsLogger(path)  # a fresh run starts an empty file
-    assert read_metrics(path) == []
+
+
+def test_a_new_logger_never_truncates_metrics(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    MetricsLogger(path).write({"step": 1, "reward": 0.5})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="metrics.jsonl already holds metrics"):
+        MetricsLogger(path)
+    assert path.read_bytes() == before
+    path.write_text("")  # an empty file holds nothing to lose
+    MetricsLogger(path).write({"step": 1})
+    assert read_metrics(path) == [{"step": 1}]
+
+
+def test_partial_last_line_is_dropped_with_a_warning(tmp_path):
+    # a kill (or a full disk) in the middle of write(): the last line has no newline and is cut
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.25}\n{"step": 3, "rew')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:3: dropped a partial last line"):
+        assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    with pytest.warns(UserWarning, match="partial last line"):
+        log = MetricsLogger(path, resume_step=2)  # resume rewrites the file without it
+    log.write({"step": 3, "reward": 0.75})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "middle, why",
+    [('{"step": 2, "rew', "not a JSON line"), ("[2, 3]", "not a JSON object")],
+)
+def test_bad_line_in_the_middle_names_file_and_line(tmp_path, middle, why):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"step": 1}}\n{middle}\n{{"step": 3}}\n')
+    with pytest.raises(ValueError, match=rf"metrics.jsonl:2: {why}"):
+        read_metrics(path)
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        MetricsLogger(path, resume_step=3)
+    assert path.read_text().count("\n") == 3  # left as it was
 
 
 def test_plots(tmp_path):
