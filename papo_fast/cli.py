@@ -32,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_metrics(runs: list[str]) -> dict[str, Path]:
+    """Label -> metrics.jsonl of each run directory: its name, or the path as given when two
+    runs share a name."""
+    for run in map(Path, runs):
+        if not run.is_dir():
+            raise ValueError(f"run directory not found: {run}")
+        if not (run / "metrics.jsonl").is_file():
+            raise ValueError(f"no metrics.jsonl in {run} (is it a run's out_dir?)")
+    names = [Path(r).name for r in runs]
+    unique = len(set(names)) == len(names)
+    return {(Path(r).name if unique else r): Path(r) / "metrics.jsonl" for r in runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -57,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from papo_fast.metrics import plot_comparison
 
-            runs = {Path(r).name: Path(r) / "metrics.jsonl" for r in args.runs}
-            print(f"wrote {plot_comparison(runs, args.png)}")
+            print(f"wrote {plot_comparison(_run_metrics(args.runs), args.png)}")
     except (ConfigError, ValueError) as err:
         print(f"papo-fast: error: {err}", file=sys.stderr)
         return 2

@@ -181,11 +181,16 @@ def run_demo(
     ``workers``: RL runs at once, one process each (0: one per CPU core).
     """
     out, wc = Path(out), wc or WarmupConfig()
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # Check the RL config first: a bad --set fails before minutes of warm-up.
+    # Check the settings first: a bad --set or --seeds fails before minutes of warm-up.
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"demo --seeds must be >= 1, got {seeds!r}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"demo --out {out} exists and is not a directory")
     base = config_from_dict(DEMO_RL, overrides)
     from papo_fast.data import load_prompts  # noqa: F401  (fail early without `datasets`)
+
+    out.mkdir(parents=True, exist_ok=True)
 
     train_path = arith.write_jsonl(
         arith.make_split(wc.seed + 10, wc.num_train, *wc.train_ops), out / "data" / "train.jsonl"
