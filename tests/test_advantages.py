@@ -97,31 +97,40 @@ def check(outcome, process, group_ids, mode, backend, correct=None, scale=True, 
         ("advantages", "outcome_adv", "process_adv"), res[:3], ref64, ref32, strict=True
     ):
         assert ours.dtype == torch.float32
-        assert_close_to_ref(ours, r64, r32, atol=1e-6, msg=f"{mode} {backend} {name}")
-    want = oracle_stats(ref32[0], corr, groups, mode, process)
+        assert_close_to_ref(ours, r64, r32, msg=f"{mode} {backend} {name}")
+    want = oracle_stats(ref64[0], corr, groups, mode, process)
+    same = oracle_stats(ref32[0], corr, groups, mode, process)
     for key, value in want.items():
-        assert_close(res.stats[key], torch.tensor(value), atol=1e-5, msg=key)
+        assert_close_to_ref(res.stats[key], torch.tensor(value), torch.tensor(same[key]), msg=key)
     return res
 
 
 # ----------------------------------------------------------------------------- hand-computed
 
 
+def exactly(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hand_computed_group(backend):
     # One group of 4: outcome [1, 0, 1, 1] -> mean 0.75, unbiased std sqrt(0.75 / 3) = 0.5,
-    #   A_out = [0.25, -0.75, 0.25, 0.25] / 0.5 = [0.5, -1.5, 0.5, 0.5]   (eps ignored below 1e-5).
+    #   A_out = [0.25, -0.75, 0.25, 0.25] / (0.5 + eps) = [0.5, -1.5, 0.5, 0.5] (1 - 2e-6).
     # Correct ones {0, 2, 3} have process [1, 0.5, 1] -> mean 5/6, std sqrt((2/36 + 4/36) / 2)
-    #   = sqrt(1/12) = 0.288675; A_proc = [1/6, -1/3, 1/6] / 0.288675 = [0.57735, -1.1547, 0.57735];
-    #   the wrong response's process score (0.9) is ignored.
+    #   = sqrt(1/12) = 0.288675; A_proc = [1/6, -1/3, 1/6] / (0.288675 + eps)
+    #   = [0.57735, -1.1547, 0.57735]; the wrong response's process score (0.9) is ignored.
+    eps, std_c = 1e-6, math.sqrt(1 / 12)
+    a_out = exactly(0.25, -0.75, 0.25, 0.25) / (0.5 + eps)
+    a_proc = exactly(1 / 6, 0.0, -1 / 3, 1 / 6) / (std_c + eps)
     out = torch.tensor([1.0, 0.0, 1.0, 1.0])
     proc = torch.tensor([1.0, 0.9, 0.5, 1.0])
     res = papo_advantages(out, proc, group_offsets=torch.tensor([0, 4]), backend=backend)
-    assert_close(res.outcome_adv, torch.tensor([0.5, -1.5, 0.5, 0.5]), atol=1e-5)
-    assert_close(res.process_adv, torch.tensor([0.57735, 0.0, -1.1547, 0.57735]), atol=1e-5)
-    assert_close(res.advantages, torch.tensor([1.07735, -1.5, -0.6547, 1.07735]), atol=1e-5)
+    same = oracle(out, proc, out == 1, [[0, 1, 2, 3]], "papo", dtype=torch.float32)
+    assert_close_to_ref(res.outcome_adv, a_out, same[1], msg="outcome_adv")
+    assert_close_to_ref(res.process_adv, a_proc, same[2], msg="process_adv")
+    assert_close_to_ref(res.advantages, a_out + a_proc, same[0], msg="advantages")
     assert res.stats["proc_active_frac"].item() == 1.0
-    assert_close(res.stats["correct_adv_min"], torch.tensor(-0.6547), atol=1e-4)
+    assert_close_to_ref(res.stats["correct_adv_min"], (a_out + a_proc)[2], same[0][2])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,8 +142,11 @@ def test_centre_only_and_lambda(backend):
     res = papo_advantages(
         out, proc, group_offsets=torch.tensor([0, 4]), scale_by_std=False, lam=0.5, backend=backend
     )
-    want = torch.tensor([0.25 + 0.5 / 6, -0.75, 0.25 - 0.5 / 3, 0.25 + 0.5 / 6])
-    assert_close(res.advantages, want, atol=1e-6)
+    want = exactly(0.25 + 0.5 / 6, -0.75, 0.25 - 0.5 / 3, 0.25 + 0.5 / 6)
+    same = oracle(
+        out, proc, out == 1, [[0, 1, 2, 3]], "papo", 0.5, scale=False, dtype=torch.float32
+    )
+    assert_close_to_ref(res.advantages, want, same[0])
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -205,9 +217,13 @@ def test_large_noncontiguous_ids_and_offsets_agree(backend):
     out, proc = torch.rand(n), torch.rand(n)
     correct = torch.rand(n) < 0.5
     by_offsets = papo_advantages(out, proc, group_offsets=offsets, correct=correct, backend=backend)
+    groups = groups_of(ids_sorted)
+    want, same = (
+        oracle(out, proc, correct, groups, "papo", dtype=t) for t in (None, torch.float32)
+    )
+    assert_close_to_ref(by_offsets.advantages, want[0], same[0], msg="by offsets")
     perm = torch.randperm(n)
-    by_ids = check(out[perm], proc[perm], ids_sorted[perm], "papo", backend, correct=correct[perm])
-    assert_close(by_ids.advantages, by_offsets.advantages[perm], atol=1e-6)  # summation order
+    check(out[perm], proc[perm], ids_sorted[perm], "papo", backend, correct=correct[perm])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,8 +305,12 @@ def test_bad_input(kwargs, match):
 
 
 def test_orm_needs_no_process():
-    res = papo_advantages(torch.tensor([1.0, 0.0]), group_offsets=torch.tensor([0, 2]), mode="orm")
-    assert_close(res.advantages, torch.tensor([0.7071, -0.7071]), atol=1e-4)
+    # [1, 0]: mean 0.5, unbiased std sqrt(0.5), A = +-0.5 / (sqrt(0.5) + eps) = +-0.70711
+    out = torch.tensor([1.0, 0.0])
+    res = papo_advantages(out, group_offsets=torch.tensor([0, 2]), mode="orm")
+    want = exactly(0.5, -0.5) / (math.sqrt(0.5) + 1e-6)
+    same = oracle(out, None, out == 1, [[0, 1]], "orm", dtype=torch.float32)
+    assert_close_to_ref(res.advantages, want, same[0])
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -321,12 +341,17 @@ def test_cuda_kernel_matches_the_cpu_path(mode):
     out = (torch.randint(0, 4, (ids.numel(),)) / 4).float()
     proc = (torch.randint(0, 3, (ids.numel(),)) / 2).float()
     correct = out > 0.5
-    cpu = papo_advantages(out, proc, group_ids=ids, correct=correct, mode=mode)
     gpu = papo_advantages(
         out.cuda(), proc.cuda(), group_ids=ids.cuda(), correct=correct.cuda(), mode=mode
     )
-    for a, b in zip(gpu[:3], cpu[:3], strict=True):
-        assert a.is_cuda
-        assert_close(a.cpu(), b, atol=2e-6, rtol=1e-6)
-    for key, value in cpu.stats.items():
-        assert_close(gpu.stats[key].cpu(), value, atol=1e-5, msg=key)
+    assert all(a.is_cuda for a in gpu[:3])
+    groups = groups_of(ids)
+    ref64 = oracle(out, proc, correct, groups, mode)
+    ref32 = oracle(out, proc, correct, groups, mode, dtype=torch.float32)
+    for name, a, r64, r32 in zip(gpu._fields, gpu[:3], ref64, ref32, strict=False):
+        assert_close_to_ref(a.cpu(), r64, r32, msg=name)
+    want = oracle_stats(ref64[0], correct, groups, mode, proc)
+    same = oracle_stats(ref32[0], correct, groups, mode, proc)
+    for key, value in want.items():
+        value, s = torch.tensor(value), torch.tensor(same[key])
+        assert_close_to_ref(gpu.stats[key].cpu(), value, s, msg=key)
