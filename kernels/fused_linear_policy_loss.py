@@ -49,8 +49,8 @@ from .fused_linear_logprobs import (
     chunk_stats,
     logits_buffer,
 )
-from .policy_loss import Count, PolicyLoss, check_inputs, policy_loss
-from .policy_loss_torch import LossConfig, advantages_per_token
+from .policy_loss import Count, PolicyLoss, apply_policy_loss, check_inputs
+from .policy_loss_torch import LossConfig
 
 FusedPolicyLoss = NamedTuple(
     "FusedPolicyLoss",
@@ -83,8 +83,10 @@ class _Batch(NamedTuple):
     cu_seqlens: torch.Tensor  # [B + 1]
     ref_logp: torch.Tensor | None  # [T]
     rollout_logp: torch.Tensor | None  # [T]
-    per_token_adv: bool
-    loss_kwargs: dict  # policy_loss's keywords, with the global counts
+    per_token_adv: bool  # read in the caller's layout, before packing
+    cfg: LossConfig
+    counts: dict  # num_tokens / num_seqs / max_len of the whole batch (or the caller's)
+    backend: str
     chunks: list[tuple[int, int, int, int]]  # (seq start, seq end, token start, token end)
 
 
@@ -92,14 +94,19 @@ def _chunk_loss(batch: _Batch, logp: torch.Tensor, chunk) -> PolicyLoss:
     """policy_loss on the sequences [s0, s1) = tokens [t0, t1); logp is the chunk's [t1 - t0]."""
     s0, s1, t0, t1 = chunk
     part = lambda t: None if t is None else t[t0:t1]  # noqa: E731
-    return policy_loss(
+    return apply_policy_loss(
         logp,
         part(batch.old_logp),
         batch.advantages[t0:t1] if batch.per_token_adv else batch.advantages[s0:s1],
-        cu_seqlens=batch.cu_seqlens[s0 : s1 + 1] - t0,
-        ref_logp=part(batch.ref_logp),
-        rollout_logp=part(batch.rollout_logp),
-        **batch.loss_kwargs,
+        None,
+        batch.cu_seqlens[s0 : s1 + 1] - t0,
+        part(batch.ref_logp),
+        part(batch.rollout_logp),
+        batch.cfg,
+        batch.per_token_adv,  # a chunk's T may equal its B: the reading is the caller's
+        batch.counts,
+        False,  # finiteness: one check for the whole batch, after the chunks
+        batch.backend,
     )
 
 
@@ -182,7 +189,7 @@ def _raise_non_finite(batch: _Batch, seq_counts: torch.Tensor) -> None:
     look again), else the log-probs computed from hidden / weight / bias."""
     adv = batch.advantages if batch.per_token_adv else batch.advantages[seq_counts > 0]
     named = ("old_logp", batch.old_logp), ("advantages", adv), ("rollout_logp", batch.rollout_logp)
-    uses_ref = batch.loss_kwargs["beta"] != 0  # ref_logp is read only then
+    uses_ref = batch.cfg.uses_ref  # ref_logp is read only then
     for name, t in (*named, ("ref_logp", batch.ref_logp if uses_ref else None)):
         if t is not None and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
@@ -207,7 +214,7 @@ def _plan_chunks(cu: list[int], rows: int):
     return chunks
 
 
-def _pack(mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp):
+def _pack(mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp, per_token_adv):
     """Padded [B, L] -> packed [T_valid]: padding gets no logits. Exact: policy_loss gives both
     layouts the same numbers. Returns the packed tensors, cu_seqlens and the valid positions."""
     valid = mask.reshape(-1) != 0
@@ -220,7 +227,7 @@ def _pack(mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp):
     else:
         flat = lambda t: None if t is None else t.reshape(-1).index_select(0, idx)  # noqa: E731
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # grad scatters back
-    advantages = flat(advantages) if advantages.dim() == 2 else advantages
+    advantages = flat(advantages) if per_token_adv else advantages
     packed = (hidden, flat(targets), flat(old_logp), advantages, flat(ref_logp), flat(rollout_logp))
     return packed, cu_seqlens, idx
 
@@ -293,24 +300,24 @@ def fused_linear_policy_loss(
             f"hidden must be [B, L, H] with mask or [T, H] with cu_seqlens, got {shape}"
         )
     acc = compute_dtype(hidden)
-    hyper = dict(
+    cfg = LossConfig.of(
         eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl=kl,
         ratio_level=ratio_level, agg=agg, is_cap=is_cap,
     )  # fmt: skip
-    kwargs = dict(**hyper, check_finite=check_finite, backend=backend)
     user_counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     # policy_loss's checks on the whole batch before any product; logp is a zero-stride stand-in
-    # (no memory, no pass). Finiteness is counted in the chunks' own passes.
+    # (no memory, no pass). Finiteness is counted in the chunks' own passes. The advantages are
+    # read per token or per sequence here, in the caller's layout: packing can make T equal B.
     logp_like = torch.zeros((), device=targets.device, dtype=acc).expand(targets.shape)
-    check_inputs(
-        logp_like, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp,
-        LossConfig.of(**hyper), user_counts, verify_cu=False,
+    per_token_adv = check_inputs(
+        logp_like, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
+        user_counts, verify_cu=False,
     )  # fmt: skip
     resolve_backend(backend, hidden, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp)
     padded_shape, idx = targets.shape, None
     if mask is not None:
         packed, cu_seqlens, idx = _pack(
-            mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp
+            mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp, per_token_adv
         )
         hidden, targets, old_logp, advantages, ref_logp, rollout_logp = packed
     cu = cu_seqlens.tolist()  # the one host sync of the chunk plan (and the layout's check)
@@ -328,9 +335,9 @@ def fused_linear_policy_loss(
         logp, ent = FusedLinearLogprobsFunction.apply(
             h2, weight, bias, t1, float(temperature), return_entropy, backend, rows
         )
-        res = policy_loss(
-            logp, old_logp, advantages, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
-            rollout_logp=rollout_logp, **kwargs, **user_counts,
+        res = apply_policy_loss(
+            logp, old_logp, advantages, None, cu_seqlens, ref_logp, rollout_logp, cfg,
+            per_token_adv, user_counts, check_finite, backend,
         )  # fmt: skip
         loss, metrics, logp = res.loss, res[1:], logp.detach()
     else:
@@ -343,9 +350,8 @@ def fused_linear_policy_loss(
             "max_len": seq_counts.max() if max_len is None else max_len,
         }  # policy_loss's own defaults, over the whole batch
         batch = _Batch(
-            t1, old_logp, advantages, cu_seqlens, ref_logp, rollout_logp,
-            advantages_per_token(advantages, len(cu) - 1),
-            {**kwargs, **counts, "check_finite": False}, chunks,
+            t1, old_logp, advantages, cu_seqlens, ref_logp, rollout_logp, per_token_adv, cfg,
+            counts, backend, chunks,
         )  # fmt: skip
         loss, metrics, logp, ent = FusedLinearPolicyLossFunction.apply(
             h2, weight, bias, batch, float(temperature), return_entropy, backend, need

@@ -97,9 +97,12 @@ def _check_count(name: str, value: Count | None) -> None:
 
 def check_inputs(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
-) -> None:
+) -> bool:
     """Every argument check of ``policy_loss`` (no pass over the values; one sync for cu_seqlens
-    when ``verify_cu``). Finiteness is counted in the loss's own pass."""
+    when ``verify_cu``). Finiteness is counted in the loss's own pass.
+
+    Returns whether the advantages are per token (``advantages_per_token``, in this layout).
+    """
     if not isinstance(logp, torch.Tensor):
         raise ValueError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
     check_float("logp", logp)
@@ -142,7 +145,8 @@ def check_inputs(
     if not isinstance(advantages, torch.Tensor):
         raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     check_float("advantages", advantages)
-    if advantages_per_token(advantages, b) and advantages.shape != logp.shape:
+    per_token = advantages_per_token(advantages, logp, b)
+    if advantages.shape != (logp.shape if per_token else (b,)):
         raise ValueError(
             f"advantages has shape {tuple(advantages.shape)}, expected [{b}] (per sequence) or "
             f"logp's {tuple(logp.shape)} (per token)"
@@ -170,6 +174,7 @@ def check_inputs(
         raise ValueError(f"is_cap must be None or a number > 0, got {cfg.is_cap!r}")
     for name, value in counts.items():
         _check_count(name, value)
+    return per_token
 
 
 # -------------------------------------------------------------------------------------------------
@@ -213,15 +218,15 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
-                num_tokens, num_seqs, max_len, backend):  # fmt: skip
+                adv_per_token, num_tokens, num_seqs, max_len, backend):  # fmt: skip
         counts = (num_tokens, num_seqs, max_len)
         dtype = compute_dtype(logp)
+        inputs = (logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg)
         if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
             need_counts = num_seqs is None or (cfg.agg.endswith("norm") and max_len is None)
             grad, partials, seq_counts = policy_loss_triton(
-                logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
-                need_seq_counts=cfg.agg != "token-mean" and need_counts,
-            )  # fmt: skip
+                *inputs, adv_per_token, need_seq_counts=cfg.agg != "token-mean" and need_counts
+            )
             if not any(isinstance(c, torch.Tensor) for c in counts):
                 loss, inv_denom, metrics = finalize_triton(
                     partials, seq_counts, cfg, *counts, dtype
@@ -230,9 +235,7 @@ class PolicyLossFunction(torch.autograd.Function):
                 stats = reduce_partials(partials, dtype)
                 loss, inv_denom, metrics = _finalize(cfg, stats, seq_counts, *counts)
         else:
-            grad, stats, seq_counts = policy_loss_torch(
-                logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg
-            )
+            grad, stats, seq_counts = policy_loss_torch(*inputs, adv_per_token)
             loss, inv_denom, metrics = _finalize(cfg, stats, seq_counts, *counts)
         ctx.save_for_backward(grad, inv_denom)
         ctx.mark_non_differentiable(metrics)
@@ -241,7 +244,7 @@ class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         grad, inv_denom = ctx.saved_tensors
-        return (grad * (grad_loss * inv_denom),) + (None,) * 11
+        return (grad * (grad_loss * inv_denom),) + (None,) * 12
 
 
 # -------------------------------------------------------------------------------------------------
@@ -283,7 +286,10 @@ def policy_loss(
             under the current policy; float32/bf16/fp16/float64. The only input given a gradient.
         old_logp: like logp, the log-probs at sampling time (the PPO "old" policy). None means
             on-policy: the ratio is exp(logp − sg(logp)) = 1, gradient A·∂logp.
-        advantages: [B] one per sequence (broadcast over its tokens) or per token, like logp.
+        advantages: one per sequence, [B] (broadcast over its tokens), or per token, like logp.
+            The shape decides (``advantages_per_token``): padded, [B] or [B, L]; packed, [B] or
+            [T]. A packed call with T == B fits both: it is read per sequence (the readings
+            differ only when a sequence is empty; per-token values then need the padded layout).
         mask: [B, L], nonzero = valid token (padded layout). Masked positions may hold anything.
         cu_seqlens: [B + 1] int32/int64 offsets of the sequences in logp (packed layout, all valid).
         ref_logp: like logp, the reference policy's log-probs; read only when beta > 0.
@@ -315,16 +321,28 @@ def policy_loss(
     )  # fmt: skip
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
-    check_inputs(
+    per_token = check_inputs(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
     )
+    return apply_policy_loss(
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, per_token,
+        counts, check_finite, backend,
+    )  # fmt: skip
+
+
+def apply_policy_loss(
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg: LossConfig,
+    adv_per_token: bool, counts: dict, check_finite: bool, backend: str,
+) -> PolicyLoss:  # fmt: skip
+    """``policy_loss`` on inputs that ``check_inputs`` accepted, with its reading of the
+    advantages (so a caller that repacks them keeps the reading of its own layout)."""
     ref_logp = ref_logp if cfg.uses_ref else None
     backend = resolve_backend(
         backend, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp
     )
     loss, metrics = PolicyLossFunction.apply(
-        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
-        num_tokens, num_seqs, max_len, backend,
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
+        counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend,
     )  # fmt: skip
     if check_finite:
         bad = metrics[8:].tolist()

@@ -66,8 +66,16 @@ class LossConfig:
         return self.beta != 0.0
 
 
-def advantages_per_token(advantages: torch.Tensor, num_seqs: int) -> bool:
-    """[B] is per sequence (also when a packed batch has T == B); anything else is per token."""
+def advantages_per_token(advantages: torch.Tensor, logp: torch.Tensor, num_seqs: int) -> bool:
+    """Per token or per sequence, from the shapes in the caller's layout, never from counts.
+
+    Padded (logp [B, L]): 2-D advantages are per token, 1-D per sequence. Packed (logp [T]): a
+    1-D tensor of B values is per sequence, anything else per token. A packed [T] with T == B is
+    the one shape both readings fit: it is read per sequence. The readings differ only when some
+    sequence is empty (T == B with every length >= 1 means every length is 1).
+    """
+    if logp.dim() == 2:
+        return advantages.dim() == 2
     return not (advantages.dim() == 1 and advantages.numel() == num_seqs)
 
 
@@ -80,6 +88,7 @@ def policy_loss_torch(
     ref_logp: torch.Tensor | None,  # like logp
     rollout_logp: torch.Tensor | None,  # like logp
     cfg: LossConfig,
+    adv_per_token: bool,  # advantages_per_token's reading, made in the caller's layout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs.
 
@@ -132,7 +141,7 @@ def policy_loss_torch(
     lp = logp.detach().to(cdt)
     old = lp if old_logp is None else old_logp.detach().to(cdt)
     adv = advantages.detach().to(cdt)
-    per_token = advantages_per_token(advantages, b)
+    per_token = adv_per_token
     neg_adv = -adv if per_token else expand(-adv)  # [B, L] | [B, 1] | [T]
     log_ratio = torch.zeros_like(lp) if old_logp is None else lp - old
     log_w = None if rollout_logp is None else old - rollout_logp.detach().to(cdt)

@@ -25,14 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .policy_loss_torch import (
-    CHECKED,
-    KLS,
-    NUM_STATS,
-    RATIO_MAX,
-    RATIO_MIN,
-    advantages_per_token,
-)
+from .policy_loss_torch import CHECKED, KLS, NUM_STATS, RATIO_MAX, RATIO_MIN
 
 
 @triton.jit
@@ -277,11 +270,13 @@ def _policy_loss_finalize_kernel(
 # writes the gradient (b); backward reads and writes it once more (2b). Per-sequence advantages,
 # cu_seqlens and the stats are O(B). ~10 FLOPs a token: memory-bound everywhere.
 def policy_loss_triton(
-    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, need_seq_counts=True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
+    need_seq_counts=True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None).
 
-    Inputs are checked. ``reduce_partials`` turns the rows into policy_loss_torch's stats vector,
+    Inputs are checked; ``adv_per_token`` is advantages_per_token's reading of the caller's
+    layout. ``reduce_partials`` turns the rows into policy_loss_torch's stats vector,
     ``finalize_triton`` straight into the loss and metrics.
     """
     packed = cu_seqlens is not None
@@ -330,7 +325,7 @@ def policy_loss_triton(
         cfg.eps_low, cfg.eps_high, cfg.dual_clip or 0.0,
         cfg.beta, math.inf if cfg.is_cap is None else cfg.is_cap,
         PACKED=packed, HAS_OLD=old_logp is not None,
-        ADV_PER_TOKEN=advantages_per_token(advantages, b), SEQ_LEVEL=seq_level,
+        ADV_PER_TOKEN=adv_per_token, SEQ_LEVEL=seq_level,
         PER_SEQ_MEAN=per_seq_mean, HAS_DUAL=cfg.dual_clip is not None,
         HAS_ROLLOUT=rollout_logp is not None,
         KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0, NUM_STATS=NUM_STATS,

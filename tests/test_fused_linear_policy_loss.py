@@ -497,3 +497,55 @@ def test_cuda_bf16_matches_reference():
     assert_close_to_ref(loss, want[0], same[0], scale=want.scale, ref_err=bound, msg="loss")
     for leaf, w, s, name in zip(leaves, want[4:7], same[4:7], ["gh", "gw", "gb"], strict=True):
         assert_close_to_ref(leaf.grad.cpu(), w, s, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entry", ["function", "module"])
+def test_padded_per_token_advantages_when_valid_tokens_equal_b(backend, entry):
+    # B = 2, L = 3, valid tokens [[1, 1, 0], [0, 0, 0]]: 2 valid tokens, as many as sequences.
+    # Advantages [B, L] are per token whatever the counts: on-policy (ratio 1) loss_t = -A_t, so
+    # token-mean = -(1 + -3) / 2 = +1.0 (read per sequence, A = 1 on both tokens, it is -1.0).
+    # d loss / d logp_t = -A_t / 2 = [-0.5, 1.5].
+    d = make_batch(B=2, L=3, lengths=[2, 0])
+    adv = torch.tensor([[1.0, -3.0, 0.0], [0.0, 0.0, 0.0]])
+    h = d["hidden"].clone().requires_grad_()
+    args = (h, d["weight"], d["targets"], None, adv)
+    if entry == "module":
+        res = PAPOLoss(backend=backend)(*args, mask=d["mask"])
+    else:
+        res = fused_linear_policy_loss(*args, mask=d["mask"], backend=backend)
+    res.loss.backward()
+    assert_close(res.loss, torch.tensor(1.0), atol=ulp_atol(torch.float32, 3.0))
+    # the gradient through the log-probs: d logp_t / d h_t of the float64 formula, times -A_t / 2
+    h64 = d["hidden"].double().requires_grad_()
+    logp, _ = materialized(h64, d["weight"].double(), torch.zeros(()), d["targets"], 1.0)
+    (logp * torch.tensor([[-0.5, 1.5, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)).sum().backward()
+    h32 = d["hidden"].clone().requires_grad_()
+    logp32, _ = materialized(h32, d["weight"], torch.zeros(()), d["targets"], 1.0)
+    (logp32 * torch.tensor([[-0.5, 1.5, 0.0], [0.0, 0.0, 0.0]])).sum().backward()
+    assert_close_to_ref(h.grad, h64.grad, h32.grad, msg="grad_hidden")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_advantages_with_t_equal_b_are_per_sequence(backend):
+    # Packed, lens [2, 0]: T == B == 2, so a [2] tensor is read per sequence, as policy_loss
+    # reads it (documented): on-policy, -A_0 on both tokens, token-mean -> -1.0.
+    d = make_batch(B=2, L=3, lengths=[2, 0])
+    m = d["mask"]
+    res = fused_linear_policy_loss(
+        d["hidden"][m], d["weight"], d["targets"][m], None, torch.tensor([1.0, -3.0]),
+        cu_seqlens=torch.tensor([0, 2, 2]), backend=backend,
+    )  # fmt: skip
+    assert res.loss.item() == -1.0
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_per_token_advantages_in_a_chunk_with_as_many_tokens_as_sequences(small_chunks, layout):
+    # Valid lengths [2, 0, 15, 15] and chunks of 16 rows: the first chunk holds sequences 0 and 1,
+    # 2 tokens for 2 sequences. Its per-token advantages stay per token (T = 32 != B = 4 overall).
+    d = make_batch(B=4, L=15, lengths=[2, 0, 15, 15])
+    d["adv"] = torch.randn(d["mask"].shape, dtype=torch.float64)
+    want = reference(d, torch.float64, 1.0)
+    same = reference(d, torch.float32, 1.0)
+    res, *got = ours(d, layout, 1.0)
+    compare(res, (res, *got), want, same, d["mask"])

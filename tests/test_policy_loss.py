@@ -658,6 +658,20 @@ def test_bad_inputs(change, match):
         policy_loss(**_bad(**change))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_advantages_read_by_shape_when_valid_tokens_equal_b(backend):
+    # mask [[1, 1, 0], [0, 0, 0]]: 2 valid tokens for B = 2. [B, L] is per token, [B] per
+    # sequence, whatever the counts. On-policy, token-mean of -A_t: -(1 - 3) / 2 = +1 per token;
+    # -(1 + 1) / 2 = -1 per sequence (A = [1, -3]: sequence 0 gets 1 on both tokens).
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    per_token = torch.tensor([[1.0, -3.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    res = policy_loss(logp, None, per_token, mask=mask, backend=backend)
+    assert res.loss.item() == 1.0
+    per_seq = torch.tensor([1.0, -3.0], dtype=torch.float64)
+    assert policy_loss(logp, None, per_seq, mask=mask, backend=backend).loss.item() == -1.0
+
+
 def test_packed_advantages_with_t_equal_b_are_per_sequence():
     # lens [0, 2]: T == B == 2, so advantages of 2 values are read per sequence (A_0 unused).
     logp = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
