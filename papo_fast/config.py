@@ -472,7 +472,7 @@ def _check_numbers(cfg: Config) -> None:
         items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
         for i, v in items:
             name = f"config.{key}" if i is None else f"config.{key}[{i}]"
-            if not math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{name} must be a finite number, got {v}")
             if v not in rule:
                 raise ConfigError(

@@ -319,3 +319,15 @@ def test_bad_explicit_yaml_tag_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"--set 'train.steps=!!float x': value is not valid"):
         config_from_dict({}, ["train.steps=!!float x"])
     assert config_from_dict({}, ["train.steps=!!int 0x10"]).train.steps == 16  # YAML's own tag
+
+
+def test_huge_ints_meet_their_rule_without_overflow():
+    # math.isfinite(10**400) raises OverflowError: only floats are checked for finiteness.
+    big = 10**400
+    assert config_from_dict({}, [f"optim.warmup_steps={big}"]).optim.warmup_steps == big
+    with pytest.raises(
+        ConfigError, match=re.escape("config.train.seed must be in [0, 4294967296)")
+    ):
+        config_from_dict({}, [f"train.seed={big}"])
+    with pytest.raises(ConfigError, match=re.escape("config.optim.lr must be a finite number")):
+        config_from_dict({}, [f"optim.lr={big}"])
