@@ -21,12 +21,17 @@ Choices:
    kernel drops it when the holder exits, killed or not, so a crash never leaves a stale lock.
 4. A failed write (a full disk, a quota) is a RunDirError that says so and where; the temporary
    directory goes, the previous checkpoint and ``latest`` stay as they were.
+5. A run never overwrites another: a new run refuses a directory that holds metrics or
+   checkpoints (check_new_run); a resume needs a checkpoint, and refuses a configuration that
+   differs from the saved one outside the keys the trainer names resumable (resume_point).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
+import json
 import os
 import pickle
 import random
@@ -314,3 +319,82 @@ def load_state(path: str | Path) -> dict:
     if file.parent.name != step_name(state["step"]):
         raise RunDirError(f"{file} is the state of step {state['step']}, not of {file.parent.name}")
     return state
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def open_run_dir(out: Path, resume: bool) -> RunLock:
+    """Create ``out`` (train.out_dir) for a new run and lock it; RunDirError when it cannot be."""
+    if resume and not out.exists():
+        raise RunDirError(f"nothing to resume: train.out_dir {out} does not exist")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(f"train.out_dir {out} exists and is not a directory") from None
+    except OSError as err:
+        raise RunDirError(f"train.out_dir {out} cannot be created: {err.strerror}") from None
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except RunDirError as err:
+        raise RunDirError(
+            f"train.out_dir {err}; wait for that run to end or use another train.out_dir"
+        ) from None
+    except OSError as err:
+        raise RunDirError(f"train.out_dir {out} is not writable: {err.strerror}") from None
+    return lock
+
+
+def check_new_run(out: Path) -> None:
+    """A new run never overwrites one: ``out`` may not hold metrics or checkpoints."""
+    metrics, ckpts = out / "metrics.jsonl", out / "checkpoints"
+    held = ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size > 0 else []
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        held.append("checkpoints/")
+    if held:
+        raise RunDirError(
+            f"train.out_dir {out} already holds a run ({', '.join(held)}); "
+            "use --resume or another train.out_dir"
+        )
+
+
+def config_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, value in the dataclass ``cfg``) of every setting that differs,
+    in field order; a key the saved config lacks compares as its default."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value, old = getattr(cfg, f.name), saved.get(f.name, dataclasses.MISSING)
+        if dataclasses.is_dataclass(value):
+            nested = config_changes(old if isinstance(old, dict) else {}, value)
+            out += [(f"{f.name}.{k}", a, b) for k, a, b in nested]
+            continue
+        if old is dataclasses.MISSING:
+            old = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if json.dumps(old, sort_keys=True) != json.dumps(value, sort_keys=True):
+            out.append((f.name, old, value))
+    return out
+
+
+def resume_point(out: Path, cfg, resumable: frozenset[str]) -> tuple[Path, dict]:
+    """The last checkpoint under ``out`` and its state, once its saved configuration differs
+    from ``cfg`` in ``resumable`` keys only."""
+    root = out / "checkpoints"
+    ckpt = latest_checkpoint(root)
+    if ckpt is None:
+        raise RunDirError(
+            f"nothing to resume in train.out_dir {out}: no checkpoint in {root} (a run saves "
+            "every train.save_every steps and at its end); to start over, remove that "
+            "directory or use another train.out_dir"
+        )
+    state = load_state(ckpt)
+    fixed = [x for x in config_changes(state["config"], cfg) if x[0] not in resumable]
+    if fixed:
+        lines = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r}" for k, a, b in fixed)
+        raise RunDirError(
+            f"cannot resume train.out_dir {out} with these settings changed; they define the "
+            f"run and must stay as saved in {ckpt}:\n{lines}\n"
+            f"A resumed run may change only {', '.join(sorted(resumable))}; "
+            "to change the others, start a new run in another train.out_dir"
+        )
+    return ckpt, state

@@ -36,46 +36,96 @@ Choices, and where this departs from a textbook GRPO loop:
     seconds...) go into the step's metrics as they report them, those of held-out evaluation with
     an ``eval_`` prefix (rewards.py). With data.solution_field, the reference solutions reach a
     judge whose ``score`` takes ``solutions=`` (the rubric judge does).
+11. The run directory (checkpoint.py) is locked from construction until train() returns or
+    raises (or close()): one run per train.out_dir. A new run refuses a directory that holds
+    metrics or checkpoints; a resume needs a checkpoint and refuses changed settings that define
+    the run (all but RESUMABLE), so config.json never lies. All of it, and model.device, is
+    checked before the model loads.
+12. A step that finished is never lost: when evaluation, logging or the ``on_step`` hook fails
+    with an error, the step's metrics are logged (without the evaluation) and it is saved before
+    the error propagates. A failure inside a step saves nothing (half an update is no state to
+    resume from), nor does KeyboardInterrupt: a stop resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from papo_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from papo_fast.checkpoint import (
+    RunDirError,
+    check_new_run,
+    open_run_dir,
+    resume_point,
+    save_checkpoint,
+    set_rng_state,
+    write_text_atomic,
+)
 from papo_fast.config import Config, ConfigError
 from papo_fast.data import PromptSampler, load_prompts
 from papo_fast.kernels.advantages import papo_advantages
 from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
 from papo_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss
-from papo_fast.metrics import MetricsLogger, ProgressBar
+from papo_fast.metrics import MetricsLogger, ProgressBar, read_metrics
 from papo_fast.rewards import collect_metrics, compute_rewards, load_judge, load_verifier
 from papo_fast.rollout import Request, SamplingParams, make_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "kl", "ratio_mean")
+# Settings a resumed run may change (choice 11): how long it runs, when it evaluates, saves and
+# reports, and where and in what pieces it computes the same thing. Every other setting defines
+# the run (its data, model, sampling, rewards, loss, optimizer, seed) and must stay as saved.
+RESUMABLE = frozenset(
+    {
+        "train.steps",
+        "train.eval_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.progress",
+        "train.threads",
+        "train.out_dir",
+        "train.micro_batch_size",
+        "model.device",
+        "model.attn_implementation",
+        "rollout.batch_size",
+    }
+)
 
 
 def model_device(cfg: Config) -> torch.device:
-    """model.device, with "auto" = the GPU when there is one."""
-    if cfg.model.device == "auto":
+    """model.device, with "auto" = the GPU when there is one; a CUDA device this machine does not
+    have is a ConfigError."""
+    name = cfg.model.device
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.model.device)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"model.device is {name!r}, but torch sees {count} CUDA device(s) here; "
+                "use model.device: cpu (or auto)"
+                + (f", or one of cuda:0..cuda:{count - 1}" if count else "")
+            )
+    return device
 
 
-def load_model(path: str, cfg: Config, trainable: bool = True):
+def load_model(path: str, cfg: Config, trainable: bool = True, safetensors_only: bool = False):
     """A causal LM (on model.device) and its tokenizer from a local directory (a clear error when
-    it is not one)."""
+    it is not one). ``safetensors_only``: never unpickle weights (a checkpoint of ours)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path or not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model path {path!r} is not a directory with a config.json")
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation
+        path,
+        dtype=DTYPES[cfg.model.dtype],
+        attn_implementation=cfg.model.attn_implementation,
+        use_safetensors=True if safetensors_only else None,
     ).to(model_device(cfg))
     model.train(trainable)
     model.requires_grad_(trainable)
@@ -152,15 +202,36 @@ class Trainer:
         self.cfg, c = cfg, cfg
         if c.train.threads > 0:
             torch.set_num_threads(c.train.threads)
-        # Everything that can fail on bad input fails here, before any training.
+        # Everything that can fail on bad input fails here, before any training; the run
+        # directory and the checkpoint are checked before the model loads (choice 11).
+        model_device(c)
         self.verifier = load_verifier(c.reward.verifier)
         self.judge = load_judge(c.reward.judge)
         self.train_data = load_prompts(c.data.train_path, c.data)
         self.eval_data = load_prompts(c.data.eval_path, c.data) if c.data.eval_path else None
         self.out = Path(c.train.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
-        self.model, self.tok = load_model(str(ckpt) if ckpt else c.model.path, c)
+        self.lock = open_run_dir(self.out, resume)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        c = self.cfg
+        ckpt, state = resume_point(self.out, c, RESUMABLE) if resume else (None, None)
+        if resume and (self.out / "metrics.jsonl").is_file():
+            read_metrics(self.out / "metrics.jsonl")  # a damaged file fails here, named
+        if not resume:
+            check_new_run(self.out)
+        self.sampler = PromptSampler(len(self.train_data), c.train.seed)
+        if state is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        if ckpt is not None:
+            self.model, self.tok = load_model(str(ckpt), c, safetensors_only=True)
+        else:
+            self.model, self.tok = load_model(c.model.path, c)
         self.ref = None
         if c.loss.beta > 0:
             self.ref, _ = load_model(c.model.ref_path or c.model.path, c, trainable=False)
@@ -170,7 +241,6 @@ class Trainer:
             betas=c.optim.betas,
             weight_decay=c.optim.weight_decay,
         )
-        self.sampler = PromptSampler(len(self.train_data), c.train.seed)
         self.backend = make_backend(
             c.rollout.backend,
             self.model,
@@ -182,21 +252,24 @@ class Trainer:
             c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens
         )
         self.step = 0
-        if ckpt is not None:
-            state = load_state(ckpt)
+        if state is not None:
             self.opt.load_state_dict(state["optimizer"])
-            self.sampler.load_state_dict(state["sampler"])
             set_rng_state(state["rng"])
             self.step = state["step"]
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2), encoding="utf-8")
-        self.log = MetricsLogger(self.out / "metrics.jsonl", self.step if ckpt else None)
+        self.saved_step = self.step  # the last step with a checkpoint (0: the initial model)
+        write_text_atomic(self.out / "config.json", json.dumps(c.to_dict(), indent=2))
+        self.log = MetricsLogger(self.out / "metrics.jsonl", self.step if state else None)
+
+    def close(self) -> None:
+        """Free the run directory for another run (train() does it on its way out)."""
+        self.lock.release()
 
     # ------------------------------------------------------------------------- the loop
 
     def train(self, on_step=None, bar_position: int = 0) -> dict:
         """Run to ``train.steps``; returns the last metrics. ``on_step(step, metrics)`` hook."""
         c = self.cfg.train
+        self.lock.acquire()  # again, when an earlier train() freed it
         bar = ProgressBar(c.steps, self.step, self.out.name, c.progress, bar_position)
         metrics: dict = {}
         try:
@@ -204,20 +277,36 @@ class Trainer:
                 self.log.write({"step": 0, **self.evaluate()})
             while self.step < c.steps:
                 metrics = self.train_step()
-                last = self.step == c.steps
-                if self.eval_data is not None and (
-                    last or (c.eval_every > 0 and self.step % c.eval_every == 0)
-                ):
-                    metrics.update(self.evaluate())
-                self.log.write(metrics)
-                bar.update(metrics)
-                if last or (c.save_every > 0 and self.step % c.save_every == 0):
-                    self.save()
-                if on_step is not None:
-                    on_step(self.step, metrics)
+                logged = False
+                try:
+                    last = self.step == c.steps
+                    if self.eval_data is not None and (
+                        last or (c.eval_every > 0 and self.step % c.eval_every == 0)
+                    ):
+                        metrics.update(self.evaluate())
+                    self.log.write(metrics)
+                    logged = True
+                    bar.update(metrics)
+                    if last or (c.save_every > 0 and self.step % c.save_every == 0):
+                        self.save()
+                    if on_step is not None:
+                        on_step(self.step, metrics)
+                except Exception as err:
+                    if self.saved_step != self.step and not isinstance(err, RunDirError):
+                        self._keep_finished_step(metrics, logged)
+                    raise
         finally:
             bar.close()
+            self.close()
         return metrics
+
+    def _keep_finished_step(self, metrics: dict, logged: bool) -> None:
+        """After a failure past a finished step: log what it measured, then save it (choice 12).
+        A save that fails too raises its own error, the first one chained to it."""
+        if not logged:
+            with contextlib.suppress(Exception):  # the weights matter more than the line
+                self.log.write(metrics)
+        self.save()
 
     def train_step(self) -> dict:
         c, t0 = self.cfg, time.perf_counter()
@@ -419,7 +508,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return save_checkpoint(
+        path = save_checkpoint(
             self.ckpt_dir,
             self.step,
             self.model,
@@ -428,3 +517,5 @@ class Trainer:
             {"sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()},
             keep=self.cfg.train.keep_checkpoints,
         )
+        self.saved_step = self.step
+        return path
