@@ -162,7 +162,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 def _read_pointer(root: Path) -> str | None:
     try:
         return (root / POINTER).read_text(encoding="utf-8").strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
 
 

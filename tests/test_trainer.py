@@ -472,3 +472,18 @@ def test_resume_applies_settings_that_may_change(assets, tmp_path, finished_run)
     assert written["train"]["steps"] == 2 and written["train"]["keep_checkpoints"] == 1
     assert written["train"]["out_dir"] == str(out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002"]
+
+
+def test_full_disk_at_the_final_save_is_one_clear_error(assets, tmp_path, monkeypatch):
+    trainer = make_trainer(make_config(assets, tmp_path / "run", steps=1))
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("papo_fast.checkpoint.torch.save", full)
+    with pytest.raises(ValueError, match=r"checkpoint step_000001 in .*: the disk is full"):
+        trainer.train()
+    assert len(calls) == 1  # a failed save is not tried again on the way out
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
