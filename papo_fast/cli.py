@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from papo_fast.metrics import plot_comparison
 
-            print(f"wrote {plot_comparison(_run_metrics(args.runs), args.png)}")
+            png = Path(args.png)
+            if png.is_dir():
+                raise ValueError(f"plot output {png} is a directory; give a file name (.png)")
+            if not png.parent.is_dir():
+                raise ValueError(f"plot output directory not found: {png.parent}")
+            print(f"wrote {plot_comparison(_run_metrics(args.runs), png)}")
     except (ConfigError, ValueError) as err:
         print(f"papo-fast: error: {err}", file=sys.stderr)
         return 2

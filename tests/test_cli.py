@@ -90,3 +90,14 @@ def test_numbers_as_written_through_the_command(tmp_path, capsys):
         assert "dataset not found" in err and "optim.lr" not in err
     assert main(["train", str(cfg), "--set", "optim.lr=inf"]) == 2
     assert "config.optim.lr must be a finite number, got inf" in capsys.readouterr().err
+
+
+def test_plot_output_in_a_missing_directory_or_onto_a_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0, "accuracy": 0.5}\n')
+    png = tmp_path / "nodir" / "cmp.png"
+    assert main(["plot", str(png), str(run)]) == 2
+    assert f"plot output directory not found: {png.parent}" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path), str(run)]) == 2
+    assert f"plot output {tmp_path} is a directory; give a file name" in capsys.readouterr().err
