@@ -28,6 +28,7 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -64,6 +65,7 @@ class RunLock:
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir) / LOCK_FILE
         self._file = None
+        self.made_dir = False  # open_run_dir created the directory for this run
 
     @property
     def held(self) -> bool:
@@ -96,6 +98,16 @@ class RunLock:
         if self._file is not None:
             self._file.close()  # closing the descriptor drops the flock
             self._file = None
+
+    def abandon(self) -> None:
+        """Release after a run that never started: a directory open_run_dir made for it goes
+        again, unless something else was written there."""
+        if self.made_dir and self._file is not None:
+            self.path.unlink(missing_ok=True)
+        self.release()
+        if self.made_dir:
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -328,6 +340,7 @@ def open_run_dir(out: Path, resume: bool) -> RunLock:
     """Create ``out`` (train.out_dir) for a new run and lock it; RunDirError when it cannot be."""
     if resume and not out.exists():
         raise RunDirError(f"nothing to resume: train.out_dir {out} does not exist")
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -335,6 +348,7 @@ def open_run_dir(out: Path, resume: bool) -> RunLock:
     except OSError as err:
         raise RunDirError(f"train.out_dir {out} cannot be created: {err.strerror}") from None
     lock = RunLock(out)
+    lock.made_dir = made
     try:
         lock.acquire()
     except RunDirError as err:

@@ -215,7 +215,7 @@ class Trainer:
         try:
             self._build(resume)
         except BaseException:
-            self.lock.release()
+            self.lock.abandon()
             raise
 
     def _build(self, resume: bool) -> None:

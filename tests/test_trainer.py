@@ -156,6 +156,7 @@ def test_bad_input_fails_before_training(assets, tmp_path):
     cfg.model.path = str(tmp_path / "no_model")
     with pytest.raises(ConfigError, match="no_model"):
         Trainer(cfg)
+    assert not (tmp_path / "run").exists()  # a construction that failed leaves no directory
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1", "answer": "2"}\n')
     cfg = make_config(assets, tmp_path / "run")
