@@ -49,7 +49,14 @@ from .fused_linear_logprobs import (
     chunk_stats,
     logits_buffer,
 )
-from .policy_loss import Count, PolicyLoss, apply_policy_loss, check_inputs
+from .policy_loss import (
+    Count,
+    PolicyLoss,
+    apply_policy_loss,
+    check_inputs,
+    count_error,
+    valid_count,
+)
 from .policy_loss_torch import LossConfig
 
 FusedPolicyLoss = NamedTuple(
@@ -320,7 +327,15 @@ def fused_linear_policy_loss(
             mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp, per_token_adv
         )
         hidden, targets, old_logp, advantages, ref_logp, rollout_logp = packed
-    cu = cu_seqlens.tolist()  # the one host sync of the chunk plan (and the layout's check)
+    # The one host sync of the chunk plan: cu_seqlens (the layout's check), and the values of the
+    # caller's tensor counts (a 0 would make the loss and its gradient 0 in silence).
+    tensor_counts = {k: v for k, v in user_counts.items() if isinstance(v, torch.Tensor)}
+    ok = [valid_count(v).to(cu_seqlens).reshape(1) for v in tensor_counts.values()]
+    cu = torch.cat([cu_seqlens, *ok]).tolist()
+    cu, ok = cu[: cu_seqlens.numel()], cu[cu_seqlens.numel() :]
+    for (name, value), good in zip(tensor_counts.items(), ok, strict=True):
+        if not good:
+            raise count_error(name, value)
     if (
         cu[0] != 0
         or cu[-1] != targets.numel()
@@ -344,11 +359,12 @@ def fused_linear_policy_loss(
         grad_on = torch.is_grad_enabled()
         need = tuple(grad_on and t is not None and t.requires_grad for t in (h2, weight, bias))
         seq_counts = cu_seqlens[1:] - cu_seqlens[:-1]
-        counts = {
-            "num_tokens": seq_counts.sum() if num_tokens is None else num_tokens,
-            "num_seqs": (seq_counts > 0).sum() if num_seqs is None else num_seqs,
-            "max_len": seq_counts.max() if max_len is None else max_len,
-        }  # policy_loss's own defaults, over the whole batch
+        local = {  # policy_loss's own defaults, over the whole batch; at least 1, as a batch
+            "num_tokens": seq_counts.sum(),  # with no valid token has a 0 loss either way
+            "num_seqs": (seq_counts > 0).sum(),
+            "max_len": seq_counts.max(),
+        }
+        counts = {k: local[k].clamp(min=1) if v is None else v for k, v in user_counts.items()}
         batch = _Batch(
             t1, old_logp, advantages, cu_seqlens, ref_logp, rollout_logp, per_token_adv, cfg,
             counts, backend, chunks,

@@ -87,12 +87,31 @@ def _check_like(name: str, t: torch.Tensor | None, logp: torch.Tensor) -> None:
 
 
 def _check_count(name: str, value: Count | None) -> None:
-    if value is None or isinstance(value, torch.Tensor):
-        if isinstance(value, torch.Tensor) and value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got {value.shape}")
+    """A number is checked here; a tensor's value in the call's one host sync (``valid_count``)."""
+    if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(
+                f"{name} must be a number or a 1-element real tensor, got a {value.dtype} tensor "
+                f"of shape {tuple(value.shape)}"
+            )
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise count_error(name, value)
+
+
+def valid_count(value: torch.Tensor) -> torch.Tensor:
+    """[] bool on the count's device: > 0 and finite (a caller's count of tokens, sequences or
+    positions; 0 would make the loss and its gradient 0 in silence). No host sync."""
+    return ((value > 0) & torch.isfinite(value)).reshape(())
+
+
+def count_error(name: str, value: Count) -> ValueError:
+    shown = value.item() if isinstance(value, torch.Tensor) else value
+    return ValueError(f"{name} must be a positive finite number, got {shown!r}")
 
 
 def check_inputs(
@@ -185,7 +204,8 @@ def check_inputs(
 def _finalize(cfg, stats, seq_counts, num_tokens, num_seqs, max_len):
     """(loss, 1 / D, metrics [13]) from a stats vector, in torch ops; no host sync."""
     denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
-    inv_denom = torch.where(denom > 0, 1.0 / denom, 0.0)  # nothing valid: loss 0, not NaN
+    # nothing valid (local counts 0): loss 0, not NaN; a bad count of the caller's is NaN here
+    inv_denom = torch.where(denom != 0, 1.0 / denom, 0.0)
     # PolicyLoss's metric order: the slots CLIP_LOW..RATIO_SUM are sums to divide by the count.
     count = stats[COUNT : COUNT + 1]
     metrics = torch.cat(
@@ -203,7 +223,13 @@ def _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len) -> torch
     """D of the aggregation (module docstring): a 0-dim tensor, no host sync."""
 
     def value(given: Count | None, local) -> torch.Tensor:  # local: computed only when needed
-        return local() if given is None else torch.as_tensor(given).to(stats).reshape(())
+        if given is None:
+            return local()
+        if not isinstance(given, torch.Tensor):  # checked by check_inputs
+            return torch.as_tensor(given).to(stats).reshape(())
+        # Unchecked (check_finite=False, no sync): a bad count makes the loss NaN, never 0.
+        given = given.reshape(()).to(stats)
+        return torch.where(valid_count(given), given, math.nan)
 
     if cfg.agg == "token-mean":
         return value(num_tokens, lambda: stats[COUNT])
@@ -304,12 +330,15 @@ def policy_loss(
             s_i = exp(masked mean of logp − old_logp) as its ratio, with d s/d logp_t = s_i.
         agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm".
         num_tokens, num_seqs, max_len: the global N_tokens, N_seqs and L_max of the optimizer step
-            (numbers or 1-element tensors); None uses this call's own counts (module docstring).
+            (numbers or 1-element tensors), each > 0 and finite; None uses this call's own counts
+            (module docstring). A tensor's value is checked in check_finite's sync; unchecked, a
+            bad one makes the loss NaN.
         is_cap: the truncation C of the rollout weight; None leaves it untruncated. Ignored without
             rollout_logp.
-        check_finite: raise a ValueError naming the first input with a non-finite valid value (one
-            host sync; the counts come from the same pass). False: no sync on the Triton path
-            (the PyTorch path, the CPU's, syncs once anyway), and the loss goes NaN/inf.
+        check_finite: raise a ValueError naming the first input with a non-finite valid value, or
+            a tensor count that is not > 0 and finite (one host sync for both; the non-finite
+            counts come from the loss's own pass). False: no sync on the Triton path (the PyTorch
+            path, the CPU's, syncs once anyway), and the loss goes NaN/inf.
         backend: "auto" (CUDA → Triton, CPU → PyTorch), "torch" or "triton".
 
     Returns:
@@ -344,9 +373,14 @@ def apply_policy_loss(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
         counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend,
     )  # fmt: skip
-    if check_finite:
-        bad = metrics[8:].tolist()
-        for name, k in zip(CHECKED, bad, strict=True):
+    if check_finite:  # one host sync: non-finite inputs, and the tensor counts' values
+        tensors = {k: v for k, v in counts.items() if isinstance(v, torch.Tensor)}
+        flags = [metrics[8:]] + [(~valid_count(v)).to(metrics).reshape(1) for v in tensors.values()]
+        bad = torch.cat(flags).tolist()
+        for (name, value), k in zip(tensors.items(), bad[len(CHECKED) :], strict=True):
+            if k:
+                raise count_error(name, value)
+        for name, k in zip(CHECKED, bad[: len(CHECKED)], strict=True):
             if k:
                 raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
     return PolicyLoss(loss, *metrics[:8], metrics[8:].sum())

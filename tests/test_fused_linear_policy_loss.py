@@ -549,3 +549,26 @@ def test_per_token_advantages_in_a_chunk_with_as_many_tokens_as_sequences(small_
     same = reference(d, torch.float32, 1.0)
     res, *got = ours(d, layout, 1.0)
     compare(res, (res, *got), want, same, d["mask"])
+
+
+BAD_COUNTS = [torch.tensor(0), torch.tensor(-2.0), torch.tensor(float("nan")),
+              torch.tensor(float("inf")), float("inf")]  # fmt: skip
+COUNT_AGG = {"num_tokens": "token-mean", "num_seqs": "seq-mean-token-sum",
+             "max_len": "seq-mean-token-sum-norm"}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entry", ["function", "module"])
+@pytest.mark.parametrize("name", list(COUNT_AGG))
+@pytest.mark.parametrize("value", BAD_COUNTS, ids=[repr(v) for v in BAD_COUNTS])
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_counts_that_are_not_positive_and_finite_raise(backend, entry, name, value, check_finite):
+    # Checked before any product, in the host sync the chunk plan makes anyway.
+    d = make_batch()
+    args = (d["hidden"], d["weight"], d["targets"], d["old"].float(), d["adv"].float())
+    kw = dict(agg=COUNT_AGG[name], backend=backend, check_finite=check_finite)
+    with pytest.raises(ValueError, match=f"{name} must be a positive"):
+        if entry == "module":
+            PAPOLoss(**kw)(*args, mask=d["mask"], **{name: value})
+        else:
+            fused_linear_policy_loss(*args, mask=d["mask"], **kw, **{name: value})

@@ -720,3 +720,50 @@ def test_ragged_packed_matches_reference(lens, agg, level, seed):
     loss, ref_grad = theirs(d, agg=agg, ratio_level=level)
     assert_close(res.loss, loss, atol=F64_ATOL)
     assert_close(grad, ref_grad, atol=F64_ATOL)
+
+
+# ----------------------------------------------------------------------------- counts
+
+NAN, INF = float("nan"), float("inf")
+BAD_COUNTS = [
+    torch.tensor(0.0),
+    torch.tensor(-3.0),
+    torch.tensor(NAN),
+    torch.tensor(INF),
+    torch.tensor(0),  # an integer count, e.g. mask.sum() of an empty step
+    torch.tensor([-1]),  # a 1-element tensor
+    INF,
+    NAN,
+    -INF,
+]
+COUNT_AGG = {"num_tokens": "token-mean", "num_seqs": "seq-mean-token-sum",
+             "max_len": "seq-mean-token-sum-norm"}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(COUNT_AGG))
+@pytest.mark.parametrize("value", BAD_COUNTS, ids=[repr(v) for v in BAD_COUNTS])
+def test_counts_that_are_not_positive_and_finite_raise(backend, name, value):
+    # The README passes mask.sum(): a tensor count of 0 (or NaN, inf, < 0) would make the loss
+    # and its gradient 0 or NaN in silence.
+    d = make_batch(b=3, length=20, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"{name} must be a positive"):
+        ours(d, agg=COUNT_AGG[name], backend=backend, **{name: value})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(COUNT_AGG))
+def test_module_rejects_a_zero_tensor_count(backend, name):
+    d = make_batch(b=3, length=20, dtype=torch.float32)
+    module = PolicyLossModule(agg=COUNT_AGG[name], backend=backend)
+    with pytest.raises(ValueError, match=name):
+        module(d["logp"], d["old"], d["adv"], mask=d["mask"], **{name: torch.tensor(0)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [torch.tensor(0.0), torch.tensor(NAN), torch.tensor(INF)])
+def test_unchecked_bad_tensor_count_makes_the_loss_nan(backend, value):
+    # check_finite=False: no host sync to raise from, so the bad count shows as NaN, never as 0.
+    d = make_batch(b=3, length=20, dtype=torch.float32)
+    res, grad = ours(d, num_tokens=value, backend=backend, check_finite=False)
+    assert torch.isnan(res.loss) and torch.isnan(grad[d["mask"]]).all()
