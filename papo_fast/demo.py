@@ -1,6 +1,6 @@
 """The main job: ORM vs PAPO on a tiny model that learns multi-step arithmetic, on the CPU.
 
-    papo-fast demo --out runs/demo              # about 10 minutes on 2 CPU cores
+    papo-fast demo --out runs/demo              # about 2 minutes on 2 CPU cores
     papo-fast demo --out runs/demo3 --seeds 3   # the 3-seed comparison (3x the RL time)
 
 1. Data: seeded train / held-out splits (held-out has longer chains) as JSONL files.
@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from papo_fast import arith, fused_linear_logprobs
+from papo_fast.checkpoint import RunLock
 from papo_fast.config import Config, config_from_dict
 from papo_fast.metrics import plot_comparison, plot_run, read_metrics
 
@@ -190,8 +192,26 @@ def run_demo(
     base = config_from_dict(DEMO_RL, overrides)
     from papo_fast.data import load_prompts  # noqa: F401  (fail early without `datasets`)
 
+    runs = {  # run name -> (advantage.mode, seed offset)
+        (mode if seeds == 1 else f"{mode}_seed{seed}"): (mode, seed)
+        for seed in range(seeds)
+        for mode in ("orm", "papo")
+    }
     out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)  # two demos on one --out would replace each other's runs
+    lock.acquire()
+    try:
+        # The demo owns the runs it makes: a new demo replaces them (a training run, by contrast,
+        # never overwrites another one). Nothing else under --out is touched.
+        for name in runs:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+        return _run(out, wc, base, runs, workers, t0)
+    finally:
+        lock.release()
 
+
+def _run(out: Path, wc: WarmupConfig, base: Config, runs: dict, workers: int, t0: float) -> dict:
     train_path = arith.write_jsonl(
         arith.make_split(wc.seed + 10, wc.num_train, *wc.train_ops), out / "data" / "train.jsonl"
     )
@@ -202,16 +222,14 @@ def run_demo(
     warm = warmup(wc, out)
     t_warm = time.perf_counter() - t0
     jobs: dict[str, Config] = {}
-    for seed in range(seeds):
-        for mode in ("orm", "papo"):
-            name = mode if seeds == 1 else f"{mode}_seed{seed}"
-            jobs[name] = replace(
-                base,
-                model=replace(base.model, path=str(warm)),
-                data=replace(base.data, train_path=str(train_path), eval_path=str(heldout_path)),
-                advantage=replace(base.advantage, mode=mode),
-                train=replace(base.train, out_dir=str(out / name), seed=base.train.seed + seed),
-            )
+    for name, (mode, seed) in runs.items():
+        jobs[name] = replace(
+            base,
+            model=replace(base.model, path=str(warm)),
+            data=replace(base.data, train_path=str(train_path), eval_path=str(heldout_path)),
+            advantage=replace(base.advantage, mode=mode),
+            train=replace(base.train, out_dir=str(out / name), seed=base.train.seed + seed),
+        )
     # The runs are independent: side by side, one process each, as many as there are cores.
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
@@ -225,13 +243,13 @@ def run_demo(
             ]
             for f in futures:
                 f.result()
-    summary, runs = {}, {}
+    summary, metrics = {}, {}
     for name in jobs:
-        runs[name] = out / name / "metrics.jsonl"
-        summary[name] = _run_summary(runs[name])
-        plot_run(runs[name], out / name / "curves.png")
-    plot_comparison(runs, out / "comparison.png")
-    if seeds > 1:
+        metrics[name] = out / name / "metrics.jsonl"
+        summary[name] = _run_summary(metrics[name])
+        plot_run(metrics[name], out / name / "curves.png")
+    plot_comparison(metrics, out / "comparison.png")
+    if len(runs) > 2:
         for mode in ("orm", "papo"):
             group = [s for n, s in summary.items() if n.startswith(mode + "_")]
             summary[mode] = {k: sum(g[k] for g in group) / len(group) for k in group[0]}
