@@ -31,7 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from papo_fast._backend import check_finite, check_vector, resolve_backend
+from papo_fast._backend import (
+    bad_values_error,
+    beyond_float32,
+    check_vector,
+    resolve_backend,
+)
 
 # mode -> (outcome reward: None | "outcome" | "product", process members: None | "correct" | "all")
 MODES: dict[str, tuple[str | None, str | None]] = {
@@ -60,11 +65,12 @@ class Advantages(NamedTuple):
 
 
 def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> dict:
-    """sums: [7] = zero count, active groups, n/sum/min over correct, n/sum over wrong."""
+    """sums: [7] float64 = zero count, active groups, n/sum/min over correct, n/sum over wrong.
+    The statistics are float32, divided in float64 (a sum may exceed float32, its mean not)."""
     nan = torch.full_like(sums[0], float("nan"))
     has_c, has_w = sums[2] > 0, sums[5] > 0
     groups = num_groups.to(sums.dtype)
-    return {
+    stats = {
         "zero_adv_frac": sums[0] / max(n, 1),
         "proc_active_frac": torch.where(groups > 0, sums[1] / groups.clamp_min(1), nan),
         "correct_adv_min": torch.where(has_c, sums[4], nan),
@@ -72,6 +78,7 @@ def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> di
         "wrong_adv_mean": torch.where(has_w, sums[6] / sums[5].clamp_min(1), nan),
         "num_groups": groups,
     }
+    return {k: v.float() for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -93,22 +100,39 @@ def _member_tile(
 def _segment_norm(
     X, PERM, MEMBER, start, end, eps,
     BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr,
+    SCALE_BY_STD: tl.constexpr,
 ):  # fmt: skip
-    """Mean, 1 / (std + eps) and activity of X over the members of one group (two-pass, fp32)."""
+    """How to normalize X over the members of one group, in fp32: (s, mean_y, mul, active), so
+    that a member's value is (x / s - mean_y) * mul.
+
+    Group-scaled (three passes over the group, cached): s is the power of two at or below the
+    members' largest |x|, so y = x / s is exact and |y| < 2, and neither the sum nor the squares
+    of y can overflow; mean and std of x are s times those of y. Squaring raw rewards would
+    overflow float32 from |x| ~ 1e19. mul = 1 / (std_y + eps / s) (scale by std) or s (centre).
+    """
     n = 0.0
-    total = 0.0
+    max_abs = 0.0
     for i in range(start, end, BLOCK):
         x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
         n += tl.sum(m.to(tl.float32), axis=0)
-        total += tl.sum(x, axis=0)
-    mean = total / tl.maximum(n, 1.0)
+        max_abs = tl.maximum(max_abs, tl.max(tl.abs(x), axis=0))
+    # the exponent bits of max |x| (2^e <= max |x|), at least the smallest normal 2^-126
+    s = (max_abs.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    s = tl.maximum(s, 1.1754943508222875e-38)
+    total = 0.0
+    for i in range(start, end, BLOCK):
+        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
+        total += tl.sum(x / s, axis=0)
+    mean_y = total / tl.maximum(n, 1.0)
     ss = 0.0
     for i in range(start, end, BLOCK):
         x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
-        d = tl.where(m, x - mean, 0.0)
+        d = tl.where(m, x / s - mean_y, 0.0)
         ss += tl.sum(d * d, axis=0)
-    std = tl.sqrt(ss / tl.maximum(n - 1.0, 1.0))
-    return mean, 1.0 / (std + eps), (n >= 2.0) & (std > eps)
+    std_y = tl.sqrt(ss / tl.maximum(n - 1.0, 1.0))
+    active = (n >= 2.0) & (std_y * s > eps)  # std > eps; an overflow to inf still compares right
+    mul = 1.0 / (std_y + eps / s) if SCALE_BY_STD else s
+    return s, mean_y, mul, active
 
 
 @triton.heuristics({"HAS_PERM": lambda args: args["PERM"] is not None})
@@ -129,19 +153,20 @@ def _papo_adv_kernel(
     n_zero = 0.0
     proc_active = 0.0
     n_c = 0.0
-    sum_c = 0.0
-    min_c = float("inf")
+    sum_c = tl.full([], 0.0, tl.float64)  # sums of advantages in float64: centred ones (no
+    min_c = float("inf")  # division by std) may sum past float32 even when each fits
     n_w = 0.0
-    sum_w = 0.0
+    sum_w = tl.full([], 0.0, tl.float64)
     if start < end:  # with group ids the grid is only a bound on the number of groups
         if OUT_PART:
-            o_mean, o_inv, o_act = _segment_norm(
-                OUT_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, True
+            o_s, o_mean, o_mul, o_act = _segment_norm(
+                OUT_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, True, SCALE_BY_STD
             )
         if PROC_PART:
-            p_mean, p_inv, p_act = _segment_norm(
-                PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL
-            )
+            p_s, p_mean, p_mul, p_act = _segment_norm(
+                PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL,
+                SCALE_BY_STD,
+            )  # fmt: skip
             proc_active = p_act.to(tl.float32)
         for i in range(start, end, BLOCK):
             offs = i + tl.arange(0, BLOCK)
@@ -151,15 +176,11 @@ def _papo_adv_kernel(
             a_out = tl.zeros([BLOCK], dtype=tl.float32)
             a_proc = tl.zeros([BLOCK], dtype=tl.float32)
             if OUT_PART:
-                a_out = tl.load(OUT_REWARD + idx, mask=inb, other=0.0).to(tl.float32) - o_mean
-                if SCALE_BY_STD:
-                    a_out = a_out * o_inv
-                a_out = tl.where(o_act, a_out, 0.0)
+                a_out = tl.load(OUT_REWARD + idx, mask=inb, other=0.0).to(tl.float32)
+                a_out = tl.where(o_act, (a_out / o_s - o_mean) * o_mul, 0.0)
             if PROC_PART:
-                a_proc = tl.load(PROC_REWARD + idx, mask=inb, other=0.0).to(tl.float32) - p_mean
-                if SCALE_BY_STD:
-                    a_proc = a_proc * p_inv
-                a_proc = tl.where(p_act, a_proc, 0.0)
+                a_proc = tl.load(PROC_REWARD + idx, mask=inb, other=0.0).to(tl.float32)
+                a_proc = tl.where(p_act, (a_proc / p_s - p_mean) * p_mul, 0.0)
                 a_proc = tl.where(inb if PROC_ALL else corr, a_proc, 0.0)
             adv = a_out + lam * a_proc
             tl.store(ADV + idx, adv, mask=inb)
@@ -168,10 +189,10 @@ def _papo_adv_kernel(
             wrong = inb & ~corr
             n_zero += tl.sum((inb & (adv == 0.0)).to(tl.float32), axis=0)
             n_c += tl.sum(corr.to(tl.float32), axis=0)
-            sum_c += tl.sum(tl.where(corr, adv, 0.0), axis=0)
+            sum_c += tl.sum(tl.where(corr, adv, 0.0).to(tl.float64), axis=0)
             min_c = tl.minimum(min_c, tl.min(tl.where(corr, adv, float("inf")), axis=0))
             n_w += tl.sum(wrong.to(tl.float32), axis=0)
-            sum_w += tl.sum(tl.where(wrong, adv, 0.0), axis=0)
+            sum_w += tl.sum(tl.where(wrong, adv, 0.0).to(tl.float64), axis=0)
     # statistics of the same pass, one row per program (no atomics: deterministic, no contention)
     row = STATS + g * 7  # _STAT_SLOTS columns
     tl.store(row + 0, n_zero)
@@ -193,7 +214,7 @@ def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_
     adv, adv_out, adv_proc = (
         torch.empty(n, dtype=torch.float32, device=correct.device) for _ in range(3)
     )
-    partials = torch.empty(num_programs, _STAT_SLOTS, dtype=torch.float32, device=correct.device)
+    partials = torch.empty(num_programs, _STAT_SLOTS, dtype=torch.float64, device=correct.device)
     # groups of ~8 are the norm; larger groups loop over BLOCK-wide tiles
     block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
     _papo_adv_kernel[(num_programs,)](
@@ -258,8 +279,8 @@ def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc
         (adv * c).sum(),
         torch.where(correct, adv, float("inf")).amin() if adv.numel() else adv.new_tensor(inf),
         wrong.sum().double(),
-        torch.where(wrong, adv, 0.0).sum(),
-    ]).float()  # fmt: skip
+        torch.where(wrong, adv.double(), 0.0).sum(),
+    ]).double()  # fmt: skip
     return adv, adv_out.float(), adv_proc.float(), stats
 
 
@@ -267,11 +288,33 @@ def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc
 
 
 def _check_reward(name: str, t: torch.Tensor, n: int | None) -> None:
+    """Shape and dtype; the values are checked by ``_check_values`` in the call's one sync."""
     check_vector(name, t, n)
     if t.is_complex():
         raise ValueError(f"{name} must hold real numbers, got {t.dtype}")
-    if t.is_floating_point():
-        check_finite(name, t)
+
+
+def _check_values(rewards: dict, outputs: dict, lam: float) -> None:
+    """One host sync for every value check of a call. Rewards (and the product "mult" normalizes)
+    must be finite and within float32's range: the advantages are float32, as is the kernel's
+    math, so both backends refuse what the Triton one cannot read. Then the outputs must be
+    finite: centred advantages (scale_by_std=False) or lam * process_adv can exceed float32 even
+    for rewards within it."""
+    rewards = {k: t for k, t in rewards.items() if t is not None and t.is_floating_point()}
+    flags = [beyond_float32(t).any() for t in rewards.values()]
+    flags += [~torch.isfinite(t).all() for t in outputs.values()]
+    bad = torch.stack(flags).tolist()
+    for (name, t), b in zip(rewards.items(), bad, strict=False):
+        if b:
+            raise bad_values_error(name, t, beyond_float32(t))
+    for (name, t), b in zip(outputs.items(), bad[len(rewards) :], strict=True):
+        if b:
+            i = int((~torch.isfinite(t)).nonzero()[0])
+            raise ValueError(
+                f"advantages overflow float32 at index {i} of {name}: rewards this far apart "
+                f"(centred, scale_by_std=False) or lam = {lam} times process_adv give values "
+                "float32 cannot hold"
+            )
 
 
 def _groups_from_offsets(group_offsets: torch.Tensor, n: int):
@@ -392,9 +435,10 @@ def papo_advantages(
         )
 
     out_r = None
-    if out_kind is not None:
-        out_r = outcome * process if out_kind == "product" else outcome
-        out_r = out_r if out_r.is_floating_point() else out_r.float()
+    if out_kind == "product":  # in float64: a float32 / float16 product may overflow, an int wrap
+        out_r = outcome.double() * process.double()
+    elif out_kind is not None:
+        out_r = outcome if outcome.is_floating_point() else outcome.float()
     proc_r = None
     if proc_kind is not None:
         proc_r = process if process.is_floating_point() else process.float()
@@ -411,6 +455,11 @@ def papo_advantages(
         adv, adv_out, adv_proc, sums = papo_advantages_torch(
             out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, scale_by_std
         )
+    rewards = {"outcome": outcome, "process": process}
+    if out_kind == "product":
+        rewards["outcome * process"] = out_r
+    outputs = {"advantages": adv, "outcome_adv": adv_out, "process_adv": adv_proc}
+    _check_values(rewards, outputs, lam)
     return Advantages(adv, adv_out, adv_proc, _stats_from_sums(sums, n, num_groups))
 
 

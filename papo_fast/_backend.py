@@ -8,6 +8,7 @@ every kernel on a machine without a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -49,16 +50,24 @@ def check_vector(name: str, t: torch.Tensor, n: int | None = None) -> None:
         raise ValueError(f"{name} has {t.numel()} elements, expected {n} (one per response)")
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise naming ``name`` and the first non-finite position (one host sync)."""
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        where = idx[0] if len(idx) == 1 else idx
-        raise ValueError(
-            f"{name} has {int(bad.sum())} non-finite value(s); first at index {where}: "
-            f"{t[idx].item()}"
-        )
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def beyond_float32(t: torch.Tensor) -> torch.Tensor:
+    """Like ``t``, bool: NaN, inf, or a magnitude float32 cannot hold. No host sync."""
+    return ~(t.abs() <= FLOAT32_MAX)
+
+
+def bad_values_error(name: str, t: torch.Tensor, bad: torch.Tensor) -> ValueError:
+    """The error for the ``bad`` values of ``t``: how many, and the first one's index and value
+    (the error path: it syncs)."""
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    where = idx[0] if len(idx) == 1 else idx
+    value = t[idx].item()
+    what = "non-finite" if not math.isfinite(value) else f"beyond float32's {FLOAT32_MAX:.4g}"
+    return ValueError(
+        f"{name} has {int(bad.sum())} {what} value(s); first at index {where}: {value!r}"
+    )
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, assert_close_to_ref
+from helpers import assert_close, assert_close_to_ref, data_scale, ref_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,8 +33,10 @@ def _norm(x: torch.Tensor, members: list[int], eps: float, scale: bool) -> torch
 
 
 def oracle(outcome, process, correct, groups, mode, lam=1.0, eps=1e-6, scale=True, dtype=None):
-    """A plain loop over groups, in ``dtype`` (float64 for the oracle). Returns adv, out, proc."""
+    """A plain loop over groups, in ``dtype`` (float64 for the oracle). Returns adv, out, proc.
+    ``eps`` may be a pair: the outcome part's and the process part's."""
     dtype = dtype or torch.float64
+    eps_out, eps_proc = eps if isinstance(eps, tuple) else (eps, eps)
     out = outcome.to(dtype)
     proc = process.to(dtype) if process is not None else None
     adv_out, adv_proc = torch.zeros_like(out), torch.zeros_like(out)
@@ -42,15 +44,43 @@ def oracle(outcome, process, correct, groups, mode, lam=1.0, eps=1e-6, scale=Tru
         idx_t = torch.tensor(idx, dtype=torch.long)
         corr = [i for i in idx if bool(correct[i])]
         if mode in ("papo", "orm", "fullnorm"):
-            adv_out[idx_t] = _norm(out, idx, eps, scale)[idx_t]
+            adv_out[idx_t] = _norm(out, idx, eps_out, scale)[idx_t]
         if mode == "mult":
-            adv_out[idx_t] = _norm(out * proc, idx, eps, scale)[idx_t]
+            adv_out[idx_t] = _norm(out * proc, idx, eps_out, scale)[idx_t]
         if mode == "papo":
-            adv_proc[idx_t] = _norm(proc, corr, eps, scale)[idx_t]
+            adv_proc[idx_t] = _norm(proc, corr, eps_proc, scale)[idx_t]
         if mode in ("prm", "fullnorm"):
-            adv_proc[idx_t] = _norm(proc, idx, eps, scale)[idx_t]
+            adv_proc[idx_t] = _norm(proc, idx, eps_proc, scale)[idx_t]
     weight = 1.0 if mode == "prm" else lam
     return adv_out + weight * adv_proc, adv_out, adv_proc
+
+
+def pow2_scale(x: torch.Tensor) -> float:
+    """2^floor(log2 max|x|), 1 for zeros: dividing by it is exact and brings max|x| into [1, 2)."""
+    m = x.double().abs().max().item() if x.numel() else 0.0
+    return 2.0 ** math.floor(math.log2(m)) if m > 0 else 1.0
+
+
+def oracle_fp32_unit_scale(outcome, process, correct, groups, mode, lam=1.0, scale=True):
+    """The float32 oracle with each group's rewards brought to [1, 2) by a power of two (exact,
+    eps divided alike) and its results scaled back: float32's own error on rewards whose
+    squares float32 cannot hold (plain float32 overflows there)."""
+    n, eps = outcome.numel(), 1e-6
+    parts = [torch.zeros(n, dtype=torch.float32) for _ in range(2)]  # outcome part, process part
+    for idx in groups:
+        idx_t = torch.tensor(idx, dtype=torch.long)
+        o = outcome.double()[idx_t]
+        p = process.double()[idx_t] if process is not None else torch.zeros_like(o)
+        if mode == "mult":  # the product (exact in float64), normalized like an outcome
+            o, p = o * p, torch.ones_like(o)
+        k_out, k_proc = pow2_scale(o), pow2_scale(p)
+        local = [list(range(len(idx)))]
+        res = oracle(o / k_out, p / k_proc, correct[idx_t], local, mode, lam,
+                     eps=(eps / k_out, eps / k_proc), scale=scale, dtype=torch.float32)  # fmt: skip
+        for part, got, k in zip(parts, res[1:], (k_out, k_proc), strict=True):
+            part[idx_t] = got if scale else got * k  # a power of two: exact
+    weight = 1.0 if mode == "prm" else lam
+    return parts[0] + weight * parts[1], parts[0], parts[1]
 
 
 def oracle_stats(adv, correct, groups, mode, process, eps=1e-6):
@@ -64,7 +94,10 @@ def oracle_stats(adv, correct, groups, mode, process, eps=1e-6):
         proc_active = sum(active(m) for m in members) / max(len(groups), 1)
     else:
         proc_active = 0.0
-    c, w = adv[correct], adv[~correct]
+    c, w = (
+        adv.double()[correct],
+        adv.double()[~correct],
+    )  # float32 sums of centred huge ones overflow
     nan = float("nan")
     return {
         "zero_adv_frac": (adv == 0).double().mean().item(),
@@ -74,6 +107,22 @@ def oracle_stats(adv, correct, groups, mode, process, eps=1e-6):
         "wrong_adv_mean": w.mean().item() if w.numel() else nan,
         "num_groups": float(len(groups)),
     }
+
+
+def assert_stats_match(stats, adv64, adv32, correct, groups, mode, process):
+    """Ours against the float64 oracle's statistics. A mean or min of advantages each within
+    the advantages' tolerance is within it too: the same-dtype error of the advantages bounds
+    theirs, at the scale of the advantages averaged."""
+    want = oracle_stats(adv64, correct, groups, mode, process)
+    same = oracle_stats(adv32, correct, groups, mode, process)
+    adv_err = ref_error(adv32, adv64)
+    of = {"correct_adv_min": correct, "correct_adv_mean": correct, "wrong_adv_mean": ~correct}
+    for key, value in want.items():
+        scale, err = None, 0.0
+        if key in of:
+            scale, err = data_scale(adv64[of[key]]), adv_err
+        value, s = torch.tensor(value), torch.tensor(same[key])
+        assert_close_to_ref(stats[key].cpu(), value, s, scale=scale, ref_err=err, msg=key)
 
 
 def groups_of(group_ids: torch.Tensor) -> list[list[int]]:
@@ -98,10 +147,7 @@ def check(outcome, process, group_ids, mode, backend, correct=None, scale=True, 
     ):
         assert ours.dtype == torch.float32
         assert_close_to_ref(ours, r64, r32, msg=f"{mode} {backend} {name}")
-    want = oracle_stats(ref64[0], corr, groups, mode, process)
-    same = oracle_stats(ref32[0], corr, groups, mode, process)
-    for key, value in want.items():
-        assert_close_to_ref(res.stats[key], torch.tensor(value), torch.tensor(same[key]), msg=key)
+    assert_stats_match(res.stats, ref64[0], ref32[0], corr, groups, mode, process)
     return res
 
 
@@ -350,8 +396,100 @@ def test_cuda_kernel_matches_the_cpu_path(mode):
     ref32 = oracle(out, proc, correct, groups, mode, dtype=torch.float32)
     for name, a, r64, r32 in zip(gpu._fields, gpu[:3], ref64, ref32, strict=False):
         assert_close_to_ref(a.cpu(), r64, r32, msg=name)
-    want = oracle_stats(ref64[0], correct, groups, mode, proc)
-    same = oracle_stats(ref32[0], correct, groups, mode, proc)
-    for key, value in want.items():
-        value, s = torch.tensor(value), torch.tensor(same[key])
-        assert_close_to_ref(gpu.stats[key].cpu(), value, s, msg=key)
+    assert_stats_match(gpu.stats, ref64[0], ref32[0], correct, groups, mode, proc)
+
+
+# ----------------------------------------------------------------------------- huge rewards
+
+
+def huge_batch(big: float):
+    """Shuffled groups: outcomes at ``big``, process scores at ``big``, ordinary rewards, small
+    rewards, one group that mixes ``big`` with ordinary values, one of +-big. Centred values stay
+    within +-big, so that even scale_by_std=False advantages fit in float32."""
+    groups = [  # (outcome, process, correct)
+        ([big, 0, big / 2, big / 4, big, 0.75 * big], [1, 0, 0.5, 0.5, 1, 0], [1, 0, 1, 0, 1, 1]),
+        ([1, 0, 1, 0.7], [0.3 * big, big, 0.6 * big, 0.9 * big], [1, 0, 1, 1]),
+        ([1, 0, 1, 0.7, 0], [0.5, 1, 0, 1, 0.5], [1, 0, 1, 1, 0]),
+        ([1e-3, 4e-3, 2e-3], [0.2, 0.1, 0.4], [1, 1, 0]),
+        ([big, 1, 2, 3, 0], [1, 0.5, 1, 0, 1], [1, 1, 0, 1, 1]),
+        # mean 0, so centred values stay within +-big; the squares sum to 6.5 big^2
+        ([big, -big, big, -big, big / 2, -big / 2, big, -big], [0, 1] * 4, [1, 0] * 4),
+    ]
+    ids = [g for g, (o, _, _) in enumerate(groups) for _ in o]
+    cat = lambda k: [v for g in groups for v in g[k]]  # noqa: E731
+    perm = torch.randperm(len(ids))
+    return (
+        torch.tensor(ids)[perm],
+        torch.tensor(cat(0), dtype=torch.float32)[perm],
+        torch.tensor(cat(1), dtype=torch.float32)[perm],
+        torch.tensor(cat(2), dtype=torch.bool)[perm],
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("big", [1e19, 1e30, 3e38])
+@pytest.mark.parametrize("scale", [True, False], ids=["std", "centre"])
+def test_huge_rewards_match_the_float64_reference(backend, mode, big, scale):
+    # 1e19 squared overflows float32 (3.4e38): the normalization must not square raw rewards.
+    ids, out, proc, correct = huge_batch(big)
+    res = papo_advantages(
+        out, proc, group_ids=ids, correct=correct, mode=mode, lam=0.7, scale_by_std=scale,
+        backend=backend,
+    )  # fmt: skip
+    groups = groups_of(ids)
+    ref64 = oracle(out, proc, correct, groups, mode, 0.7, scale=scale)
+    ref32 = oracle_fp32_unit_scale(out, proc, correct, groups, mode, 0.7, scale=scale)
+    for name, ours, r64, r32 in zip(res._fields, res[:3], ref64, ref32, strict=False):
+        for g, idx in enumerate(groups):  # each group at its own scale
+            msg = f"{name}, group {g}"
+            assert_close_to_ref(ours[idx], r64[idx], r32[idx], msg=msg)
+    assert (res.advantages[ids == 0] != 0).any()  # the big groups are active, not zeroed
+    assert_stats_match(res.stats, ref64[0], ref32[0], correct, groups, mode, proc)
+
+
+# the kernel runs on the refused values before the one check after it: the interpreter warns
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        # float64 rewards beyond float32's range: the advantages are float32 (and the kernel's
+        # math is), so both backends refuse them by name and position
+        ({"outcome": torch.tensor([1.0, 1e300, 0.0], dtype=torch.float64)}, r"outcome.*index 1"),
+        ({"process": torch.tensor([1.0, 0.0, -1e39], dtype=torch.float64)}, r"process.*index 2"),
+        # a product that float32 cannot hold
+        (
+            {
+                "outcome": torch.tensor([1e30, 0.0, 1.0]),
+                "process": torch.tensor([1e30, 0.0, 1.0]),
+                "mode": "mult",
+            },
+            r"outcome \* process.*index 0",
+        ),  # fmt: skip
+        # centred advantages beyond float32: 3.4e38 - mean(3.4e38, -3.4e38, -3.4e38) = 4.5e38
+        (
+            {"outcome": torch.tensor([3.4e38, -3.4e38, -3.4e38]), "scale_by_std": False},
+            r"advantages.*overflow.*index 0",
+        ),  # fmt: skip
+        # lam * A_proc beyond float32
+        (
+            {
+                "lam": 3e38,
+                "process": torch.tensor([1.0, 0.0, 0.0]),
+                "outcome": torch.tensor([1.0, 1.0, 1.0]),
+            },
+            r"advantages.*overflow",
+        ),  # fmt: skip
+    ],
+)
+def test_unrepresentable_advantages_raise_on_both_backends(backend, change, match):
+    args = {
+        "outcome": torch.tensor([1.0, 0.0, 1.0]),
+        "process": torch.tensor([1.0, 0.0, 0.5]),
+        "group_ids": torch.tensor([0, 0, 0]),
+        "backend": backend,
+    } | change
+    with pytest.raises(ValueError, match=match):
+        papo_advantages(args.pop("outcome"), args.pop("process"), **args)
