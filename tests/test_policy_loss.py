@@ -287,6 +287,45 @@ def test_hand_sequence_ratio():
     assert_close(res.ratio_min, torch.tensor(math.sqrt(2), dtype=torch.float64), atol=F64_ATOL)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gspo_gradient_per_token_follows_the_rollout_weights(backend):
+    # GSPO with per-token rollout weights, verl's choice: each token's gradient is its share
+    # w_t * (-A_i) * s_i of the sequence's, not the exact derivative of the returned loss (TRL,
+    # liger: uniform over the sequence's tokens, s_i * sum_u w_u / |y_i| each).
+    # Sequence 0: log-ratios [0.1, -0.2, 0.04] -> s_0 = exp(-0.02) = 0.9802, A = -1, w = [.5, 1, 2].
+    # Sequence 1: log-ratios [0.05, -0.05] (and a padded slot) -> s_1 = 1, A = 0.5, w = [1, 4].
+    # Both unclipped (0.8 < s < 1.28); token-mean over 5 tokens:
+    #   loss = (s_0 * (.5 + 1 + 2) - 0.5 * (1 + 4)) / 5;  d loss / d logp_t = -A_i * s_i * w_t / 5.
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, 0.0]])
+    old = logp - torch.tensor([[0.1, -0.2, 0.04], [0.05, -0.05, 0.0]])
+    w = torch.tensor([[0.5, 1.0, 2.0], [1.0, 4.0, 1.0]])
+    rollout = old - w.log()  # w = exp(old - rollout)
+    adv = torch.tensor([-1.0, 0.5])
+    lp = logp.clone().requires_grad_()
+    res = policy_loss(
+        lp, old, adv, mask=mask, rollout_logp=rollout, ratio_level="sequence", backend=backend
+    )
+    (grad,) = torch.autograd.grad(res.loss, lp)
+
+    def expected(dtype):  # the hand formula above, on the float32 inputs, in ``dtype``
+        m = mask.to(dtype)
+        r = (logp.to(dtype) - old.to(dtype)) * m
+        s = torch.exp(r.sum(1) / m.sum(1))[:, None]  # [B, 1]
+        w_t = torch.exp(old.to(dtype) - rollout.to(dtype)) * m
+        a = adv.to(dtype)[:, None]
+        return (-a * s * w_t).sum() / m.sum(), -a * s * w_t / m.sum()
+
+    (loss64, grad64), (loss32, grad32) = expected(torch.float64), expected(torch.float32)
+    assert_close_to_ref(res.loss, loss64, loss32, msg="loss")
+    assert_close_to_ref(grad, grad64, grad32, msg="grad")
+    # grad64 is in proportion to w_t within each sequence. The exact derivative has the same
+    # total per sequence, spread evenly: s_0 * 3.5 / 3 / 5 = 0.2287 on each token of sequence 0,
+    # where ours is [0.098, 0.196, 0.392].
+    uniform = grad64[0].sum() / 3
+    assert (grad[0] - uniform).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("is_cap, weight", [(None, 2.0), (1.5, 1.5)])
 def test_hand_rollout_correction(is_cap, weight):
     # logp = old = 0 (ratio 1), rollout = -ln 2 → w = exp(old - rollout) = 2, or min(2, 1.5).
