@@ -26,7 +26,7 @@ SMOKE_SIZES = [(64, 1, 2, 4, 8)]
 
 
 def make_model(root: Path, hidden: int, layers: int) -> Path:
-    from papo_fast import arith
+    from papo_fast.tasks import arith
 
     tok = arith.build_tokenizer()
     tok.save_pretrained(root / "model")
@@ -38,8 +38,8 @@ def run(variant: str, root: Path, hidden: int, layers: int, prompts: int, group:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from papo_fast import arith
     from papo_fast.rollout import HFGenerateBackend, Request, SamplingParams
+    from papo_fast.tasks import arith
 
     path = make_model(root, hidden, layers)
     tok = AutoTokenizer.from_pretrained(path)
@@ -54,7 +54,7 @@ def run(variant: str, root: Path, hidden: int, layers: int, prompts: int, group:
     else:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        from papo_fast.rollout_vllm import VLLMRollout
+        from papo_fast.rollout.vllm import VLLMRollout
 
         backend = VLLMRollout(str(path), dtype="float32", enforce_eager=True)
     startup = time.perf_counter() - t0

@@ -41,7 +41,7 @@ def _reset_peak() -> int:
 
 
 def make_assets(root: Path, hidden: int, layers: int, prompts: int) -> None:
-    from papo_fast import arith
+    from papo_fast.tasks import arith
 
     tok = arith.build_tokenizer()
     tok.save_pretrained(root / "model")

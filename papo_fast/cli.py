@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             plot_run(out / "metrics.jsonl", out / "curves.png")
             print(f"wrote {out}")
         elif args.command == "demo":
-            from papo_fast.demo import run_demo
+            from papo_fast.tasks.demo import run_demo
 
             run_demo(args.out, args.overrides, seeds=args.seeds)
         else:

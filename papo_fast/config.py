@@ -26,8 +26,11 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
+
+from papo_fast.kernels.advantages import MODES
+from papo_fast.kernels.loss_config import PolicyLossConfig
+from papo_fast.yaml_numbers import read_number, yaml_loader
 
 
 class ConfigError(ValueError):
@@ -107,20 +110,6 @@ class AdvantageConfig:
 
 
 @dataclass
-class LossConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: float | None = None
-    beta: float = 0.0
-    kl: str = "k3"
-    agg: str = "token-mean"
-    # Rollout correction (TIS), used only when the rollout backend returns the sampler's log-probs
-    # (rollout.backend: vllm): each token's loss is weighted by min(exp(old_logp - rollout_logp),
-    # is_cap). None: the weight is not truncated (as policy_loss's is_cap=None).
-    is_cap: float | None = 2.0
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -154,7 +143,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)  # the ops' own settings
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -162,18 +151,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
+CHOICES = {  # the allowed values of string settings; the kernels' own where they have them
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("rollout", "backend"): ("hf", "vllm"),
     ("reward", "on_invalid"): ("zero", "error"),
-    ("advantage", "mode"): ("papo", "orm", "prm", "mult", "fullnorm"),
-    ("loss", "kl"): ("k1", "k2", "k3"),
-    ("loss", "agg"): (
-        "token-mean",
-        "seq-mean-token-mean",
-        "seq-mean-token-sum",
-        "seq-mean-token-sum-norm",
-    ),
+    ("advantage", "mode"): tuple(MODES),
+    **{("loss", key): allowed for key, allowed in PolicyLossConfig.CHOICES.items()},
 }
 
 
@@ -197,46 +180,16 @@ def _coerce(where: str, value, tp):
             raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(where, v, a) for v, a in zip(value, args, strict=True))
     if tp in (int, float):
-        return _number(where, value, tp)
+        try:
+            return read_number(where, value, tp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if tp in (str, bool) and type(value) is tp:
         return value
     if tp is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return dict(value)
     hint = " (quote it to keep it as text)" if tp is str and isinstance(value, int | float) else ""
     raise ConfigError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}{hint}")
-
-
-def _number(where: str, value, tp: type) -> int | float:
-    """``value`` as an int or a float: a number, or a string that Python's float() reads.
-
-    An int key takes a float only when it is a whole number (``1e3`` -> 1000; a string is
-    checked exactly with Decimal, so ``1.00000000000000001`` is not taken for 1). A bool is never
-    a number. Non-finite floats pass here and are rejected by validate(), which names the rule.
-    """
-    wrong = ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise wrong
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            raise wrong from None
-        if tp is float:
-            return number
-        exact = Decimal(value)  # reads every spelling float() reads, without rounding
-        if not (math.isfinite(number) and exact == exact.to_integral_value()):
-            raise wrong
-        return int(exact)
-    if tp is float:
-        try:
-            return float(value)
-        except OverflowError:  # an int beyond the float range
-            raise ConfigError(f"{where} must be a finite number, got {value}") from None
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise wrong
-        return int(value)
-    return value
 
 
 def _build(cls, data: dict, where: str):
@@ -256,47 +209,10 @@ def _build(cls, data: dict, where: str):
         if choices and value not in choices:
             raise ConfigError(f"{where}.{key} must be one of {choices}, got {value!r}")
         kwargs[key] = value
-    return cls(**kwargs)
-
-
-_DIGITS = r"[0-9]+(?:_[0-9]+)*"  # Python's digit groups: 1_000, never 1__0 or _1
-_INT_RE = re.compile(rf"^[-+]?{_DIGITS}$")
-_FLOAT_RE = re.compile(
-    rf"^[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?{_DIGITS})?$"
-    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"  # YAML's own spellings of inf and nan
-)
-
-
-@functools.cache
-def _yaml_loader():
-    """yaml.SafeLoader whose plain-scalar numbers are those of Python's int() and float().
-
-    YAML 1.1 reads ``1e-6`` as text (its exponent needs a dot), ``010`` as eight and ``1:30`` as
-    ninety; here the first is a float, the second ten and the third text.
-    """
-    import yaml
-
-    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    Loader.add_implicit_resolver(int_tag, _INT_RE, list("-+0123456789"))
-    Loader.add_implicit_resolver(float_tag, _FLOAT_RE, list("-+.0123456789"))
-
-    def construct_int(loader, node):
-        text = loader.construct_scalar(node)
-        try:
-            return int(text)
-        except ValueError:  # an explicit !!int in YAML's notation (0x10, 1:30)
-            return yaml.SafeLoader.construct_yaml_int(loader, node)
-
-    Loader.add_constructor(int_tag, construct_int)
-    return Loader
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a dataclass that checks itself (loss: PolicyLossConfig)
+        raise ConfigError(f"{where}.{err}".replace(" None or ", " null or ")) from None
 
 
 def _set(tree: dict, dotted: str) -> None:
@@ -310,7 +226,7 @@ def _set(tree: dict, dotted: str) -> None:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(usage)
     try:
-        value = yaml.load(raw, Loader=_yaml_loader())
+        value = yaml.load(raw, Loader=yaml_loader())
     except (yaml.YAMLError, ValueError) as err:  # ValueError: a bad explicit tag (!!int x)
         raise ConfigError(f"--set {dotted!r}: value is not valid YAML ({err})") from err
     node = tree
@@ -347,7 +263,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text ({err})") from err
         try:
-            data = yaml.load(text, Loader=_yaml_loader())
+            data = yaml.load(text, Loader=yaml_loader())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
             where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
@@ -406,11 +322,6 @@ NUMERIC_RULES: dict[str, Bounds] = {
     "rollout.vllm.kv_cache_gib": POSITIVE,
     "advantage.lam": Bounds(),
     "advantage.eps": POSITIVE,
-    "loss.eps_low": BELOW_1,  # the lower clip bound 1 - eps_low stays > 0
-    "loss.eps_high": AT_LEAST_0,
-    "loss.dual_clip": Bounds(1, low_open=True),
-    "loss.beta": AT_LEAST_0,
-    "loss.is_cap": POSITIVE,
     "optim.lr": POSITIVE,
     "optim.weight_decay": AT_LEAST_0,
     "optim.betas": BELOW_1,
@@ -451,10 +362,18 @@ def _without_none(tp) -> tuple[typing.Any, bool]:
     return tp, False
 
 
+# Sections whose dataclass checks its own values when it is built: the loss settings are the
+# kernels' PolicyLossConfig, whose rules policy_loss applies too (one rule per setting).
+SELF_CHECKED = ("loss",)
+
+
 def numeric_settings() -> dict[str, typing.Any]:
-    """The settings whose values are numbers (int, float, or a tuple of them)."""
+    """The settings whose values are numbers (int, float, or a tuple of them), outside the
+    SELF_CHECKED sections."""
     out = {}
     for key, tp in settings().items():
+        if key.split(".")[0] in SELF_CHECKED:
+            continue
         base, _ = _without_none(tp)
         items = typing.get_args(base) if typing.get_origin(base) is tuple else (base,)
         if items and all(t in (int, float) for t in items):

@@ -50,12 +50,14 @@ Choices, and where this departs from a textbook GRPO loop:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from papo_fast import tasks  # noqa: F401  (registers the built-in task's reward names)
 from papo_fast.checkpoint import (
     RunDirError,
     check_new_run,
@@ -65,17 +67,26 @@ from papo_fast.checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
-from papo_fast.config import Config, ConfigError
+from papo_fast.config import Config
 from papo_fast.data import PromptSampler, load_prompts
 from papo_fast.kernels.advantages import papo_advantages
-from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
-from papo_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss
+from papo_fast.kernels.fused_linear_policy_loss import PAPOLoss
 from papo_fast.metrics import MetricsLogger, ProgressBar, read_metrics
+from papo_fast.policy import (
+    hidden_states,
+    load_model,
+    model_device,
+    pad_rollout_logprobs,
+    pad_samples,
+    sequence_logprobs,
+)
 from papo_fast.rewards import collect_metrics, compute_rewards, load_judge, load_verifier
 from papo_fast.rollout import Request, SamplingParams, make_backend
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "kl", "ratio_mean")
+LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "kl", "ratio_mean")  # token means of the loss
+# What an update sums over its micro-batches: the loss metrics and entropy weighted by their
+# tokens, the loss, the tokens, and the rollout-correction weights (choice 9).
+SUMMED = (*LOSS_METRICS, "entropy", "loss", "tokens", "is_weight")
 # Settings a resumed run may change (choice 11): how long it runs, when it evaluates, saves and
 # reports, and where and in what pieces it computes the same thing. Every other setting defines
 # the run (its data, model, sampling, rewards, loss, optimizer, seed) and must stay as saved.
@@ -96,103 +107,9 @@ RESUMABLE = frozenset(
 )
 
 
-def model_device(cfg: Config) -> torch.device:
-    """model.device, with "auto" = the GPU when there is one; a CUDA device this machine does not
-    have is a ConfigError."""
-    name = cfg.model.device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ConfigError(
-                f"model.device is {name!r}, but torch sees {count} CUDA device(s) here; "
-                "use model.device: cpu (or auto)"
-                + (f", or one of cuda:0..cuda:{count - 1}" if count else "")
-            )
-    return device
-
-
-def load_model(path: str, cfg: Config, trainable: bool = True, safetensors_only: bool = False):
-    """A causal LM (on model.device) and its tokenizer from a local directory (a clear error when
-    it is not one). ``safetensors_only``: never unpickle weights (a checkpoint of ours)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not path or not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"model path {path!r} is not a directory with a config.json")
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=DTYPES[cfg.model.dtype],
-        attn_implementation=cfg.model.attn_implementation,
-        use_safetensors=True if safetensors_only else None,
-    ).to(model_device(cfg))
-    model.train(trainable)
-    model.requires_grad_(trainable)
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def request_seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of response ``index`` at ``step`` (step -1: held-out evaluation)."""
     return ((seed * 1_000_003 + step + 1) * 1_000_033 + index) % (2**63)
-
-
-def pad_samples(samples, pad_id: int):
-    """Right-padded prompt+response ids and the mask of response-token targets.
-
-    Returns input_ids [N, L], attention_mask [N, L], targets [N, L-1] (input_ids shifted) and
-    loss_mask [N, L-1] (True where the target is a response token).
-    """
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    ids = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        p, n = len(s.prompt_ids), lengths[i]
-        ids[i, :n] = torch.tensor(s.prompt_ids + s.response_ids)
-        attn[i, :n] = 1
-        resp[i, p:n] = True
-    return ids, attn, ids[:, 1:], resp[:, 1:]
-
-
-def pad_rollout_logprobs(samples) -> torch.Tensor | None:
-    """The sampler's log-probs aligned with pad_samples' targets: [N, L-1] float32, 0 where the
-    target is not a response token; None when the backend returned none (choice 9)."""
-    given = [s.logprobs is not None for s in samples]
-    if not any(given):
-        return None
-    if not all(given):
-        raise ValueError("the rollout backend returned log-probs for some samples only")
-    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples) - 1
-    out = torch.zeros(len(samples), width)
-    for i, s in enumerate(samples):
-        if len(s.logprobs) != len(s.response_ids):
-            raise ValueError(
-                f"sample {i}: {len(s.logprobs)} log-probs for {len(s.response_ids)} tokens"
-            )
-        p = len(s.prompt_ids)  # response token k is input p + k, predicted at position p + k - 1
-        out[i, p - 1 : p - 1 + len(s.response_ids)] = torch.tensor(s.logprobs)
-    return out
-
-
-def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Last hidden states of the model body at the positions that predict a token: [N, L-1, H]."""
-    out = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False)
-    return out.last_hidden_state[:, :-1]
-
-
-@torch.no_grad()
-def sequence_logprobs(model, ids, attn, targets, temperature: float, rows: int) -> torch.Tensor:
-    """log p(target) of every position, [N, L-1], in micro-batches of ``rows`` sequences."""
-    head = model.get_output_embeddings()
-    out = []
-    for s in range(0, ids.shape[0], rows):
-        h = hidden_states(model, ids[s : s + rows], attn[s : s + rows])
-        logp, _ = fused_linear_logprobs(
-            h, head.weight, targets[s : s + rows], bias=head.bias, temperature=temperature
-        )
-        out.append(logp.float())
-    return torch.cat(out)
 
 
 class Trainer:
@@ -235,6 +152,10 @@ class Trainer:
         self.ref = None
         if c.loss.beta > 0:
             self.ref, _ = load_model(c.model.ref_path or c.model.path, c, trainable=False)
+        # The loss, built once from the loss: section (every setting, ratio_level included).
+        self.loss_fn = PAPOLoss(
+            **dataclasses.asdict(c.loss), temperature=c.rollout.temperature, return_entropy=True
+        )
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
             lr=c.optim.lr,
@@ -399,14 +320,15 @@ class Trainer:
         n = ids.shape[0]
         gen = torch.Generator().manual_seed(request_seed(c.train.seed, self.step, -1))
         head = self.model.get_output_embeddings()
-        # Metrics stay on the device, summed as [LOSS_METRICS x tokens, entropy, loss, tokens,
-        # rollout weight sum] and its max; read once at the end of the step (no sync per micro).
-        sums = torch.zeros(len(LOSS_METRICS) + 4, dtype=torch.float64, device=ids.device)
-        w_max = torch.zeros((), dtype=torch.float64, device=ids.device)
+        opt = lambda t, sl: None if t is None else t[sl]  # noqa: E731  (an optional input's slice)
+        # Metrics stay on the device as named float64 sums, read once at the end of the step.
+        zero = torch.zeros((), dtype=torch.float64, device=ids.device)
+        sums = dict.fromkeys(SUMMED, zero)
+        w_max = zero
         norms = []
         for minibatch in torch.randperm(n, generator=gen).chunk(c.train.mini_batches):
             m = mask[minibatch]
-            counts = {  # global over this optimizer step (DESIGN §2)
+            counts = {  # over this whole optimizer step (docs/design.md, "Global counts")
                 "num_tokens": int(m.sum()),
                 "num_seqs": len(minibatch),
                 "max_len": int(m.sum(1).max()),
@@ -415,51 +337,42 @@ class Trainer:
                 width = int(attn[micro].sum(1).max())  # trim the right padding of this micro
                 h = hidden_states(self.model, ids[micro, :width], attn[micro, :width])
                 sl = (micro, slice(0, width - 1))
-                out = fused_linear_policy_loss(
+                out = self.loss_fn(
                     h,
                     head.weight,
                     targets[sl],
-                    old_logp[sl] if old_logp is not None else None,
+                    opt(old_logp, sl),
                     advantages[micro],
                     bias=head.bias,
-                    temperature=c.rollout.temperature,
-                    return_entropy=True,
                     mask=mask[sl],
-                    ref_logp=ref_logp[sl] if ref_logp is not None else None,
-                    rollout_logp=rollout_logp[sl] if rollout_logp is not None else None,
-                    is_cap=c.loss.is_cap,
-                    eps_low=c.loss.eps_low,
-                    eps_high=c.loss.eps_high,
-                    dual_clip=c.loss.dual_clip,
-                    beta=c.loss.beta,
-                    kl=c.loss.kl,
-                    agg=c.loss.agg,
+                    ref_logp=opt(ref_logp, sl),
+                    rollout_logp=opt(rollout_logp, sl),
                     **counts,
                 )
                 out.loss.backward()
                 k = out.num_tokens.double()
-                w_sum = torch.zeros_like(k)
+                add = {key: getattr(out, key).double() * k for key in LOSS_METRICS}
+                add["entropy"] = (out.entropy * mask[sl]).sum().double()
+                add["loss"] = out.loss.detach().double()
+                add["tokens"] = k
                 if rollout_logp is not None:  # on-policy: old_logp is the loss's own logp
                     old = old_logp[sl] if old_logp is not None else out.logp
                     w = torch.exp(old.double() - rollout_logp[sl])[mask[sl]]  # [valid tokens]
-                    w_sum = w.sum()
+                    add["is_weight"] = w.sum()
                     w_max = torch.maximum(w_max, w.max()) if w.numel() else w_max
-                entropy = (out.entropy * mask[sl]).sum().double()
-                metrics = [getattr(out, key).double() * k for key in LOSS_METRICS]
-                sums += torch.stack([*metrics, entropy, out.loss.detach().double(), k, w_sum])
+                sums = {key: sums[key] + add.get(key, zero) for key in SUMMED}
             params = [p for p in self.model.parameters() if p.grad is not None]
             norms.append(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        *metric_sums, entropy, loss, tokens, w_sum = sums.tolist()
-        per_token = 1.0 / max(tokens, 1.0)
-        res = {key: v * per_token for key, v in zip(LOSS_METRICS, metric_sums, strict=True)}
-        res["entropy"] = entropy * per_token
+        total = dict(zip(SUMMED, torch.stack(list(sums.values())).tolist(), strict=True))
+        per_token = 1.0 / max(total["tokens"], 1.0)
+        res = {key: total[key] * per_token for key in (*LOSS_METRICS, "entropy")}
         if rollout_logp is not None:
-            res |= {"is_weight_mean": w_sum * per_token, "is_weight_max": float(w_max)}
+            res |= {"is_weight_mean": total["is_weight"] * per_token, "is_weight_max": float(w_max)}
         return {
             **res,
-            "loss": loss / c.train.mini_batches,
+            "loss": total["loss"] / c.train.mini_batches,
             "grad_norm": float(torch.stack(norms).mean()),
         }
 

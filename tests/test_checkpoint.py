@@ -10,8 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from papo_fast import arith, checkpoint
+from papo_fast import checkpoint
 from papo_fast.checkpoint import STATE_FILE, latest_checkpoint, load_state, save_checkpoint
+from papo_fast.tasks import arith
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

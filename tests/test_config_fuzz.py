@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from papo_fast.cli import main
 from papo_fast.config import CHOICES, Config, ConfigError, config_from_dict, load_config
-from papo_fast.demo import DEMO_RL
+from papo_fast.tasks.demo import DEMO_RL
 
 
 def _leaves(cls, prefix=""):

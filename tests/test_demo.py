@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from papo_fast.demo import WarmupConfig, format_table, run_demo
+from papo_fast.tasks.demo import WarmupConfig, format_table, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from papo_fast.judge import (
+from papo_fast.rewards import JudgeError, Outcome, Verifier, compute_rewards, load_judge
+from papo_fast.rewards.judge import (
     RUBRIC_PROMPT,
     CallableBackend,
     JudgeConfigError,
@@ -21,8 +22,7 @@ from papo_fast.judge import (
     openai_rubric_judge,
     parse_score,
 )
-from papo_fast.rewards import JudgeError, Outcome, Verifier, compute_rewards, load_judge
-from papo_fast.verify import MathVerifier
+from papo_fast.rewards.verify import MathVerifier
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -286,7 +286,7 @@ def test_per_request_timeout_against_a_silent_socket():
 def test_factory_from_env(monkeypatch):
     monkeypatch.setenv("PAPO_JUDGE_MODEL", "gpt-oss-20b")
     monkeypatch.setenv("PAPO_JUDGE_ON_UNREACHABLE", "score")
-    judge = load_judge("papo_fast.judge:openai_rubric_judge")
+    judge = load_judge("papo_fast.rewards.judge:openai_rubric_judge")
     assert isinstance(judge, RubricJudge) and judge.on_unreachable == "score"
     assert judge.backend.cfg.model == "gpt-oss-20b"
 
@@ -297,8 +297,8 @@ def test_factory_from_env(monkeypatch):
 def test_hf_backend_runs_a_tiny_model():
     """An untrained tiny model as an in-process judge: it answers garbage, counted as parse
     failures (scored 0), through the same RubricJudge."""
-    from papo_fast.arith import build_model, build_tokenizer
-    from papo_fast.judge import HFJudgeBackend
+    from papo_fast.rewards.judge import HFJudgeBackend
+    from papo_fast.tasks.arith import build_model, build_tokenizer
 
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=64, layers=1)
@@ -462,7 +462,7 @@ def test_bad_environment_variable_is_named_with_its_value(var, value, monkeypatc
     monkeypatch.setenv("PAPO_JUDGE_MODEL", "judge")
     monkeypatch.setenv(var, value)
     with pytest.raises(JudgeConfigError) as err:
-        load_judge("papo_fast.judge:openai_rubric_judge")
+        load_judge("papo_fast.rewards.judge:openai_rubric_judge")
     assert f"{var}={value!r}" in str(err.value)
 
 
@@ -584,8 +584,9 @@ def test_training_run_stops_with_exit_code_2_on_a_refused_key(
     instead of a run whose process scores are all 0."""
     import yaml
 
-    from papo_fast import arith, rewards
     from papo_fast.cli import main
+    from papo_fast.rewards import base as rewards
+    from papo_fast.tasks import arith
 
     tok = arith.build_tokenizer()
     tok.save_pretrained(tmp_path / "model")
@@ -596,7 +597,10 @@ def test_training_run_stops_with_exit_code_2_on_a_refused_key(
         "model": {"path": str(tmp_path / "model")},
         "data": {"train_path": str(tmp_path / "train.jsonl")},
         "rollout": {"group_size": 2, "max_new_tokens": 4},
-        "reward": {"verifier": "always_right", "judge": "papo_fast.judge:openai_rubric_judge"},
+        "reward": {
+            "verifier": "always_right",
+            "judge": "papo_fast.rewards.judge:openai_rubric_judge",
+        },
         "train": {
             "out_dir": str(tmp_path / "run"),
             "steps": 1,

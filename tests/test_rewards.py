@@ -114,18 +114,18 @@ def test_wrong_number_of_scores_is_an_error():
 def test_registry_and_import_paths():
     assert isinstance(load_verifier("answer_line"), AnswerLineVerifier)
     assert load_judge("none") is None
-    assert load_judge("papo_fast.arith:ArithRubricJudge").score(
+    assert load_judge("papo_fast.tasks.arith:ArithRubricJudge").score(
         ["1+1"], ["1+1=2\nAnswer: 2"], ["2"]
     )
     with pytest.raises(ValueError, match="unknown judge"):
         load_judge("gpt")
     with pytest.raises(ValueError, match="cannot load verifier"):
-        load_verifier("papo_fast.arith:Nope")
+        load_verifier("papo_fast.tasks.arith:Nope")
 
 
 def test_collect_metrics_from_whoever_reports_them():
-    from papo_fast.judge import RubricJudge
-    from papo_fast.verify import MathVerifier
+    from papo_fast.rewards.judge import RubricJudge
+    from papo_fast.rewards.verify import MathVerifier
 
     class Duck:  # a duck-typed verifier without take_metrics
         def verify(self, problems, responses, answers):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from papo_fast import arith
 from papo_fast.rollout import HFGenerateBackend, Request, SamplingParams
+from papo_fast.tasks import arith
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

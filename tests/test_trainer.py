@@ -1,5 +1,6 @@
 """The loop on a tiny model: one step, log-probs vs a forward, resume after a kill, bad input."""
 
+import dataclasses
 import errno
 import json
 import math
@@ -10,12 +11,13 @@ import socket
 import pytest
 import torch
 
-from papo_fast import arith
 from papo_fast.config import ConfigError, config_from_dict
 from papo_fast.metrics import read_metrics
+from papo_fast.policy import pad_rollout_logprobs, pad_samples, sequence_logprobs
 from papo_fast.rewards import Outcome, Verifier
 from papo_fast.rollout import Request, RolloutBackend, Sample, SamplingParams
-from papo_fast.trainer import Trainer, pad_rollout_logprobs, pad_samples, sequence_logprobs
+from papo_fast.tasks import arith
+from papo_fast.trainer import Trainer
 
 TIMING = ("t_", "rollout_tok_s", "update_tok_s")
 
@@ -168,7 +170,7 @@ def test_bad_input_fails_before_training(assets, tmp_path):
 
 def test_reference_model_and_kl(assets, tmp_path):
     cfg = make_config(assets, tmp_path / "run", steps=1)
-    cfg.loss.beta = 0.1
+    cfg.loss = dataclasses.replace(cfg.loss, beta=0.1)
     trainer = make_trainer(cfg)
     assert trainer.ref is not None and not trainer.ref.training
     assert not any(p.requires_grad for p in trainer.ref.parameters())
@@ -220,7 +222,7 @@ def test_rollout_correction_weights_the_loss(assets, tmp_path, mini_batches):
 
     def run(name, weight=None, is_cap=None):
         cfg = make_config(assets, tmp_path / name, mini_batches=mini_batches)
-        cfg.loss.is_cap = is_cap
+        cfg.loss = dataclasses.replace(cfg.loss, is_cap=is_cap)
         trainer = make_trainer(cfg)
         if weight is not None:
             trainer.backend = ShiftedLogprobBackend(
@@ -257,7 +259,7 @@ class CountingVerifier(ParityVerifier):
 
 
 def test_verifier_and_judge_counters_in_the_metrics(assets, tmp_path):
-    from papo_fast.judge import RubricJudge
+    from papo_fast.rewards.judge import RubricJudge
 
     trainer = make_trainer(make_config(assets, tmp_path / "run"))
     trainer.verifier = CountingVerifier()
@@ -270,7 +272,7 @@ def test_verifier_and_judge_counters_in_the_metrics(assets, tmp_path):
 
 
 def test_reference_solutions_reach_the_judge(assets, tmp_path):
-    from papo_fast.judge import RubricJudge
+    from papo_fast.rewards.judge import RubricJudge
 
     rows = arith.make_split(0, 8, 2, 3)
     path = arith.write_jsonl(

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from papo_fast import verify
-from papo_fast.verify import (
+from papo_fast.rewards import verify
+from papo_fast.rewards.verify import (
     MathVerifier,
     last_boxed,
     normalize,
@@ -139,4 +139,4 @@ def test_parser_error_is_wrong_and_counted(monkeypatch):
 def test_loadable_from_config_spec():
     from papo_fast.rewards import load_verifier
 
-    assert isinstance(load_verifier("papo_fast.verify:MathVerifier"), MathVerifier)
+    assert isinstance(load_verifier("papo_fast.rewards.verify:MathVerifier"), MathVerifier)

@@ -25,10 +25,10 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # shared CI cores:
 
 import torch  # noqa: E402
 
-from papo_fast import arith  # noqa: E402
 from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs  # noqa: E402
 from papo_fast.rollout import Request, SamplingParams  # noqa: E402
-from papo_fast.rollout_vllm import VLLMRollout, group_requests  # noqa: E402
+from papo_fast.rollout.vllm import VLLMRollout, group_requests  # noqa: E402
+from papo_fast.tasks import arith  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-4
@@ -208,7 +208,7 @@ def build_chat_model(path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from papo_fast.arith import build_model
+    from papo_fast.tasks.arith import build_model
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -296,7 +296,7 @@ class CountingTransport:
 
 
 def test_judge_against_vllm_serve(judge_server):
-    from papo_fast.judge import (
+    from papo_fast.rewards.judge import (
         HttpxTransport,
         JudgeConfigError,
         OpenAIChatBackend,

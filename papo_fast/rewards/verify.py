@@ -1,6 +1,6 @@
 """Outcome verification for real math data: the last \\boxed{} of a response against a reference.
 
-    verifier = MathVerifier(time_limit=5.0)     # config: "papo_fast.verify:MathVerifier"
+    verifier = MathVerifier(time_limit=5.0)     # config: "papo_fast.rewards.verify:MathVerifier"
     outcomes = verifier.verify(problems, responses, answers)    # [Outcome(reward, correct), ...]
     gold = reference_answer(record)    # GSM8K "#### 72", MATH / NuminaMath \\boxed{...}
 
@@ -29,7 +29,7 @@ import threading
 from contextlib import contextmanager
 from fractions import Fraction
 
-from papo_fast.rewards import Outcome, Verifier
+from papo_fast.rewards.base import Outcome, Verifier
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*([{ ])")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)

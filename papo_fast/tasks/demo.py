@@ -27,10 +27,12 @@ from pathlib import Path
 
 import torch
 
-from papo_fast import arith, fused_linear_logprobs
+from papo_fast.batching import pad_ids
 from papo_fast.checkpoint import RunLock
 from papo_fast.config import Config, config_from_dict
+from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
 from papo_fast.metrics import plot_comparison, plot_run, read_metrics
+from papo_fast.tasks import arith
 
 
 @dataclass
@@ -113,14 +115,7 @@ def _sft_batch(tok, pairs):
         p = tok(prompt)["input_ids"]
         seqs.append(p + tok(resp)["input_ids"] + [tok.eos_token_id])
         starts.append(len(p))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, (s, p) in enumerate(zip(seqs, starts, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        mask[i, p : len(s)] = True
+    ids, attn, mask = pad_ids(seqs, tok.pad_token_id, response_starts=starts)
     return ids, attn, mask[:, 1:].float()
 
 

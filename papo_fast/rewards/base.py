@@ -2,7 +2,8 @@
 
 A ``Verifier`` turns each response into an outcome reward and a correctness flag; a ``Judge``
 gives each CORRECT response a 3-tier process score (0, 0.5, 1). Wrong responses are never sent to
-the judge and get process 0 (DESIGN §1: the paper's judge sees correct responses only).
+the judge and get process 0 (docs/design.md, "PAPO advantages": the judge sees correct responses
+only).
 
 Choices:
 1. Invalid judge output policy, per response. A score outside {0, 0.5, 1} (including NaN, None,
@@ -15,9 +16,9 @@ Choices:
    either policy, since scoring every response 0 would silently turn PAPO into ORM.
 2. Outcome reward = correctness by default; shaping (e.g. an overlong penalty) goes in the
    verifier's reward while ``correct`` stays the binary flag that selects the judge's inputs.
-3. Judges and verifiers are named in the config: a registered name ("answer_line",
-   "arith_rubric", "none") or "package.module:attr" for one of your own (a class or a factory
-   called with no arguments).
+3. Judges and verifiers are named in the config: a registered name ("answer_line", "none", and
+   those a task registers, e.g. "arith_rubric") or "package.module:attr" for one of your own (a
+   class or a factory called with no arguments, whose result has verify() / score()).
 4. Reference solutions: when the data maps a solution field, the solutions of the judged
    responses go to the judge as ``solutions=`` (one per response, None where the record has
    none), but only to a judge whose ``score`` takes that argument (or **kwargs): the interface
@@ -34,6 +35,7 @@ import importlib
 import inspect
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -206,34 +208,49 @@ def compute_rewards(
     )
 
 
-def _arith_rubric():
-    from papo_fast.arith import ArithRubricJudge
-
-    return ArithRubricJudge()
-
-
-VERIFIERS = {"answer_line": AnswerLineVerifier}
-JUDGES = {"arith_rubric": _arith_rubric, "none": lambda: None}
+# Registered names (choice 3). Tasks add their own with register_verifier / register_judge when
+# imported (papo_fast.tasks registers the arithmetic task's rubric as "arith_rubric").
+VERIFIERS: dict[str, Callable[[], Verifier]] = {"answer_line": AnswerLineVerifier}
+JUDGES: dict[str, Callable[[], Judge | None]] = {"none": lambda: None}
 
 
-def _load(spec: str, registry: dict, kind: str):
+def register_verifier(name: str, factory: Callable[[], Verifier]) -> None:
+    """Make ``reward.verifier: name`` build ``factory()``."""
+    VERIFIERS[name] = factory
+
+
+def register_judge(name: str, factory: Callable[[], Judge | None]) -> None:
+    """Make ``reward.judge: name`` build ``factory()``."""
+    JUDGES[name] = factory
+
+
+def _load(spec: str, registry: dict, kind: str, method: str):
+    """A registered name, or "package.module:attr" naming a class or a factory with no arguments;
+    every failure a ValueError naming the spec."""
     if spec in registry:
         return registry[spec]()
-    if ":" not in spec:
+    module, _, attr = spec.partition(":")
+    if not (module and attr) or module.startswith("."):
         raise ValueError(
             f"unknown {kind} {spec!r}: use one of {sorted(registry)} or 'package.module:attr'"
         )
-    module, attr = spec.split(":", 1)
     try:
         obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
         raise ValueError(f"cannot load {kind} {spec!r}: {err}") from err
-    return obj()
+    if not callable(obj):
+        raise ValueError(f"{kind} {spec!r} is a {type(obj).__name__}, not a class or a factory")
+    made = obj()
+    if not callable(getattr(made, method, None)):
+        raise ValueError(f"{kind} {spec!r} built a {type(made).__name__}, which has no {method}()")
+    return made
 
 
 def load_verifier(spec: str) -> Verifier:
-    return _load(spec, VERIFIERS, "verifier")
+    return _load(spec, VERIFIERS, "verifier", "verify")
 
 
 def load_judge(spec: str) -> Judge | None:
-    return _load(spec, JUDGES, "judge")
+    if spec == "none":
+        return None
+    return _load(spec, JUDGES, "judge", "score")
