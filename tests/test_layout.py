@@ -144,3 +144,17 @@ def test_files_stay_readable():
             if n > MAX_LINES:
                 too_long[str(path.relative_to(ROOT))] = n
     assert too_long == {}, f"files over {MAX_LINES} lines"
+
+
+@pytest.mark.parametrize("old", ["papo_fast.judge", "papo_fast.arith", "papo_fast._backend"])
+def test_moved_modules_keep_their_old_import_path(old):
+    """Old import paths (and "module:attr" names in configs) still work, with a warning."""
+    import importlib
+    import sys
+
+    import papo_fast
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match="moved to"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(papo_fast.MOVED_MODULES[old])

@@ -186,3 +186,31 @@ def test_solutions_reach_a_judge_that_takes_them():
         AnswerLineVerifier(), plain, PROBLEMS, RESPONSES, ANSWERS, "zero", solutions
     )
     assert rw.process == [1.0, 0.0, 1.0, 0.0] and rw.judge_invalid == 0
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (".relative:Thing", "unknown verifier"),  # a relative module: import_module's TypeError
+        ("math:pi", "is a float, not a class or a factory"),
+        ("os:getcwd", "built a str, which has no verify"),
+        ("no_such_module_xyz:Verifier", "cannot load verifier"),
+        (":attr", "unknown verifier"),
+        ("module:", "unknown verifier"),
+    ],
+)
+def test_a_bad_verifier_name_is_a_clear_error(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_verifier(spec)
+
+
+def test_a_judge_without_score_is_refused():
+    with pytest.raises(ValueError, match="has no score"):
+        load_judge("papo_fast.rewards.base:AnswerLineVerifier")
+
+
+def test_tasks_register_their_reward_names():
+    import papo_fast.tasks  # noqa: F401  (registers "arith_rubric")
+    from papo_fast.tasks.arith import ArithRubricJudge
+
+    assert isinstance(load_judge("arith_rubric"), ArithRubricJudge)
