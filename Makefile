@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch. On a CUDA machine: make TORCH_SPEC='torch==2.13.0' with your CUDA index configured.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench bench-smoke lint format clean
+.PHONY: demo test layout bench bench-smoke lint format clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/pytest
+
+# No import cycles (lazy imports included), kernels/ importing nothing from the rest of papo_fast,
+# no file over 450 lines. Part of `make test` too.
+layout: $(VENV)/.installed
+	$(BIN)/pytest -q tests/test_layout.py
 
 bench: $(VENV)/.installed
 	$(BIN)/pytest benchmarks/ --benchmark-only

@@ -24,7 +24,13 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # kernels/ is not a top-level package (PyPI's `kernels` is another project).
-    packages=["papo_fast", "papo_fast.kernels"],
+    packages=[
+        "papo_fast",
+        "papo_fast.rollout",
+        "papo_fast.rewards",
+        "papo_fast.tasks",
+        "papo_fast.kernels",
+    ],
     package_dir={"papo_fast": "papo_fast", "papo_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4,<2.15",
