@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from papo_fast._backend import (
+from ._backend import (
     bad_values_error,
     beyond_float32,
     check_vector,

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from papo_fast._backend import compute_dtype, resolve_backend
+from ._backend import compute_dtype, resolve_backend
 
 # ----------------------------------------------------------------------------- Triton
 

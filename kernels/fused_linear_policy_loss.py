@@ -37,8 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from papo_fast._backend import compute_dtype, resolve_backend
-
+from ._backend import compute_dtype, resolve_backend
 from .fused_linear_logprobs import (
     FusedLinearLogprobsFunction,
     accumulate_grads,

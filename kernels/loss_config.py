@@ -69,9 +69,7 @@ class PolicyLossConfig:
             _number("is_cap", self.is_cap, lambda v: v > 0.0, "None or > 0")
 
     @classmethod
-    def resolve(
-        cls, config: PolicyLossConfig | None, settings: dict[str, Any]
-    ) -> PolicyLossConfig:
+    def resolve(cls, config: PolicyLossConfig | None, settings: dict[str, Any]) -> PolicyLossConfig:
         """``config`` (default: the defaults) with ``settings`` (field name -> value) replaced;
         a TypeError for a name that is no setting."""
         if config is not None and not isinstance(config, cls):

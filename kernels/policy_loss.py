@@ -29,8 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from papo_fast._backend import check_float, resolve_backend
-
+from ._backend import check_float, resolve_backend
 from .policy_loss_torch import (
     AGGS,
     CHECKED,

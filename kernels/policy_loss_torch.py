@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from papo_fast._backend import compute_dtype
+from ._backend import compute_dtype
 
 # Slots of the stats vector (the Triton kernel writes one such row per program).
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, KL_SUM, RATIO_SUM, RATIO_MIN, RATIO_MAX = range(9)

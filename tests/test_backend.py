@@ -1,9 +1,13 @@
 """Dispatch: CPU tensors take the PyTorch path, and a forced Triton backend explains itself."""
 
+import importlib
+import sys
+
 import pytest
 import torch
 
-from papo_fast._backend import resolve_backend
+from papo_fast.kernels import _backend
+from papo_fast.kernels._backend import resolve_backend
 
 
 def test_auto_picks_torch_on_cpu():
@@ -20,6 +24,14 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.zeros(2))
+
+
+def test_the_old_module_path_is_the_moved_module(monkeypatch):
+    # papo_fast._backend moved into the kernels; the old name imports the same module, warning.
+    monkeypatch.delitem(sys.modules, "papo_fast._backend", raising=False)
+    with pytest.warns(DeprecationWarning, match="papo_fast.kernels._backend"):
+        old = importlib.import_module("papo_fast._backend")
+    assert old is _backend
 
 
 @pytest.mark.cuda

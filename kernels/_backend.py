@@ -1,9 +1,9 @@
 """Backend dispatch and the input checks every op shares.
 
-Dispatch rule (DESIGN §4): CUDA tensors run the Triton kernels, CPU tensors the PyTorch path;
-``backend="triton"`` or ``backend="torch"`` forces one. Triton on CPU tensors works only under the
-interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the tests check
-every kernel on a machine without a GPU.
+Dispatch rule (docs/design.md, "Dispatch"): CUDA tensors run the Triton kernels, CPU tensors the
+PyTorch path; ``backend="triton"`` or ``backend="torch"`` forces one. Triton on CPU tensors works
+only under the interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the
+tests check every kernel on a machine without a GPU.
 """
 
 from __future__ import annotations
