@@ -6,7 +6,7 @@ optimizer step per generation batch, clip 0.2 / 0.28, no KL, token-mean ("dapo")
 one CPU thread each.
 TRL runs on-policy here (num_iterations=1: it skips the old log-probs); ours computes them anyway
 (one no-grad forward) unless train.mini_batches == 1 makes the update on-policy too, which is the
-setting used here.
+setting used here (papo_fast/trainer.py, choice "On-policy shortcut").
 
 Each variant runs in a fresh process (``python bench_trainer.py ours|trl H LAYERS P G LEN STEPS``)
 that prints one JSON line: mean step time over the steps after the first (a warm-up: lazy imports,

@@ -6,24 +6,24 @@
     OUT/checkpoints/latest         the name of the last complete checkpoint, one line
 
 Choices:
-1. Atomic saves. A save writes everything into a hidden temporary directory, renames it into place
-   (atomic on one filesystem) and only then rewrites ``latest`` through os.replace. A kill at any
-   moment leaves ``latest`` naming a complete checkpoint; the next save removes leftover temporary
-   directories. Re-saving a step that exists moves the old directory aside (``.replaced-step_N``)
-   and removes it only once the new one is in place; after a kill between the two renames, the
-   next save or latest_checkpoint moves the old one back. Old checkpoints are pruned the same
-   way: renamed out of sight first, then removed.
-2. Nothing in a run directory is executed. trainer_state.pt holds tensors and plain types only
-   (the torch RNG state is a uint8 tensor, the Python one a tuple of ints) and is read with
-   ``torch.load(weights_only=True)``. ``latest`` must name a ``step_NNNNNN`` directory that
-   resolves inside checkpoints/ (no ``..``, no absolute path, no symlink out of it).
-3. One run per directory: RunLock takes an exclusive flock on OUT/run.lock without waiting. The
+1. **Atomic saves.** A save writes everything into a hidden temporary directory, renames it into
+   place (atomic on one filesystem) and only then rewrites ``latest`` through os.replace. A kill at
+   any moment leaves ``latest`` naming a complete checkpoint; the next save removes leftover
+   temporary directories. Re-saving a step that exists moves the old directory aside
+   (``.replaced-step_N``) and removes it only once the new one is in place; after a kill between the
+   two renames, the next save or latest_checkpoint moves the old one back. Old checkpoints are
+   pruned the same way: renamed out of sight first, then removed.
+2. **Nothing executed.** Nothing in a run directory is run as code. trainer_state.pt holds tensors
+   and plain types only (the torch RNG state is a uint8 tensor, the Python one a tuple of ints) and
+   is read with ``torch.load(weights_only=True)``. ``latest`` must name a ``step_NNNNNN`` directory
+   that resolves inside checkpoints/ (no ``..``, no absolute path, no symlink out of it).
+3. **One run per directory.** RunLock takes an exclusive flock on OUT/run.lock without waiting. The
    kernel drops it when the holder exits, killed or not, so a crash never leaves a stale lock.
-4. A failed write (a full disk, a quota) is a RunDirError that says so and where; the temporary
-   directory goes, the previous checkpoint and ``latest`` stay as they were.
-5. A run never overwrites another: a new run refuses a directory that holds metrics or
-   checkpoints (check_new_run); a resume needs a checkpoint, and refuses a configuration that
-   differs from the saved one outside the keys the trainer names resumable (resume_point).
+4. **Failed writes.** A failed write (a full disk, a quota) is a RunDirError that says so and where;
+   the temporary directory goes, the previous checkpoint and ``latest`` stay as they were.
+5. **No overwrite.** A run never overwrites another: a new run refuses a directory that holds
+   metrics or checkpoints (check_new_run); a resume needs a checkpoint, and refuses a configuration
+   that differs from the saved one outside the keys the trainer names resumable (resume_point).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ STATE_FILE = "trainer_state.pt"
 POINTER = "latest"
 LOCK_FILE = "run.lock"
 STEP_NAME = re.compile(r"step_\d{6,}")
-ASIDE = ".replaced-"  # prefix of a checkpoint directory being replaced (choice 1)
+ASIDE = ".replaced-"  # prefix of a checkpoint directory being replaced (choice "Atomic saves")
 
 
 class RunDirError(ValueError):
@@ -60,7 +60,7 @@ class RunDirError(ValueError):
 
 
 class RunLock:
-    """Exclusive, non-blocking lock on ``out_dir/run.lock`` (choice 3)."""
+    """Exclusive, non-blocking lock on ``out_dir/run.lock`` (choice "One run per directory")."""
 
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir) / LOCK_FILE
@@ -154,7 +154,7 @@ def step_name(step: int) -> str:
 
 
 def _finish_replacement(root: Path) -> None:
-    """Complete or undo a replacement a kill interrupted (choice 1)."""
+    """Complete or undo a replacement a kill interrupted (choice "Atomic saves")."""
     for aside in root.glob(ASIDE + "step_*"):
         final = root / aside.name[len(ASIDE) :]
         if final.is_dir():  # the new one made it in: the old one goes
@@ -231,8 +231,9 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the ``keep`` newest.
 
-    ``extra`` (merged into trainer_state.pt) must hold tensors and plain types only (choice 2).
-    A failed write is a RunDirError that names the directory and the reason (choice 4).
+    ``extra`` (merged into trainer_state.pt) must hold tensors and plain types only (choice
+    "Nothing executed"). A failed write is a RunDirError that names the directory and the reason
+    (choice "Failed writes").
     """
     root = Path(root)
     name = step_name(step)
@@ -267,7 +268,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """The directory ``root/latest`` names, or None when there is no ``latest``.
 
     A ``latest`` that names anything but a complete ``step_NNNNNN`` directory inside ``root``
-    is a RunDirError (choice 2).
+    is a RunDirError (choice "Nothing executed").
     """
     root = Path(root)
     pointer = root / POINTER
@@ -306,7 +307,7 @@ def load_state(path: str | Path) -> dict:
     """trainer_state.pt of a checkpoint (the weights load with from_pretrained(path)).
 
     Read with weights_only=True: a file holding anything but tensors and plain types is refused
-    before any of it runs (choice 2).
+    before any of it runs (choice "Nothing executed").
     """
     file = Path(path) / STATE_FILE
     try:

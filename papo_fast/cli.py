@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
-    demo = sub.add_parser("demo", help="ORM vs PAPO on tiny-model arithmetic (CPU, minutes)")
+    demo = sub.add_parser("demo", help="ORM vs PAPO on tiny-model arithmetic (CPU, ~2 min)")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--seeds", type=int, default=1, help="RL seeds per mode (same warm-up)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")

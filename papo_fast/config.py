@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class VLLMConfig:
-    """Engine options of rollout.backend: vllm (rollout_vllm.VLLMRollout)."""
+    """Engine options of rollout.backend: vllm (rollout/vllm.py's VLLMRollout)."""
 
     dtype: str | None = None  # None: the trainer's model.dtype; or auto | float32 | bfloat16 | ...
     gpu_memory_utilization: float = 0.4  # weights + KV cache share of the GPU; leave room to train
@@ -85,7 +85,7 @@ VLLM_RESERVED = {"model", "model_path", "logprobs_mode"} | {
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf | vllm (rollout_vllm.VLLMRollout; needs the vllm extra)
+    backend: str = "hf"  # hf | vllm (rollout/vllm.py's VLLMRollout; needs the vllm extra)
     group_size: int = 8  # G responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0

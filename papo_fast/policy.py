@@ -68,7 +68,8 @@ def pad_samples(samples, pad_id: int):
 
 def pad_rollout_logprobs(samples) -> torch.Tensor | None:
     """The sampler's log-probs aligned with pad_samples' targets: [N, L-1] float32, 0 where the
-    target is not a response token; None when the backend returned none (trainer.py, choice 9)."""
+    target is not a response token; None when the backend returned none (trainer.py, choice
+    "Rollout correction")."""
     given = [s.logprobs is not None for s in samples]
     if not any(given):
         return None

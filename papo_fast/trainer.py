@@ -8,43 +8,49 @@ process score of the correct ones (judge) -> papo_advantages -> old log-probs (n
 epoch in ``mini_batches`` optimizer steps, each accumulated over micro-batches.
 
 Choices, and where this departs from a textbook GRPO loop:
-1. The logits are never built. The model body (``model.base_model``) gives hidden states; they go
-   with ``lm_head.weight`` into ``fused_linear_logprobs`` (old and reference log-probs, no grad)
-   and ``fused_linear_policy_loss`` (the loss and its gradient, chunk by chunk).
-2. Global counts: each optimizer step's loss is normalized by the valid tokens / sequences / longest
-   response of its whole mini-batch, passed to every micro-batch, so the summed micro-batch
-   gradients equal the full mini-batch gradient for every aggregation mode.
-3. Log-probs at the sampling temperature (the distribution the rollout actually sampled from).
-4. No filtering of zero-advantage groups and no dynamic sampling: the zero-advantage fraction is a
-   metric to watch (the paper's ORM-vs-PAPO signal), not something the loop hides.
-5. Determinism: every random draw is seeded from (train.seed, step, index): rollout seeds per
+1. **No logits.** The logits are never built. The model body (``model.base_model``) gives hidden
+   states; they go with ``lm_head.weight`` into ``fused_linear_logprobs`` (old and reference
+   log-probs, no grad) and ``fused_linear_policy_loss`` (the loss and its gradient, chunk by chunk).
+2. **Global counts.** Each optimizer step's loss is normalized by the valid tokens / sequences /
+   longest response of its whole mini-batch, passed to every micro-batch, so the summed
+   micro-batch gradients equal the full mini-batch gradient for every aggregation mode.
+3. **Sampling temperature.** Log-probs are taken at the sampling temperature (the distribution the
+   rollout actually sampled from).
+4. **No filtering.** Zero-advantage groups are kept and there is no dynamic sampling: the
+   zero-advantage fraction is a metric to watch (the paper's ORM-vs-PAPO signal), not something
+   the loop hides.
+5. **Determinism.** Every random draw is seeded from (train.seed, step, index): rollout seeds per
    request, the data order per epoch, the mini-batch shuffle per step. With the checkpoint's
    weights, optimizer and data position, a resumed CPU run reproduces the uninterrupted metrics.
-6. With train.mini_batches == 1 the single update is on-policy: old log-probs are not computed
-   (old_logp=None: ratio exp(logp - logp.detach()) = 1 with the right gradient), saving a forward.
-7. Held-out evaluation uses the same requests (prompts and seeds) every time: avg@k moves only
-   because the policy does.
-8. Rewards never change inside a step; a judge output outside {0, 0.5, 1} is counted
-   (``judge_invalid``) and handled by ``reward.on_invalid`` (rewards.py).
-9. Rollout correction: when the backend returns the sampler's log-probs (vLLM: another engine,
+6. **On-policy shortcut.** With train.mini_batches == 1 the single update is on-policy: old
+   log-probs are not computed (old_logp=None: ratio exp(logp - logp.detach()) = 1 with the right
+   gradient), saving a forward.
+7. **Fixed evaluation.** Held-out evaluation uses the same requests (prompts and seeds) every
+   time: avg@k moves only because the policy does.
+8. **Fixed rewards.** Rewards never change inside a step; a judge output outside {0, 0.5, 1} is
+   counted (``judge_invalid``) and handled by ``reward.on_invalid`` (rewards/base.py, choice
+   "Invalid judge output").
+9. **Rollout correction.** When the backend returns the sampler's log-probs (vLLM: another engine,
    other kernels, maybe another dtype), each token's loss is weighted by the truncated importance
    weight min(exp(old_logp - rollout_logp), loss.is_cap), old_logp being the trainer's log-prob at
    sampling time (the current one when the step is on-policy). The weight's mean and max before
    truncation are logged (``is_weight_mean``, ``is_weight_max``). The HF backend samples from the
    trained module itself: no sampler log-probs, no weight.
-10. The verifier's and judge's own counters (``take_metrics``: parse failures, requests, retries,
-    seconds...) go into the step's metrics as they report them, those of held-out evaluation with
-    an ``eval_`` prefix (rewards.py). With data.solution_field, the reference solutions reach a
-    judge whose ``score`` takes ``solutions=`` (the rubric judge does).
-11. The run directory (checkpoint.py) is locked from construction until train() returns or
-    raises (or close()): one run per train.out_dir. A new run refuses a directory that holds
-    metrics or checkpoints; a resume needs a checkpoint and refuses changed settings that define
-    the run (all but RESUMABLE), so config.json never lies. All of it, and model.device, is
-    checked before the model loads.
-12. A step that finished is never lost: when evaluation, logging or the ``on_step`` hook fails
-    with an error, the step's metrics are logged (without the evaluation) and it is saved before
-    the error propagates. A failure inside a step saves nothing (half an update is no state to
-    resume from), nor does KeyboardInterrupt: a stop resumes from the last checkpoint.
+10. **Reward counters.** The verifier's and judge's own counters (``take_metrics``: parse
+    failures, requests, retries, seconds...) go into the step's metrics as they report them, those
+    of held-out evaluation with an ``eval_`` prefix (rewards/base.py, choice "Counters"). With
+    data.solution_field, the reference solutions reach a judge whose ``score`` takes
+    ``solutions=`` (the rubric judge does; rewards/base.py, choice "Reference solutions").
+11. **Run directory.** The run directory (checkpoint.py) is locked from construction until
+    train() returns or raises (or close()): one run per train.out_dir. A new run refuses a
+    directory that holds metrics or checkpoints; a resume needs a checkpoint and refuses changed
+    settings that define the run (all but RESUMABLE), so config.json never lies. All of it, and
+    model.device, is checked before the model loads.
+12. **Finished steps saved.** A step that finished is never lost: when evaluation, logging or the
+    ``on_step`` hook fails with an error, the step's metrics are logged (without the evaluation)
+    and it is saved before the error propagates. A failure inside a step saves nothing (half an
+    update is no state to resume from), nor does KeyboardInterrupt: a stop resumes from the last
+    checkpoint.
 """
 
 from __future__ import annotations
@@ -85,11 +91,13 @@ from papo_fast.rollout import Request, SamplingParams, make_backend
 
 LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "kl", "ratio_mean")  # token means of the loss
 # What an update sums over its micro-batches: the loss metrics and entropy weighted by their
-# tokens, the loss, the tokens, and the rollout-correction weights (choice 9).
+# tokens, the loss, the tokens, and the rollout-correction weights (choice
+# "Rollout correction").
 SUMMED = (*LOSS_METRICS, "entropy", "loss", "tokens", "is_weight")
-# Settings a resumed run may change (choice 11): how long it runs, when it evaluates, saves and
-# reports, and where and in what pieces it computes the same thing. Every other setting defines
-# the run (its data, model, sampling, rewards, loss, optimizer, seed) and must stay as saved.
+# Settings a resumed run may change (choice "Run directory"): how long it runs, when it
+# evaluates, saves and reports, and where and in what pieces it computes the same thing. Every
+# other setting defines the run (its data, model, sampling, rewards, loss, optimizer, seed) and
+# must stay as saved.
 RESUMABLE = frozenset(
     {
         "train.steps",
@@ -120,7 +128,7 @@ class Trainer:
         if c.train.threads > 0:
             torch.set_num_threads(c.train.threads)
         # Everything that can fail on bad input fails here, before any training; the run
-        # directory and the checkpoint are checked before the model loads (choice 11).
+        # directory and the checkpoint are checked before the model loads (choice "Run directory").
         model_device(c)
         self.verifier = load_verifier(c.reward.verifier)
         self.judge = load_judge(c.reward.judge)
@@ -222,7 +230,8 @@ class Trainer:
         return metrics
 
     def _keep_finished_step(self, metrics: dict, logged: bool) -> None:
-        """After a failure past a finished step: log what it measured, then save it (choice 12).
+        """After a failure past a finished step: log what it measured, then save it (choice
+        "Finished steps saved").
         A save that fails too raises its own error, the first one chained to it."""
         if not logged:
             with contextlib.suppress(Exception):  # the weights matter more than the line
@@ -253,7 +262,7 @@ class Trainer:
         rw = compute_rewards(
             self.verifier, self.judge, problems, texts, answers, c.reward.on_invalid, solutions
         )
-        reward_counters = collect_metrics(self.verifier, self.judge)  # choice 10
+        reward_counters = collect_metrics(self.verifier, self.judge)  # choice "Reward counters"
         adv = papo_advantages(
             torch.tensor(rw.outcome),
             torch.tensor(rw.process),
@@ -269,7 +278,8 @@ class Trainer:
         # 3. Old (and reference) log-probs of the sampled tokens, no grad, no logits.
         dev = self.model.device
         ids, attn, targets, mask = (t.to(dev) for t in pad_samples(samples, self.tok.pad_token_id))
-        rollout_logp = pad_rollout_logprobs(samples)  # [N, L-1] or None (choice 9)
+        # [N, L-1], or None without sampler log-probs (choice "Rollout correction")
+        rollout_logp = pad_rollout_logprobs(samples)
         rollout_logp = rollout_logp.to(dev) if rollout_logp is not None else None
         T, mb = c.rollout.temperature, c.train.micro_batch_size
         on_policy = c.train.mini_batches == 1  # one update from these samples: ratio == 1

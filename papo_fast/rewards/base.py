@@ -6,25 +6,27 @@ the judge and get process 0 (docs/design.md, "PAPO advantages": the judge sees c
 only).
 
 Choices:
-1. Invalid judge output policy, per response. A score outside {0, 0.5, 1} (including NaN, None,
-   a response the judge failed on, named by a JudgePartialFailure, or every response of a batch
-   when the judge raised anything else) is counted in ``RewardResult.judge_invalid`` and replaced
-   by 0 under ``on_invalid="zero"`` (the default: the paper counts a judge parse failure as 0), or
-   raises a JudgeError naming the response under ``on_invalid="error"``. The other responses keep
-   their scores. Training never sees a value outside the three tiers. A JudgeConfigError (a
-   refused key, an unknown model, a wrong URL) is no invalid output: it stops the run under
-   either policy, since scoring every response 0 would silently turn PAPO into ORM.
-2. Outcome reward = correctness by default; shaping (e.g. an overlong penalty) goes in the
-   verifier's reward while ``correct`` stays the binary flag that selects the judge's inputs.
-3. Judges and verifiers are named in the config: a registered name ("answer_line", "none", and
-   those a task registers, e.g. "arith_rubric") or "package.module:attr" for one of your own (a
-   class or a factory called with no arguments, whose result has verify() / score()).
-4. Reference solutions: when the data maps a solution field, the solutions of the judged
+1. **Invalid judge output.** The policy is per response. A score outside {0, 0.5, 1} (including
+   NaN, None, a response the judge failed on, named by a JudgePartialFailure, or every response of
+   a batch when the judge raised anything else) is counted in ``RewardResult.judge_invalid`` and
+   replaced by 0 under ``on_invalid="zero"`` (the default: the paper counts a judge parse failure
+   as 0), or raises a JudgeError naming the response under ``on_invalid="error"``. The other
+   responses keep their scores. Training never sees a value outside the three tiers. A
+   JudgeConfigError (a refused key, an unknown model, a wrong URL) is no invalid output: it stops
+   the run under either policy, since scoring every response 0 would silently turn PAPO into ORM.
+2. **Outcome reward.** It is the correctness by default; shaping (e.g. an overlong penalty) goes
+   in the verifier's reward while ``correct`` stays the binary flag that selects the judge's
+   inputs.
+3. **Names in the config.** Judges and verifiers are named in the config: a registered name
+   ("answer_line", "none", and those a task registers, e.g. "arith_rubric") or
+   "package.module:attr" for one of your own (a class or a factory called with no arguments,
+   whose result has verify() / score()).
+4. **Reference solutions.** When the data maps a solution field, the solutions of the judged
    responses go to the judge as ``solutions=`` (one per response, None where the record has
    none), but only to a judge whose ``score`` takes that argument (or **kwargs): the interface
    stays three lists for judges that do not use them.
-5. Counters: a verifier or judge may report its own (parse failures, requests, seconds...) with
-   ``take_metrics()``, counts since the last call; the trainer merges them into each step's
+5. **Counters.** A verifier or judge may report its own (parse failures, requests, seconds...)
+   with ``take_metrics()``, counts since the last call; the trainer merges them into each step's
    metrics (``collect_metrics``). The interfaces' default reports nothing, and duck-typed
    verifiers and judges need not define it.
 """
@@ -48,7 +50,7 @@ class JudgeError(ValueError):
 
 class JudgeConfigError(ValueError):
     """The judge cannot work as configured (a refused key, an unknown model, a wrong URL, a bad
-    setting): the run stops, whatever ``on_invalid`` says (choice 1)."""
+    setting): the run stops, whatever ``on_invalid`` says (choice "Invalid judge output")."""
 
 
 class JudgePartialFailure(RuntimeError):
@@ -80,7 +82,7 @@ class Verifier(ABC):
         """One Outcome per response."""
 
     def take_metrics(self) -> dict[str, float]:
-        """Counters since the last call, then reset (choice 5); none by default."""
+        """Counters since the last call, then reset (choice "Counters"); none by default."""
         return {}
 
 
@@ -88,7 +90,8 @@ class Judge(ABC):
     """Interface: a process score in {0, 0.5, 1} per response (only correct ones are passed).
 
     ``score`` may also take ``solutions``: the reference solutions of those responses, None where
-    there is none (choice 4; the rubric judge uses them, the arithmetic rubric does not).
+    there is none (choice "Reference solutions"; the rubric judge uses them, the arithmetic
+    rubric does not).
     """
 
     @abstractmethod
@@ -96,12 +99,13 @@ class Judge(ABC):
         """One score in {0, 0.5, 1} per (correct) response."""
 
     def take_metrics(self) -> dict[str, float]:
-        """Counters since the last call, then reset (choice 5); none by default."""
+        """Counters since the last call, then reset (choice "Counters"); none by default."""
         return {}
 
 
 def collect_metrics(*parts) -> dict[str, float]:
-    """The ``take_metrics()`` counters of each verifier / judge that has them (choice 5)."""
+    """The ``take_metrics()`` counters of every verifier / judge that has them (choice
+    "Counters")."""
     out: dict[str, float] = {}
     for part in parts:
         take = getattr(part, "take_metrics", None)
@@ -111,7 +115,7 @@ def collect_metrics(*parts) -> dict[str, float]:
 
 
 def takes_solutions(judge) -> bool:
-    """Whether ``judge.score`` accepts ``solutions=`` (choice 4)."""
+    """Whether ``judge.score`` accepts ``solutions=`` (choice "Reference solutions")."""
     try:
         params = inspect.signature(judge.score).parameters.values()
     except (TypeError, ValueError):  # no signature to read: pass nothing extra
@@ -162,7 +166,8 @@ def compute_rewards(
 ) -> RewardResult:
     """Verifier on every response, judge on the correct ones only (see the module docstring).
 
-    ``solutions`` (one per response, or None) reach the judge when it takes them (choice 4).
+    ``solutions`` (one per response, or None) reach the judge when it takes them (choice
+    "Reference solutions").
     """
     if on_invalid not in ("zero", "error"):
         raise ValueError(f"on_invalid must be 'zero' or 'error', got {on_invalid!r}")
@@ -182,8 +187,8 @@ def compute_rewards(
         try:
             scores = list(judge.score(*sub, **extra))
         except JudgeConfigError:
-            raise  # choice 1: a configuration error stops the run under either policy
-        except JudgePartialFailure as err:  # choice 1: only the failed responses are invalid
+            raise  # stops the run under either policy (choice "Invalid judge output")
+        except JudgePartialFailure as err:  # only the failed responses are invalid (same choice)
             scores, failures = list(err.scores), err.failures
         except Exception as err:  # a judge call that failed as a whole: the batch is invalid
             if on_invalid == "error":
@@ -208,8 +213,9 @@ def compute_rewards(
     )
 
 
-# Registered names (choice 3). Tasks add their own with register_verifier / register_judge when
-# imported (papo_fast.tasks registers the arithmetic task's rubric as "arith_rubric").
+# Registered names (choice "Names in the config"). Tasks add their own with register_verifier /
+# register_judge when imported (papo_fast.tasks registers the arithmetic task's rubric as
+# "arith_rubric").
 VERIFIERS: dict[str, Callable[[], Verifier]] = {"answer_line": AnswerLineVerifier}
 JUDGES: dict[str, Callable[[], Judge | None]] = {"none": lambda: None}
 

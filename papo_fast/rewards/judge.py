@@ -9,28 +9,30 @@ In a config: ``reward.judge: "papo_fast.rewards.judge:openai_rubric_judge"`` bui
 OpenAI-compatible judge from PAPO_JUDGE_* environment variables (see ``openai_rubric_judge``).
 
 Choices:
-1. The prompt is ours (``RUBRIC_PROMPT``): the paper's three tiers, the problem, the reference
+1. **Our prompt.** ``RUBRIC_PROMPT`` holds the paper's three tiers, the problem, the reference
    answer (and a reference solution when the caller passes one), and the student's solution with
    its reasoning blocks (<think>...</think>) removed. The judge is told the answer was already
    verified correct: it grades the process only. Fields are substituted by name ({problem},
    {answer}, {reference}, {response}); other braces (\\boxed{}) are left alone.
-2. The score is the last \\boxed{} of the judge's answer, after its own reasoning blocks are
-   removed; failing that, the last "score: X" (``fallback_pattern``). 1, 1.0, 0.5, .5, 1/2,
-   \\frac{1}{2}, 0 are read; anything else is a parse failure: score 0, counted.
-3. Failures count per response. Unreachable (every retry failed): ``on_unreachable="raise"``
+2. **Parsing.** The score is the last \\boxed{} of the judge's answer, after its own reasoning
+   blocks are removed; failing that, the last "score: X" (``fallback_pattern``). 1, 1.0, 0.5, .5,
+   1/2, \\frac{1}{2}, 0 are read; anything else is a parse failure: score 0, counted.
+3. **Failures per response.** Unreachable (every retry failed): ``on_unreachable="raise"``
    (default) leaves that response without a score, and the trainer's reward.on_invalid policy
-   decides (rewards.py: scored 0 and counted, or training stops); ``on_unreachable="score"`` gives
-   it ``unreachable_score`` (the paper: 1.0) and counts it. A request the server refuses (HTTP 400,
-   413, 422...: a prompt over the judge's context) leaves that response without a score under
-   either policy (counted as ``judge_rejected``): it is no outage. The responses without a score
-   come back as a JudgeUnreachable or JudgeRequestError holding the others' scores, so one failed
-   request never costs the batch its scores.
-4. Configuration errors stop the run: a refused key (HTTP 401/403), an unknown model or path
-   (404), a URL that is no chat-completions endpoint (405, redirects) raise JudgeConfigError,
-   which the reward step never turns into scores of 0 (that would silently train ORM). Settings
-   are checked when the client is built: the base URL must be http(s)://host[:port]/..., the
-   numbers finite and in range, and every PAPO_JUDGE_* variable is named with its bad value.
-5. The OpenAI-compatible client sends one chat-completion per response, at most
+   decides (rewards/base.py, choice "Invalid judge output": scored 0 and counted, or training
+   stops); ``on_unreachable="score"`` gives it ``unreachable_score`` (the paper: 1.0) and counts
+   it. A request the server refuses (HTTP 400, 413, 422...: a prompt over the judge's context)
+   leaves that response without a score under either policy (counted as ``judge_rejected``): it
+   is no outage. The responses without a score come back as a JudgeUnreachable or
+   JudgeRequestError holding the others' scores, so one failed request never costs the batch its
+   scores.
+4. **Configuration errors.** They stop the run: a refused key (HTTP 401/403), an unknown model or
+   path (404), a URL that is no chat-completions endpoint (405, redirects) raise
+   JudgeConfigError, which the reward step never turns into scores of 0 (that would silently train
+   ORM). Settings are checked when the client is built: the base URL must be
+   http(s)://host[:port]/..., the numbers finite and in range, and every PAPO_JUDGE_* variable is
+   named with its bad value.
+5. **OpenAI-compatible client.** It sends one chat-completion per response, at most
    ``max_concurrency`` in flight, each with its own timeout; timeouts, connection errors, 408,
    409, 429 and 5xx are retried ``max_retries`` times with exponential backoff and jitter. The API
    key is read from the environment variable named by ``api_key_env`` when a request is built and
@@ -113,13 +115,13 @@ UNREACHABLE_POLICIES = ("raise", "score")
 
 
 class JudgeUnreachable(JudgePartialFailure):
-    """Some responses got no answer after every retry and the policy is "raise" (choice 3):
-    ``scores`` holds the others' scores, None for those."""
+    """Some responses got no answer after every retry and the policy is "raise" (choice
+    "Failures per response"): ``scores`` holds the others' scores, None for those."""
 
 
 class JudgeRequestError(JudgePartialFailure):
-    """The judge server refused some requests (HTTP 400, 413, 422...; choice 3): ``scores`` holds
-    the others' scores, None for those."""
+    """The judge server refused some requests (HTTP 400, 413, 422...; choice
+    "Failures per response"): ``scores`` holds the others' scores, None for those."""
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -137,7 +139,8 @@ def _tier(text: str) -> float | None:
 
 
 def parse_score(answer: str, fallback_pattern: str | None = FALLBACK_PATTERN) -> float | None:
-    """The tier in the judge's answer (choice 2): 0.0, 0.5, 1.0, or None when unparseable."""
+    """The tier in the judge's answer (choice "Parsing"): 0.0, 0.5, 1.0, or None when
+    unparseable."""
     text = strip_reasoning(answer)
     boxed = last_boxed(text)
     if boxed is not None:
@@ -152,7 +155,8 @@ def parse_score(answer: str, fallback_pattern: str | None = FALLBACK_PATTERN) ->
 def build_prompt(
     template: str, problem: str, response: str, answer: str, solution: str | None = None
 ) -> str:
-    """The judge's user message (choice 1): named fields substituted, other braces untouched."""
+    """The judge's user message (choice "Our prompt"): named fields substituted, other braces
+    untouched."""
     reference = REFERENCE_BLOCK.replace("{solution}", solution.strip()) if solution else ""
     fields = {
         "{problem}": problem.strip(),
@@ -176,7 +180,7 @@ class RubricJudge(Judge):
         fallback_pattern: regex whose last match's group 1 is the score when there is no \\boxed{}
             (None: \\boxed{} only).
         on_unreachable: "raise" (no score: JudgeUnreachable) or "score" (``unreachable_score``,
-            counted); choice 3.
+            counted); choice "Failures per response".
         unreachable_score: 0, 0.5 or 1; the paper uses 1.0.
     """
 
@@ -212,12 +216,14 @@ class RubricJudge(Judge):
         answers: list[str],
         solutions: Sequence[str | None] | None = None,
     ) -> list[float]:
-        """One tier per response; every response passed is assumed correct (rewards.py).
+        """One tier per response; every response passed is assumed correct (rewards/base.py).
 
         Raises:
-            JudgeUnreachable, JudgeRequestError: some responses have no score (choice 3); the
-                exception holds every score, None for those, and why each one failed.
-            JudgeConfigError: the key, the model or the URL is wrong (choice 4).
+            JudgeUnreachable, JudgeRequestError: some responses have no score (choice
+                "Failures per response"); the exception holds every score, None for those, and
+                why each one failed.
+            JudgeConfigError: the key, the model or the URL is wrong (choice
+                "Configuration errors").
         """
         solutions = solutions if solutions is not None else [None] * len(responses)
         convs = [

@@ -1,8 +1,9 @@
 """Where the rubric judge's prompts go: an OpenAI-compatible server, a local Hugging Face model, or
 any Python callable, behind ``JudgeBackend.complete`` (conversations in, answer texts out).
 
-judge.py's docstring gives the choices these follow (failures per response, configuration errors
-stop the run, retries with backoff, the API key never stored or shown).
+rewards/judge.py's docstring gives the choices these follow: "Failures per response",
+"Configuration errors" (they stop the run) and "OpenAI-compatible client" (retries with backoff,
+the API key never stored or shown).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": s
 
 
 class Rejected(NamedTuple):
-    """A backend's answer to a request the server refused (choice 3): no score for that one."""
+    """A backend's answer to a request the server refused: no score for that one
+    (rewards/judge.py, choice "Failures per response")."""
 
     status: int  # HTTP status
     detail: str  # the server's message, shortened, the key masked
@@ -89,7 +91,8 @@ URL_FORM = (
 
 
 def check_base_url(url, name: str) -> None:
-    """JudgeConfigError naming ``name`` unless ``url`` is http(s)://host[:port][/...] (choice 4)."""
+    """JudgeConfigError naming ``name`` unless ``url`` is http(s)://host[:port][/...]
+    (rewards/judge.py, choice "Configuration errors")."""
     try:
         parts = urlsplit(url) if isinstance(url, str) else None
         ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -103,7 +106,8 @@ def check_base_url(url, name: str) -> None:
 
 
 def check_number(name: str, value, field: str, shown=None) -> None:
-    """JudgeConfigError naming ``name`` unless ``value`` fits ``LIMITS[field]`` (choice 4)."""
+    """JudgeConfigError naming ``name`` unless ``value`` fits ``LIMITS[field]``
+    (rewards/judge.py, choice "Configuration errors")."""
     kind, low, inclusive = LIMITS[field]
     number = isinstance(value, int | float) and not isinstance(value, bool)
     number = number and (kind is float or isinstance(value, int)) and math.isfinite(value)
@@ -123,8 +127,9 @@ def check_choice(name: str, value, allowed: tuple, shown=None) -> None:
 
 # transport(url, headers, payload, timeout) -> (HTTP status, decoded JSON body or None)
 Transport = Callable[[str, dict, dict, float], tuple[int, dict | None]]
+# rewards/judge.py, choices "OpenAI-compatible client" (retries) and "Configuration errors":
 RETRY_STATUS = {408, 409, 429}  # and 5xx: transient, retried
-CONFIG_STATUS = {401, 403, 404, 405}  # and 3xx: the key, the model or the URL is wrong (choice 4)
+CONFIG_STATUS = {401, 403, 404, 405}  # and 3xx: the key, the model or the URL is wrong
 
 
 class HttpxTransport:
@@ -145,7 +150,8 @@ class HttpxTransport:
 
 
 class OpenAIChatBackend(JudgeBackend):
-    """Chat completions against an OpenAI-compatible endpoint (choices 3 to 5).
+    """Chat completions against an OpenAI-compatible endpoint (rewards/judge.py, choices
+    "Failures per response", "Configuration errors" and "OpenAI-compatible client").
 
     Args:
         cfg: endpoint, model, sampling and client limits.
@@ -246,7 +252,7 @@ class OpenAIChatBackend(JudgeBackend):
                 continue
             if status in CONFIG_STATUS or 300 <= status < 400:
                 raise self._config_error(status, body)
-            return Rejected(status, self._detail(body))  # this request only (choice 3)
+            return Rejected(status, self._detail(body))  # this request only (see Rejected)
         return None
 
     def complete(self, conversations):

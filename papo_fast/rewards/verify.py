@@ -5,19 +5,20 @@
     gold = reference_answer(record)    # GSM8K "#### 72", MATH / NuminaMath \\boxed{...}
 
 Choices:
-1. The predicted answer is the content of the LAST \\boxed{} (or \\fbox{}) of the response after
-   reasoning blocks (<think>...</think>) are removed; a response without one is wrong. No
+1. **Predicted answer.** It is the content of the LAST \\boxed{} (or \\fbox{}) of the response
+   after reasoning blocks (<think>...</think>) are removed; a response without one is wrong. No
    "the answer is" fallback for the policy: the prompt asks for \\boxed{}, and rewarding other
    formats teaches the model that the instruction does not matter.
-2. Comparison: normalized string equality first (cheap, catches most hits), then math-verify
+2. **Comparison.** Normalized string equality first (cheap, catches most hits), then math-verify
    (symbolic and numeric equivalence: 1/2 == 0.5 == \\frac{1}{2}, set and interval forms). Without
    math-verify installed (extra ``math``), only the normalized comparison runs.
-3. Time limit: each math-verify comparison runs under a SIGALRM interval timer of ``time_limit``
-   seconds (sympy can take minutes on adversarial expressions). A comparison that runs out of time
-   is wrong and counted in ``stats["timeouts"]``. Signals only work on the main thread: called from
-   another thread the comparison runs without a limit (counted in ``stats["unlimited"]``).
-4. Reference answers come from the record, in this order: an explicit answer field; GSM8K's
-   "#### N" line; the last \\boxed{} of the solution (MATH, NuminaMath).
+3. **Time limit.** Each math-verify comparison runs under a SIGALRM interval timer of
+   ``time_limit`` seconds (sympy can take minutes on adversarial expressions). A comparison that
+   runs out of time is wrong and counted in ``stats["timeouts"]``. Signals only work on the main
+   thread: called from another thread the comparison runs without a limit (counted in
+   ``stats["unlimited"]``).
+4. **Reference answers.** They come from the record, in this order: an explicit answer field;
+   GSM8K's "#### N" line; the last \\boxed{} of the solution (MATH, NuminaMath).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def reference_answer(
     answer_field: str = "answer",
     solution_field: str = "solution",
 ) -> str | None:
-    """The gold answer of a GSM8K / MATH / NuminaMath-style record (see choice 4)."""
+    """The gold answer of a GSM8K / MATH / NuminaMath-style record (choice "Reference answers")."""
     answer = record.get(answer_field)
     if answer is not None and str(answer).strip():
         answer = str(answer)
@@ -152,7 +153,7 @@ class MathVerifier(Verifier):
     """Reward 1 when the response's last \\boxed{} equals the reference answer, else 0.
 
     Args:
-        time_limit: seconds per math-verify comparison (main thread only, see choice 3).
+        time_limit: seconds per math-verify comparison (main thread only, choice "Time limit").
         use_math_verify: None: use math-verify when it is installed; False: normalized strings only.
     """
 
@@ -168,7 +169,8 @@ class MathVerifier(Verifier):
         self.stats = {"no_answer": 0, "timeouts": 0, "unlimited": 0, "errors": 0}
 
     def equal(self, gold: str, pred: str) -> bool:
-        """Normalized equality, then math-verify under the time limit (see choices 2 and 3)."""
+        """Normalized equality, then math-verify under the time limit (choices "Comparison" and
+        "Time limit")."""
         if normalize(gold) == normalize(pred):
             return True
         if not self.use_math_verify:
@@ -185,7 +187,8 @@ class MathVerifier(Verifier):
         return False
 
     def take_metrics(self) -> dict[str, float]:
-        """``stats`` since the last call as ``verify_<name>``, then reset (rewards.py, choice 4)."""
+        """``stats`` since the last call as ``verify_<name>``, then reset (rewards/base.py, choice
+        "Counters")."""
         out = {f"verify_{k}": v for k, v in self.stats.items()}
         self.stats = dict.fromkeys(self.stats, 0)
         return out

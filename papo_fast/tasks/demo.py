@@ -3,14 +3,14 @@
     papo-fast demo --out runs/demo              # about 2 minutes on 2 CPU cores
     papo-fast demo --out runs/demo3 --seeds 3   # the 3-seed comparison (3x the RL time)
 
-1. Data: seeded train / held-out splits (held-out has longer chains) as JSONL files.
-2. Model: a character tokenizer made with `tokenizers` and a tiny Qwen2, saved with
+1. **Data.** Seeded train / held-out splits (held-out has longer chains) as JSONL files.
+2. **Model.** A character tokenizer made with `tokenizers` and a tiny Qwen2, saved with
    save_pretrained and loaded back through the Auto classes, like any local model.
-3. Warm-up: supervised training on traces of mixed process quality (full / skipped step / slip that
-   still ends right), so that groups hold correct answers of different rubric scores.
-4. RL: the same Trainer, config and seed, from the same warm-up checkpoint; only
+3. **Warm-up.** Supervised training on traces of mixed process quality (full / skipped step /
+   slip that still ends right), so that groups hold correct answers of different rubric scores.
+4. **RL.** The same Trainer, config and seed, from the same warm-up checkpoint; only
    advantage.mode differs ("orm" vs "papo").
-5. Report: a comparison table, OUT/summary.json {"orm": {...}, "papo": {...}}, PNG plots.
+5. **Report.** A comparison table, OUT/summary.json {"orm": {...}, "papo": {...}}, PNG plots.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def run_demo(
     """
     out, wc = Path(out), wc or WarmupConfig()
     t0 = time.perf_counter()
-    # Check the settings first: a bad --set or --seeds fails before minutes of warm-up.
+    # Check the settings first: a bad --set or --seeds fails before the warm-up starts.
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"demo --seeds must be >= 1, got {seeds!r}")
     if out.exists() and not out.is_dir():
