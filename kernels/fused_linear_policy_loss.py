@@ -48,6 +48,7 @@ from .fused_linear_logprobs import (
     chunk_stats,
     logits_buffer,
 )
+from .loss_config import PolicyLossConfig
 from .policy_loss import (
     Count,
     PolicyLoss,
@@ -56,7 +57,6 @@ from .policy_loss import (
     count_error,
     valid_count,
 )
-from .policy_loss_torch import LossConfig
 
 FusedPolicyLoss = NamedTuple(
     "FusedPolicyLoss",
@@ -90,7 +90,7 @@ class _Batch(NamedTuple):
     ref_logp: torch.Tensor | None  # [T]
     rollout_logp: torch.Tensor | None  # [T]
     per_token_adv: bool  # read in the caller's layout, before packing
-    cfg: LossConfig
+    cfg: PolicyLossConfig
     counts: dict  # num_tokens / num_seqs / max_len of the whole batch (or the caller's)
     backend: str
     chunks: list[tuple[int, int, int, int]]  # (seq start, seq end, token start, token end)
@@ -259,19 +259,13 @@ def fused_linear_policy_loss(
     cu_seqlens: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    beta: float = 0.0,
-    kl: str = "k3",
-    ratio_level: str = "token",
-    agg: str = "token-mean",
     num_tokens: Count | None = None,
     num_seqs: Count | None = None,
     max_len: Count | None = None,
-    is_cap: float | None = None,
+    config: PolicyLossConfig | None = None,
     check_finite: bool = True,
     backend: str = "auto",
+    **settings,
 ) -> FusedPolicyLoss:
     """``policy_loss`` of the log-probs of ``hidden @ weight.T + bias``, without the logits.
 
@@ -285,9 +279,12 @@ def fused_linear_policy_loss(
         bias: optional [V].
         temperature: > 0, the sampler's: logits are divided by it before the softmax.
         return_entropy: also return each token's entropy (a detached metric).
-        eps_low ... check_finite: ``policy_loss``'s keywords, same meaning. num_tokens, num_seqs and
-            max_len are the optimizer step's global counts (None: this call's own).
+        num_tokens, num_seqs, max_len, check_finite: as in ``policy_loss``: the optimizer step's
+            global counts (None: this call's own), and the finiteness check.
+        config: the loss settings (PolicyLossConfig); None: its defaults.
         backend: "auto" (Triton softmax kernels on CUDA, PyTorch on CPU), "torch" or "triton".
+        **settings: PolicyLossConfig's fields by name (``agg="seq-mean-token-sum"``), replacing
+            config's.
 
     Returns:
         FusedPolicyLoss: PolicyLoss's loss and metrics, then logp (and entropy), detached, laid
@@ -295,7 +292,9 @@ def fused_linear_policy_loss(
 
     Raises:
         ValueError: fused_linear_logprobs' input errors, and policy_loss's, named.
+        TypeError: a setting that PolicyLossConfig does not have, or a config of another type.
     """
+    cfg = PolicyLossConfig.resolve(config, settings)
     tensors = isinstance(mask, torch.Tensor) and isinstance(targets, torch.Tensor)
     if tensors and mask.shape == targets.shape:  # padding may hold any id (e.g. -100): no logits
         targets = targets.masked_fill(mask == 0, 0)
@@ -306,10 +305,6 @@ def fused_linear_policy_loss(
             f"hidden must be [B, L, H] with mask or [T, H] with cu_seqlens, got {shape}"
         )
     acc = compute_dtype(hidden)
-    cfg = LossConfig.of(
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl=kl,
-        ratio_level=ratio_level, agg=agg, is_cap=is_cap,
-    )  # fmt: skip
     user_counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     # policy_loss's checks on the whole batch before any product; logp is a zero-stride stand-in
     # (no memory, no pass). Finiteness is counted in the chunks' own passes. The advantages are
@@ -380,13 +375,18 @@ def fused_linear_policy_loss(
 
 
 class PAPOLoss(torch.nn.Module):
-    """The drop-in loss of a PAPO / GRPO trainer: holds the hyper-parameters, takes hidden states
-    and the LM head. Defaults are the paper's recipe: clip 0.2 / 0.28, no KL, token-mean.
+    """The drop-in loss of a PAPO / GRPO trainer: holds the loss settings (a PolicyLossConfig,
+    resolved once), takes hidden states and the LM head.
 
     PAPO differs from GRPO in its advantages (``papo_advantages``), not in this loss.
 
+    Args:
+        config: the loss settings (PolicyLossConfig); None: its defaults, the paper's recipe.
+        temperature, return_entropy, check_finite, backend: as in ``fused_linear_policy_loss``.
+        **settings: PolicyLossConfig's fields by name, replacing config's.
+
     Example:
-        loss_fn = PAPOLoss(temperature=1.0)
+        loss_fn = PAPOLoss(PolicyLossConfig(agg="token-mean"), temperature=1.0)
         out = loss_fn(hidden, model.lm_head.weight, completion_ids, old_logp, advantages,
                       mask=completion_mask, num_tokens=tokens_in_step)
         out.loss.backward()
@@ -394,26 +394,18 @@ class PAPOLoss(torch.nn.Module):
 
     def __init__(
         self,
+        config: PolicyLossConfig | None = None,
         *,
         temperature: float = 1.0,
-        eps_low: float = 0.2,
-        eps_high: float = 0.28,
-        dual_clip: float | None = None,
-        beta: float = 0.0,
-        kl: str = "k3",
-        ratio_level: str = "token",
-        agg: str = "token-mean",
-        is_cap: float | None = None,
         return_entropy: bool = False,
         check_finite: bool = True,
         backend: str = "auto",
+        **settings,
     ) -> None:
         super().__init__()
-        self.kwargs = dict(
-            temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-            beta=beta, kl=kl, ratio_level=ratio_level, agg=agg, is_cap=is_cap,
-            return_entropy=return_entropy, check_finite=check_finite, backend=backend,
-        )  # fmt: skip
+        self.config = PolicyLossConfig.resolve(config, settings)
+        self.temperature, self.return_entropy = temperature, return_entropy
+        self.check_finite, self.backend = check_finite, backend
 
     def forward(
         self,
@@ -433,10 +425,16 @@ class PAPOLoss(torch.nn.Module):
         max_len: Count | None = None,
     ) -> FusedPolicyLoss:
         return fused_linear_policy_loss(
-            hidden, weight, targets, old_logp, advantages, bias=bias, mask=mask,
+            hidden, weight, targets, old_logp, advantages, bias=bias,
+            temperature=self.temperature, return_entropy=self.return_entropy, mask=mask,
             cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
-            num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, **self.kwargs,
+            num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, config=self.config,
+            check_finite=self.check_finite, backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return (
+            f"{self.config}, temperature={self.temperature}, "
+            f"return_entropy={self.return_entropy}, check_finite={self.check_finite}, "
+            f"backend={self.backend!r}"
+        )

@@ -30,19 +30,16 @@ from typing import NamedTuple
 import torch
 
 from ._backend import check_float, resolve_backend
+from .loss_config import PolicyLossConfig
 from .policy_loss_torch import (
-    AGGS,
     CHECKED,
     CLIP_LOW,
     COUNT,
-    KLS,
     LOSS,
     NONFINITE,
-    RATIO_LEVELS,
     RATIO_MAX,
     RATIO_MIN,
     RATIO_SUM,
-    LossConfig,
     advantages_per_token,
     compute_dtype,
     policy_loss_torch,
@@ -117,7 +114,8 @@ def check_inputs(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
 ) -> bool:
     """Every argument check of ``policy_loss`` (no pass over the values; one sync for cu_seqlens
-    when ``verify_cu``). Finiteness is counted in the loss's own pass.
+    when ``verify_cu``). Finiteness is counted in the loss's own pass. The settings in ``cfg`` are
+    checked where they are written, when the PolicyLossConfig is built.
 
     Returns whether the advantages are per token (``advantages_per_token``, in this layout).
     """
@@ -172,24 +170,8 @@ def check_inputs(
     _check_like("old_logp", old_logp, logp)
     _check_like("ref_logp", ref_logp, logp)
     _check_like("rollout_logp", rollout_logp, logp)
-    if cfg.agg not in AGGS:
-        raise ValueError(f"agg must be one of {AGGS}, got {cfg.agg!r}")
-    if cfg.kl not in KLS:
-        raise ValueError(f"kl must be one of {KLS}, got {cfg.kl!r}")
-    if cfg.ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {cfg.ratio_level!r}")
-    if not 0.0 <= cfg.eps_low < 1.0:
-        raise ValueError(f"eps_low must be in [0, 1), got {cfg.eps_low!r}")
-    if not 0.0 <= cfg.eps_high < math.inf:
-        raise ValueError(f"eps_high must be a finite number >= 0, got {cfg.eps_high!r}")
-    if cfg.dual_clip is not None and not 1.0 < cfg.dual_clip < math.inf:
-        raise ValueError(f"dual_clip must be None or a finite number > 1, got {cfg.dual_clip!r}")
-    if not 0.0 <= cfg.beta < math.inf:
-        raise ValueError(f"beta must be a finite number >= 0, got {cfg.beta!r}")
-    if cfg.beta > 0 and ref_logp is None:
-        raise ValueError("ref_logp is required when beta > 0")
-    if cfg.is_cap is not None and not cfg.is_cap > 0.0:
-        raise ValueError(f"is_cap must be None or a number > 0, got {cfg.is_cap!r}")
+    if cfg.uses_ref and ref_logp is None:
+        raise ValueError(f"ref_logp is required when beta > 0 (beta = {cfg.beta})")
     for name, value in counts.items():
         _check_count(name, value)
     return per_token
@@ -286,25 +268,21 @@ def policy_loss(
     cu_seqlens: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    beta: float = 0.0,
-    kl: str = "k3",
-    ratio_level: str = "token",
-    agg: str = "token-mean",
     num_tokens: Count | None = None,
     num_seqs: Count | None = None,
     max_len: Count | None = None,
-    is_cap: float | None = None,
+    config: PolicyLossConfig | None = None,
     check_finite: bool = True,
     backend: str = "auto",
+    **settings,
 ) -> PolicyLoss:
     """The clipped policy-gradient loss of GRPO / PAPO / DAPO / GSPO / Dr. GRPO, fused.
 
-    Per token (DESIGN §2): ρ = exp(logp − old_logp),
+    Per token (docs/design.md, "The policy loss"): ρ = exp(logp − old_logp),
     pg = −min(ρ·A, clip(ρ, 1 − eps_low, 1 + eps_high)·A), with dual_clip=c pg = min(pg, −c·A) where
-    A < 0; loss_t = w·pg + beta·KL_t, aggregated by ``agg``.
+    A < 0; loss_t = w·pg + beta·KL_t, aggregated by ``agg``. The settings (eps_low, eps_high,
+    dual_clip, beta, kl, ratio_level, agg, is_cap), their defaults and their allowed values are
+    PolicyLossConfig's (kernels/loss_config.py).
 
     Args:
         logp: [B, L] (with ``mask``) or [T] (with ``cu_seqlens``) log-probs of the sampled tokens
@@ -321,32 +299,28 @@ def policy_loss(
         rollout_logp: like logp, the sampler's log-probs (e.g. vLLM's). Given, pg_t is multiplied by
             the detached weight min(exp(old_logp − rollout_logp), is_cap) (truncated importance
             sampling; old_logp None uses logp's value); the KL term is not weighted.
-        eps_low, eps_high: the clip range [1 − eps_low, 1 + eps_high]; eps_low in [0, 1).
-        dual_clip: c > 1 bounds the loss of A < 0 tokens at −c·A (verl's dual clip); None: off.
-        beta: weight of the KL term; 0 skips it (ref_logp is not read).
-        kl: "k1" (δ), "k2" (δ²/2) or "k3" (e^−δ + δ − 1), δ = logp − ref_logp.
-        ratio_level: "token", or "sequence" (GSPO): every token of sequence i uses
-            s_i = exp(masked mean of logp − old_logp) as its ratio, with d s/d logp_t = s_i.
-        agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm".
         num_tokens, num_seqs, max_len: the global N_tokens, N_seqs and L_max of the optimizer step
             (numbers or 1-element tensors), each > 0 and finite; None uses this call's own counts
             (module docstring). A tensor's value is checked in check_finite's sync; unchecked, a
             bad one makes the loss NaN.
-        is_cap: the truncation C of the rollout weight; None leaves it untruncated. Ignored without
-            rollout_logp.
+        config: the loss settings (PolicyLossConfig); None: its defaults.
         check_finite: raise a ValueError naming the first input with a non-finite valid value, or
             a tensor count that is not > 0 and finite (one host sync for both; the non-finite
             counts come from the loss's own pass). False: no sync on the Triton path (the PyTorch
             path, the CPU's, syncs once anyway), and the loss goes NaN/inf.
         backend: "auto" (CUDA → Triton, CPU → PyTorch), "torch" or "triton".
+        **settings: PolicyLossConfig's fields by name (``eps_low=0.1``), replacing config's.
 
     Returns:
         PolicyLoss: the scalar loss and its metrics (0-dim tensors).
+
+    Raises:
+        ValueError: an input of the wrong shape, dtype or layout, a setting out of range, a count
+            that is not > 0 and finite, non-finite values at valid tokens (check_finite), each
+            named.
+        TypeError: a setting that PolicyLossConfig does not have, or a config of another type.
     """
-    cfg = LossConfig.of(
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl=kl,
-        ratio_level=ratio_level, agg=agg, is_cap=is_cap,
-    )  # fmt: skip
+    cfg = PolicyLossConfig.resolve(config, settings)
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
     per_token = check_inputs(
@@ -359,7 +333,7 @@ def policy_loss(
 
 
 def apply_policy_loss(
-    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg: LossConfig,
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg: PolicyLossConfig,
     adv_per_token: bool, counts: dict, check_finite: bool, backend: str,
 ) -> PolicyLoss:  # fmt: skip
     """``policy_loss`` on inputs that ``check_inputs`` accepted, with its reading of the
@@ -386,26 +360,25 @@ def apply_policy_loss(
 
 
 class PolicyLossModule(torch.nn.Module):
-    """``policy_loss`` with its hyper-parameters held by a module (see ``policy_loss`` for each)."""
+    """``policy_loss`` with its settings held by a module, resolved once.
+
+    Args:
+        config: the loss settings (PolicyLossConfig); None: its defaults.
+        check_finite, backend: as in ``policy_loss``.
+        **settings: PolicyLossConfig's fields by name, replacing config's.
+    """
 
     def __init__(
         self,
+        config: PolicyLossConfig | None = None,
         *,
-        eps_low: float = 0.2,
-        eps_high: float = 0.28,
-        dual_clip: float | None = None,
-        beta: float = 0.0,
-        kl: str = "k3",
-        ratio_level: str = "token",
-        agg: str = "token-mean",
-        is_cap: float | None = None,
         check_finite: bool = True,
         backend: str = "auto",
+        **settings,
     ) -> None:
         super().__init__()
-        self.eps_low, self.eps_high, self.dual_clip = eps_low, eps_high, dual_clip
-        self.beta, self.kl, self.ratio_level, self.agg = beta, kl, ratio_level, agg
-        self.is_cap, self.check_finite, self.backend = is_cap, check_finite, backend
+        self.config = PolicyLossConfig.resolve(config, settings)
+        self.check_finite, self.backend = check_finite, backend
 
     def forward(
         self,
@@ -423,15 +396,9 @@ class PolicyLossModule(torch.nn.Module):
     ) -> PolicyLoss:
         return policy_loss(
             logp, old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
-            rollout_logp=rollout_logp, eps_low=self.eps_low, eps_high=self.eps_high,
-            dual_clip=self.dual_clip, beta=self.beta, kl=self.kl, ratio_level=self.ratio_level,
-            agg=self.agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
-            is_cap=self.is_cap, check_finite=self.check_finite, backend=self.backend,
+            rollout_logp=rollout_logp, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
+            config=self.config, check_finite=self.check_finite, backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return (
-            f"agg={self.agg!r}, ratio_level={self.ratio_level!r}, eps_low={self.eps_low}, "
-            f"eps_high={self.eps_high}, dual_clip={self.dual_clip}, beta={self.beta}, "
-            f"kl={self.kl!r}, is_cap={self.is_cap}, backend={self.backend!r}"
-        )
+        return f"{self.config}, check_finite={self.check_finite}, backend={self.backend!r}"

@@ -23,47 +23,17 @@ Per token t of sequence i, with A the advantage (DESIGN §2):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ._backend import compute_dtype
+from .loss_config import PolicyLossConfig
 
 # Slots of the stats vector (the Triton kernel writes one such row per program).
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, KL_SUM, RATIO_SUM, RATIO_MIN, RATIO_MAX = range(9)
 NONFINITE = 9  # slots 9..13 count non-finite values among valid tokens, in this order:
 CHECKED = ("logp", "old_logp", "ref_logp", "advantages", "rollout_logp")
 NUM_STATS = 16  # row width (padded to a power of two for the kernel's stores)
-
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KLS = ("k1", "k2", "k3")
-RATIO_LEVELS = ("token", "sequence")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The hyper-parameters of one call, validated by ``policy_loss``."""
-
-    eps_low: float
-    eps_high: float
-    dual_clip: float | None
-    beta: float
-    kl: str
-    ratio_level: str
-    agg: str
-    is_cap: float | None
-
-    @classmethod
-    def of(cls, *, eps_low, eps_high, dual_clip, beta, kl, ratio_level, agg, is_cap) -> LossConfig:
-        """From policy_loss's keywords (numbers made floats; checked by ``check_inputs``)."""
-        return cls(
-            float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip),
-            float(beta), kl, ratio_level, agg, None if is_cap is None else float(is_cap),
-        )  # fmt: skip
-
-    @property
-    def uses_ref(self) -> bool:
-        return self.beta != 0.0
 
 
 def advantages_per_token(advantages: torch.Tensor, logp: torch.Tensor, num_seqs: int) -> bool:
@@ -87,7 +57,7 @@ def policy_loss_torch(
     cu_seqlens: torch.Tensor | None,  # [B + 1] (packed layout)
     ref_logp: torch.Tensor | None,  # like logp
     rollout_logp: torch.Tensor | None,  # like logp
-    cfg: LossConfig,
+    cfg: PolicyLossConfig,
     adv_per_token: bool,  # advantages_per_token's reading, made in the caller's layout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs.

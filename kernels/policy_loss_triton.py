@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .policy_loss_torch import CHECKED, KLS, NUM_STATS, RATIO_MAX, RATIO_MIN
+from .loss_config import KLS
+from .policy_loss_torch import CHECKED, NUM_STATS, RATIO_MAX, RATIO_MIN
 
 
 @triton.jit
@@ -139,7 +140,8 @@ def _policy_loss_fwd_kernel(
     dloss = dpg * ratio
     if HAS_ROLLOUT:
         rollout = tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        w = tl.minimum(tl.exp(old - rollout), is_cap)  # is_cap = inf when off
+        # is_cap = inf when off; a NaN weight stays NaN, as torch.clamp leaves it
+        w = tl.minimum(tl.exp(old - rollout), is_cap, propagate_nan=tl.PropagateNan.ALL)
         pg *= w
         dloss *= w
     loss = pg
@@ -322,8 +324,8 @@ def policy_loss_triton(
         logp if counts is None else counts, lr_mean,
         grad, partials,
         n, length, b, (b - 1).bit_length(),
-        cfg.eps_low, cfg.eps_high, cfg.dual_clip or 0.0,
-        cfg.beta, math.inf if cfg.is_cap is None else cfg.is_cap,
+        float(cfg.eps_low), float(cfg.eps_high), float(cfg.dual_clip or 0.0),
+        float(cfg.beta), math.inf if cfg.is_cap is None else float(cfg.is_cap),
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=adv_per_token, SEQ_LEVEL=seq_level,
         PER_SEQ_MEAN=per_seq_mean, HAS_DUAL=cfg.dual_clip is not None,

@@ -15,7 +15,7 @@ AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 
 def eager_loss(logp, old, adv, m, *, eps_low=0.2, eps_high=0.28, dual_clip=None, beta=0.0,
                ref=None, kl="k3", agg="token-mean", ratio_level="token", rollout=None,
-               is_cap=None, num_tokens=None, num_seqs=None, max_len=None,
+               is_cap=2.0, num_tokens=None, num_seqs=None, max_len=None,
                magnitude=False):  # fmt: skip
     """Padded layout: logp/old/ref/rollout/m [B, L], adv [B] or [B, L]. Returns (loss, metrics).
     ``magnitude``: aggregate |loss_t| instead (the scale of the loss's rounding error)."""

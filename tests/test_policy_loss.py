@@ -26,7 +26,7 @@ LN2 = math.log(2.0)
 def reference(
     logp, old, adv, mask, ref=None, rollout=None, *, eps_low=0.2, eps_high=0.28, dual_clip=None,
     beta=0.0, kl="k3", ratio_level="token", agg="token-mean", num_tokens=None, num_seqs=None,
-    max_len=None, is_cap=None, dtype=torch.float64, magnitude=False,
+    max_len=None, is_cap=2.0, dtype=torch.float64, magnitude=False,
 ):  # fmt: skip
     """The loss on padded [B, L] inputs, eager in ``dtype``, differentiable w.r.t. ``logp``.
 
@@ -304,8 +304,9 @@ def test_gspo_gradient_per_token_follows_the_rollout_weights(backend):
     adv = torch.tensor([-1.0, 0.5])
     lp = logp.clone().requires_grad_()
     res = policy_loss(
-        lp, old, adv, mask=mask, rollout_logp=rollout, ratio_level="sequence", backend=backend
-    )
+        lp, old, adv, mask=mask, rollout_logp=rollout, ratio_level="sequence", is_cap=None,
+        backend=backend,
+    )  # fmt: skip
     (grad,) = torch.autograd.grad(res.loss, lp)
 
     def expected(dtype):  # the hand formula above, on the float32 inputs, in ``dtype``
