@@ -49,7 +49,7 @@ MODES: dict[str, tuple[str | None, str | None]] = {
 _STAT_SLOTS = 7  # zero-adv count, active process groups, n/sum/min correct, n/sum wrong
 
 
-class Advantages(NamedTuple):
+class AdvantagesOutput(NamedTuple):
     """Per-response advantages and the group statistics of the same pass.
 
     ``stats`` holds 0-dim float32 tensors on the input's device (no host sync): ``zero_adv_frac``
@@ -62,6 +62,9 @@ class Advantages(NamedTuple):
     outcome_adv: torch.Tensor  # [N] float32, 0 in modes without an outcome part
     process_adv: torch.Tensor  # [N] float32, 0 in modes without a process part
     stats: dict[str, torch.Tensor]
+
+
+Advantages = AdvantagesOutput  # the old name, kept for one release
 
 
 def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> dict:
@@ -382,7 +385,7 @@ def papo_advantages(
     eps: float = 1e-6,
     scale_by_std: bool = True,
     backend: str = "auto",
-) -> Advantages:
+) -> AdvantagesOutput:
     """PAPO advantages (or a baseline's) for N responses in groups, in one segmented pass.
 
     Args:
@@ -400,7 +403,7 @@ def papo_advantages(
         backend: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
 
     Returns:
-        Advantages with [N] float32 tensors in the caller's order and 0-dim stats.
+        AdvantagesOutput with [N] float32 tensors in the caller's order and 0-dim stats.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -460,7 +463,7 @@ def papo_advantages(
         rewards["outcome * process"] = out_r
     outputs = {"advantages": adv, "outcome_adv": adv_out, "process_adv": adv_proc}
     _check_values(rewards, outputs, lam)
-    return Advantages(adv, adv_out, adv_proc, _stats_from_sums(sums, n, num_groups))
+    return AdvantagesOutput(adv, adv_out, adv_proc, _stats_from_sums(sums, n, num_groups))
 
 
 def token_advantages(

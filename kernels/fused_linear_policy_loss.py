@@ -1,6 +1,7 @@
 """The GRPO-family policy loss straight from the LM head: three matrix products, no [T, V] logits.
 
-    fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, ...) -> FusedPolicyLoss
+    fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, ...)
+      -> FusedPolicyLossOutput
       = policy_loss(log_softmax((hidden @ weight.T + bias) / temperature)[targets], old_logp, ...)
 
 The floor is three products: logits, grad_hidden, grad_weight. A loss that computes log-probs in the
@@ -51,26 +52,32 @@ from .fused_linear_logprobs import (
 from .loss_config import PolicyLossConfig
 from .policy_loss import (
     Count,
-    PolicyLoss,
+    PolicyLossOutput,
     apply_policy_loss,
     check_inputs,
     count_error,
     valid_count,
 )
 
-FusedPolicyLoss = NamedTuple(
-    "FusedPolicyLoss",
-    [*PolicyLoss.__annotations__.items(), ("logp", "torch.Tensor"), ("entropy", "torch.Tensor")],
+FusedPolicyLossOutput = NamedTuple(
+    "FusedPolicyLossOutput",
+    [
+        *PolicyLossOutput.__annotations__.items(),
+        ("logp", "torch.Tensor"),
+        ("entropy", "torch.Tensor"),
+    ],
 )
-FusedPolicyLoss.__doc__ = """PolicyLoss's fields, then ``logp`` and ``entropy``.
+FusedPolicyLossOutput.__doc__ = """PolicyLossOutput's fields, then ``logp`` and ``entropy``.
 
 ``loss`` is differentiable w.r.t. hidden, weight and bias; the metrics are over the whole batch.
 ``logp``: like targets, float32 (float64 for float64 inputs), detached. ``entropy``: the same, or
-None unless asked for. ``PolicyLoss(*result[: len(PolicyLoss._fields)])`` drops the two extras.
+None unless asked for. ``PolicyLossOutput(*result[: len(PolicyLossOutput._fields)])`` drops the
+two extras.
 """
+FusedPolicyLoss = FusedPolicyLossOutput  # the old name, kept for one release
 
-# How each PolicyLoss metric combines across chunks; a field added there must be placed here.
-_SLOT = {name: i for i, name in enumerate(PolicyLoss._fields[1:])}
+# How each PolicyLossOutput metric combines across chunks; a field added there must be placed here.
+_SLOT = {name: i for i, name in enumerate(PolicyLossOutput._fields[1:])}
 _MEANS = [
     _SLOT[k] for k in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "kl", "ratio_mean")
 ]
@@ -96,7 +103,7 @@ class _Batch(NamedTuple):
     chunks: list[tuple[int, int, int, int]]  # (seq start, seq end, token start, token end)
 
 
-def _chunk_loss(batch: _Batch, logp: torch.Tensor, chunk) -> PolicyLoss:
+def _chunk_loss(batch: _Batch, logp: torch.Tensor, chunk) -> PolicyLossOutput:
     """policy_loss on the sequences [s0, s1) = tokens [t0, t1); logp is the chunk's [t1 - t0]."""
     s0, s1, t0, t1 = chunk
     part = lambda t: None if t is None else t[t0:t1]  # noqa: E731
@@ -266,7 +273,7 @@ def fused_linear_policy_loss(
     check_finite: bool = True,
     backend: str = "auto",
     **settings,
-) -> FusedPolicyLoss:
+) -> FusedPolicyLossOutput:
     """``policy_loss`` of the log-probs of ``hidden @ weight.T + bias``, without the logits.
 
     Args:
@@ -287,8 +294,8 @@ def fused_linear_policy_loss(
             config's.
 
     Returns:
-        FusedPolicyLoss: PolicyLoss's loss and metrics, then logp (and entropy), detached, laid
-        out like targets (0 at padded positions: padding gets no logits).
+        FusedPolicyLossOutput: PolicyLossOutput's loss and metrics, then logp (and entropy),
+        detached, laid out like targets (0 at padded positions: padding gets no logits).
 
     Raises:
         ValueError: fused_linear_logprobs' input errors, and policy_loss's, named.
@@ -371,7 +378,7 @@ def fused_linear_policy_loss(
         metrics = metrics.unbind()
     if idx is not None:
         logp, ent = _unpack(logp, idx, padded_shape), _unpack(ent, idx, padded_shape)
-    return FusedPolicyLoss(loss, *metrics, logp, ent)
+    return FusedPolicyLossOutput(loss, *metrics, logp, ent)
 
 
 class PAPOLoss(torch.nn.Module):
@@ -423,7 +430,7 @@ class PAPOLoss(torch.nn.Module):
         num_tokens: Count | None = None,
         num_seqs: Count | None = None,
         max_len: Count | None = None,
-    ) -> FusedPolicyLoss:
+    ) -> FusedPolicyLossOutput:
         return fused_linear_policy_loss(
             hidden, weight, targets, old_logp, advantages, bias=bias,
             temperature=self.temperature, return_entropy=self.return_entropy, mask=mask,

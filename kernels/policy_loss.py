@@ -1,6 +1,6 @@
 """The clipped GRPO-family token loss, forward and backward in one pass over the tokens.
 
-    policy_loss(logp, old_logp, advantages, mask=... | cu_seqlens=..., ...) -> PolicyLoss
+    policy_loss(logp, old_logp, advantages, mask=... | cu_seqlens=..., ...) -> PolicyLossOutput
 
 Layers: two backends with the same outputs, the Triton kernels and their launcher
 (policy_loss_triton.py) and the PyTorch path (policy_loss_torch.py: the CPU path and the spec of the
@@ -49,7 +49,7 @@ from .policy_loss_triton import finalize_triton, policy_loss_triton, reduce_part
 Count = int | float | torch.Tensor
 
 
-class PolicyLoss(NamedTuple):
+class PolicyLossOutput(NamedTuple):
     """The loss and its metrics, all 0-dim tensors from the same pass (metrics are detached).
 
     Means and fractions are over the valid tokens of this call (0 when there are none).
@@ -65,6 +65,9 @@ class PolicyLoss(NamedTuple):
     ratio_max: torch.Tensor  # []
     num_tokens: torch.Tensor  # [] valid tokens in this call
     num_nonfinite: torch.Tensor  # [] non-finite input values at valid tokens, all inputs read
+
+
+PolicyLoss = PolicyLossOutput  # the old name, kept for one release
 
 
 # -------------------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def _finalize(cfg, stats, seq_counts, num_tokens, num_seqs, max_len):
     denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
     # nothing valid (local counts 0): loss 0, not NaN; a bad count of the caller's is NaN here
     inv_denom = torch.where(denom != 0, 1.0 / denom, 0.0)
-    # PolicyLoss's metric order: the slots CLIP_LOW..RATIO_SUM are sums to divide by the count.
+    # PolicyLossOutput's metric order: slots CLIP_LOW..RATIO_SUM are sums to divide by the count.
     count = stats[COUNT : COUNT + 1]
     metrics = torch.cat(
         [
@@ -275,7 +278,7 @@ def policy_loss(
     check_finite: bool = True,
     backend: str = "auto",
     **settings,
-) -> PolicyLoss:
+) -> PolicyLossOutput:
     """The clipped policy-gradient loss of GRPO / PAPO / DAPO / GSPO / Dr. GRPO, fused.
 
     Per token (docs/design.md, "The policy loss"): ρ = exp(logp − old_logp),
@@ -312,7 +315,7 @@ def policy_loss(
         **settings: PolicyLossConfig's fields by name (``eps_low=0.1``), replacing config's.
 
     Returns:
-        PolicyLoss: the scalar loss and its metrics (0-dim tensors).
+        PolicyLossOutput: the scalar loss and its metrics (0-dim tensors).
 
     Raises:
         ValueError: an input of the wrong shape, dtype or layout, a setting out of range, a count
@@ -335,7 +338,7 @@ def policy_loss(
 def apply_policy_loss(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg: PolicyLossConfig,
     adv_per_token: bool, counts: dict, check_finite: bool, backend: str,
-) -> PolicyLoss:  # fmt: skip
+) -> PolicyLossOutput:  # fmt: skip
     """``policy_loss`` on inputs that ``check_inputs`` accepted, with its reading of the
     advantages (so a caller that repacks them keeps the reading of its own layout)."""
     ref_logp = ref_logp if cfg.uses_ref else None
@@ -356,7 +359,7 @@ def apply_policy_loss(
         for name, k in zip(CHECKED, bad[: len(CHECKED)], strict=True):
             if k:
                 raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
-    return PolicyLoss(loss, *metrics[:8], metrics[8:].sum())
+    return PolicyLossOutput(loss, *metrics[:8], metrics[8:].sum())
 
 
 class PolicyLossModule(torch.nn.Module):
@@ -393,7 +396,7 @@ class PolicyLossModule(torch.nn.Module):
         num_tokens: Count | None = None,
         num_seqs: Count | None = None,
         max_len: Count | None = None,
-    ) -> PolicyLoss:
+    ) -> PolicyLossOutput:
         return policy_loss(
             logp, old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
             rollout_logp=rollout_logp, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,

@@ -202,7 +202,7 @@ def _slot(v, cols, k: tl.constexpr):
 def _policy_loss_finalize_kernel(
     # inputs: per-program stat rows [P, NUM_STATS], valid tokens per sequence [B]
     partials_ptr, counts_ptr,
-    # outputs: loss [], 1 / D [], metrics [13] in PolicyLoss's order
+    # outputs: loss [], 1 / D [], metrics [13] in PolicyLossOutput's order
     loss_ptr, inv_denom_ptr, metrics_ptr,
     # shapes
     P, B,

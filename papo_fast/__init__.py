@@ -8,26 +8,42 @@ import warnings
 
 # config, rewards and trainer import transformers, datasets and yaml only when they run.
 from papo_fast.config import Config, load_config
-from papo_fast.kernels.advantages import Advantages, papo_advantages, token_advantages
+from papo_fast.kernels.advantages import (
+    Advantages,
+    AdvantagesOutput,
+    papo_advantages,
+    token_advantages,
+)
 from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
 from papo_fast.kernels.fused_linear_policy_loss import (
     FusedPolicyLoss,
+    FusedPolicyLossOutput,
     PAPOLoss,
     fused_linear_policy_loss,
 )
-from papo_fast.kernels.policy_loss import PolicyLoss, PolicyLossModule, policy_loss
+from papo_fast.kernels.loss_config import PolicyLossConfig
+from papo_fast.kernels.policy_loss import (
+    PolicyLoss,
+    PolicyLossModule,
+    PolicyLossOutput,
+    policy_loss,
+)
 from papo_fast.rewards import Judge, Outcome, Verifier
 from papo_fast.trainer import Trainer
 
 __all__ = [
+    "AdvantagesOutput",
     "Advantages",
     "papo_advantages",
     "token_advantages",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
     "PolicyLoss",
     "PolicyLossModule",
     "policy_loss",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
+    "FusedPolicyLossOutput",
     "FusedPolicyLoss",
     "PAPOLoss",
     "Config",

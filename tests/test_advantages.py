@@ -493,3 +493,12 @@ def test_unrepresentable_advantages_raise_on_both_backends(backend, change, matc
     } | change
     with pytest.raises(ValueError, match=match):
         papo_advantages(args.pop("outcome"), args.pop("process"), **args)
+
+
+def test_the_result_is_an_advantages_output():
+    import papo_fast
+
+    res = papo_advantages(torch.tensor([1.0, 0.0]), group_offsets=torch.tensor([0, 2]), mode="orm")
+    assert type(res) is papo_fast.AdvantagesOutput and type(res).__name__ == "AdvantagesOutput"
+    assert papo_fast.Advantages is papo_fast.AdvantagesOutput  # the old name, kept for a release
+    assert {"AdvantagesOutput", "Advantages"} <= set(papo_fast.__all__)

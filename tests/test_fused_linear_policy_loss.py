@@ -572,3 +572,15 @@ def test_counts_that_are_not_positive_and_finite_raise(backend, entry, name, val
             PAPOLoss(**kw)(*args, mask=d["mask"], **{name: value})
         else:
             fused_linear_policy_loss(*args, mask=d["mask"], **kw, **{name: value})
+
+
+def test_the_result_is_a_fused_policy_loss_output():
+    import papo_fast
+
+    d = make_batch(B=2, L=3)
+    args = (d["hidden"], d["weight"], d["targets"], d["old"].float(), d["adv"].float())
+    res = fused_linear_policy_loss(*args, mask=d["mask"])
+    assert type(res) is papo_fast.FusedPolicyLossOutput
+    assert type(res).__name__ == "FusedPolicyLossOutput"
+    assert papo_fast.FusedPolicyLoss is papo_fast.FusedPolicyLossOutput  # kept for a release
+    assert {"FusedPolicyLossOutput", "FusedPolicyLoss"} <= set(papo_fast.__all__)

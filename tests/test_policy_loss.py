@@ -11,7 +11,7 @@ from helpers import F64_ATOL, assert_close, assert_close_to_ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from papo_fast import PolicyLoss, PolicyLossModule, policy_loss
+from papo_fast import PolicyLossModule, PolicyLossOutput, policy_loss
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KLS = ["k1", "k2", "k3"]
@@ -133,7 +133,7 @@ def reference_metrics(
     d, dtype=torch.float64, *, eps_low=0.2, eps_high=0.28, dual_clip=None, beta=0.0, kl="k3",
     ratio_level="token", **_,
 ):  # fmt: skip
-    """PolicyLoss's metrics over the valid tokens, eager in ``dtype`` (counts exact)."""
+    """PolicyLossOutput's metrics over the valid tokens, eager in ``dtype`` (counts exact)."""
     m = d["mask"]
     lp, old = d["logp"].to(dtype), d["old"].to(dtype)
     a = d["adv"].to(dtype)
@@ -394,7 +394,7 @@ def test_metrics_match_reference():
         got = getattr(res, name)
         assert got.dim() == 0 and not got.requires_grad, name
         assert_close(got, value, atol=F64_ATOL, msg=name)
-    assert isinstance(res, PolicyLoss)
+    assert isinstance(res, PolicyLossOutput)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -588,7 +588,7 @@ def test_cuda_matches_reference(dtype, packed, level):
     cuda = {k: v.cuda() for k, v in d.items()}
     res, grad = ours(cuda, packed=packed, backend="auto", **kw)
     assert grad.dtype == dtype and grad.is_cuda
-    res = PolicyLoss(*(x.cpu() for x in res))
+    res = PolicyLossOutput(*(x.cpu() for x in res))
     assert_matches_reference(res, grad.cpu(), d, metrics=dtype == torch.float32, **kw)
 
 
@@ -807,3 +807,13 @@ def test_unchecked_bad_tensor_count_makes_the_loss_nan(backend, value):
     d = make_batch(b=3, length=20, dtype=torch.float32)
     res, grad = ours(d, num_tokens=value, backend=backend, check_finite=False)
     assert torch.isnan(res.loss) and torch.isnan(grad[d["mask"]]).all()
+
+
+def test_the_result_is_a_policy_loss_output():
+    import papo_fast
+
+    d = make_batch(b=2, length=4)
+    res = policy_loss(d["logp"], d["old"], d["adv"], mask=d["mask"])
+    assert type(res) is papo_fast.PolicyLossOutput and type(res).__name__ == "PolicyLossOutput"
+    assert papo_fast.PolicyLoss is papo_fast.PolicyLossOutput  # the old name, kept for a release
+    assert {"PolicyLossOutput", "PolicyLoss", "PolicyLossConfig"} <= set(papo_fast.__all__)
