@@ -1,4 +1,4 @@
-"""Backend dispatch and the input checks every op shares.
+"""Backend dispatch, the input checks every op shares, and two small helpers of the op files.
 
 Dispatch rule (docs/design.md, "Dispatch"): CUDA tensors run the Triton kernels, CPU tensors the
 PyTorch path; ``backend="triton"`` or ``backend="torch"`` forces one. Triton on CPU tensors works
@@ -8,10 +8,12 @@ tests check every kernel on a machine without a GPU.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
 import torch
+import triton.language as tl
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -79,3 +81,15 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The math and accumulator dtype of the ops: fp32 for bf16 / fp16 / fp32 inputs, and float64
     for float64 inputs (so that gradcheck runs)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class Slot(int, tl.constexpr):
+    """A named position in a stats vector: an int to Python (it indexes tensors) and a
+    tl.constexpr to Triton, whose kernels read a module constant only when it is one. So a kernel,
+    the PyTorch path and the finalization all use the same names, defined once."""
+
+
+def none_grads(forward, differentiable: int = 1) -> tuple[None, ...]:
+    """The None gradients an autograd.Function's backward returns for the inputs of ``forward``
+    after its first ``differentiable`` ones, counted from its signature (ctx excluded)."""
+    return (None,) * (len(inspect.signature(forward).parameters) - 1 - differentiable)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._backend import (
+    Slot,
     bad_values_error,
     beyond_float32,
     check_vector,
@@ -46,7 +47,16 @@ MODES: dict[str, tuple[str | None, str | None]] = {
     "mult": ("product", None),
     "fullnorm": ("outcome", "all"),
 }
-_STAT_SLOTS = 7  # zero-adv count, active process groups, n/sum/min correct, n/sum wrong
+# The statistics' sums, float64: the kernel writes one row per program (summed, MIN_CORRECT by
+# min), the PyTorch path one vector.
+ZERO_ADV = Slot(0)  # responses whose advantage is exactly 0
+PROC_ACTIVE = Slot(1)  # groups whose process part is active
+N_CORRECT = Slot(2)  # correct responses
+SUM_CORRECT = Slot(3)  # sum of their advantages
+MIN_CORRECT = Slot(4)  # the smallest of them (+inf when there is none)
+N_WRONG = Slot(5)  # wrong responses
+SUM_WRONG = Slot(6)  # sum of their advantages
+NUM_ADV_STATS = 7
 
 
 class AdvantagesOutput(NamedTuple):
@@ -68,17 +78,19 @@ Advantages = AdvantagesOutput  # the old name, kept for one release
 
 
 def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> dict:
-    """sums: [7] float64 = zero count, active groups, n/sum/min over correct, n/sum over wrong.
-    The statistics are float32, divided in float64 (a sum may exceed float32, its mean not)."""
-    nan = torch.full_like(sums[0], float("nan"))
-    has_c, has_w = sums[2] > 0, sums[5] > 0
+    """sums: [NUM_ADV_STATS] float64, in the named slots. The statistics are float32, divided in
+    float64 (a sum may exceed float32, its mean not)."""
+    nan = torch.full_like(sums[ZERO_ADV], float("nan"))
+    has_c, has_w = sums[N_CORRECT] > 0, sums[N_WRONG] > 0
     groups = num_groups.to(sums.dtype)
     stats = {
-        "zero_adv_frac": sums[0] / max(n, 1),
-        "proc_active_frac": torch.where(groups > 0, sums[1] / groups.clamp_min(1), nan),
-        "correct_adv_min": torch.where(has_c, sums[4], nan),
-        "correct_adv_mean": torch.where(has_c, sums[3] / sums[2].clamp_min(1), nan),
-        "wrong_adv_mean": torch.where(has_w, sums[6] / sums[5].clamp_min(1), nan),
+        "zero_adv_frac": sums[ZERO_ADV] / max(n, 1),
+        "proc_active_frac": torch.where(groups > 0, sums[PROC_ACTIVE] / groups.clamp_min(1), nan),
+        "correct_adv_min": torch.where(has_c, sums[MIN_CORRECT], nan),
+        "correct_adv_mean": torch.where(
+            has_c, sums[SUM_CORRECT] / sums[N_CORRECT].clamp_min(1), nan
+        ),
+        "wrong_adv_mean": torch.where(has_w, sums[SUM_WRONG] / sums[N_WRONG].clamp_min(1), nan),
         "num_groups": groups,
     }
     return {k: v.float() for k, v in stats.items()}
@@ -143,12 +155,13 @@ def _segment_norm(
 def _papo_adv_kernel(
     # inputs in the caller's order; PERM (optional) lists them group by group
     OUT_REWARD, PROC_REWARD, CORRECT, PERM, OFFSETS,
-    # outputs in the caller's order, and one row of 7 partial statistics per program
+    # outputs in the caller's order, and one row of NUM_ADV_STATS partial statistics per program
     ADV, ADV_OUT, ADV_PROC, STATS,
     # constants
     lam, eps,
     BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, OUT_PART: tl.constexpr,
     PROC_PART: tl.constexpr, PROC_ALL: tl.constexpr, SCALE_BY_STD: tl.constexpr,
+    NUM_STATS: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
     start = tl.load(OFFSETS + g).to(tl.int64)
@@ -197,18 +210,18 @@ def _papo_adv_kernel(
             n_w += tl.sum(wrong.to(tl.float32), axis=0)
             sum_w += tl.sum(tl.where(wrong, adv, 0.0).to(tl.float64), axis=0)
     # statistics of the same pass, one row per program (no atomics: deterministic, no contention)
-    row = STATS + g * 7  # _STAT_SLOTS columns
-    tl.store(row + 0, n_zero)
-    tl.store(row + 1, proc_active)
-    tl.store(row + 2, n_c)
-    tl.store(row + 3, sum_c)
-    tl.store(row + 4, min_c)
-    tl.store(row + 5, n_w)
-    tl.store(row + 6, sum_w)
+    row = STATS + g * NUM_STATS
+    tl.store(row + ZERO_ADV, n_zero)
+    tl.store(row + PROC_ACTIVE, proc_active)
+    tl.store(row + N_CORRECT, n_c)
+    tl.store(row + SUM_CORRECT, sum_c)
+    tl.store(row + MIN_CORRECT, min_c)
+    tl.store(row + N_WRONG, n_w)
+    tl.store(row + SUM_WRONG, sum_w)
 
 
 def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_std):
-    """One program per group slot; returns the three [N] outputs and the [7] statistics.
+    """One program per group slot; returns the three [N] outputs and the [NUM_ADV_STATS] sums.
 
     Bytes: reads rewards, flags and perm (~3 passes over each group, cached), writes 3 x 4 x N.
     """
@@ -217,7 +230,7 @@ def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_
     adv, adv_out, adv_proc = (
         torch.empty(n, dtype=torch.float32, device=correct.device) for _ in range(3)
     )
-    partials = torch.empty(num_programs, _STAT_SLOTS, dtype=torch.float64, device=correct.device)
+    partials = torch.empty(num_programs, NUM_ADV_STATS, dtype=torch.float64, device=correct.device)
     # groups of ~8 are the norm; larger groups loop over BLOCK-wide tiles
     block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
     _papo_adv_kernel[(num_programs,)](
@@ -225,10 +238,11 @@ def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_
         adv, adv_out, adv_proc, partials,
         lam, eps,
         BLOCK=block, OUT_PART=out_r is not None, PROC_PART=proc_r is not None,
-        PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, num_warps=1 if block <= 128 else 4,
+        PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, NUM_STATS=NUM_ADV_STATS,
+        num_warps=1 if block <= 128 else 4,
     )  # fmt: skip
     stats = partials.sum(0)
-    stats[4] = partials[:, 4].amin()
+    stats[MIN_CORRECT] = partials[:, MIN_CORRECT].amin()
     return adv, adv_out, adv_proc, stats
 
 
@@ -275,15 +289,16 @@ def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc
     adv_proc = a[:, -1] if proc_r is not None else zeros
     adv = (adv_out + lam * adv_proc).float()
     wrong, c, inf = ~correct, correct.double(), float("inf")
-    stats = torch.stack([
-        (adv == 0).sum().double(),
-        active[:, -1].sum().double() if proc_r is not None else zeros.new_zeros(()),
-        c.sum(),
-        (adv * c).sum(),
-        torch.where(correct, adv, float("inf")).amin() if adv.numel() else adv.new_tensor(inf),
-        wrong.sum().double(),
-        torch.where(wrong, adv.double(), 0.0).sum(),
-    ]).double()  # fmt: skip
+    slots = {
+        ZERO_ADV: (adv == 0).sum(),
+        PROC_ACTIVE: active[:, -1].sum() if proc_r is not None else zeros.new_zeros(()),
+        N_CORRECT: c.sum(),
+        SUM_CORRECT: (adv * c).sum(),
+        MIN_CORRECT: torch.where(correct, adv, inf).amin() if adv.numel() else adv.new_tensor(inf),
+        N_WRONG: wrong.sum(),
+        SUM_WRONG: torch.where(wrong, adv.double(), 0.0).sum(),
+    }
+    stats = torch.stack([slots[k].double() for k in range(NUM_ADV_STATS)])
     return adv, adv_out.float(), adv_proc.float(), stats
 
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import compute_dtype, resolve_backend
+from ._backend import compute_dtype, none_grads, resolve_backend
 
 # ----------------------------------------------------------------------------- Triton
 
@@ -360,12 +360,13 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             gh = grad_h[s:e] if need_h else None
             accumulate_grads(g, hidden[s:e], weight, gh, grad_w, grad_b)
             del z, g
-        return (
-            grad_h,
-            grad_w.to(weight.dtype) if need_w else None,
-            grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None, None,
-        )  # fmt: skip
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, *_LOGPROBS_NO_GRADS
+
+
+# hidden, weight and bias have gradients; the inputs after them none
+_LOGPROBS_NO_GRADS = none_grads(FusedLinearLogprobsFunction.forward, differentiable=3)
 
 
 def fused_linear_logprobs(

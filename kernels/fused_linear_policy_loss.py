@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import compute_dtype, resolve_backend
+from ._backend import compute_dtype, none_grads, resolve_backend
 from .fused_linear_logprobs import (
     FusedLinearLogprobsFunction,
     accumulate_grads,
@@ -194,7 +194,11 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
             None if g is None else g.mul_(grad_loss).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None, None, None)
+        return *grads, *_NO_GRADS
+
+
+# hidden, weight and bias have gradients; the inputs after them none
+_NO_GRADS = none_grads(FusedLinearPolicyLossFunction.forward, differentiable=3)
 
 
 def _raise_non_finite(batch: _Batch, seq_counts: torch.Tensor) -> None:

@@ -29,19 +29,23 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import check_float, resolve_backend
+from ._backend import check_float, compute_dtype, none_grads, resolve_backend
 from .loss_config import PolicyLossConfig
 from .policy_loss_torch import (
     CHECKED,
+    CLIP_HIGH,
     CLIP_LOW,
     COUNT,
+    DUAL_CLIP,
+    KL,
     LOSS,
-    NONFINITE,
+    NONFINITE_LOGP,
+    NONFINITE_ROLLOUT,
+    NUM_METRICS,
+    RATIO,
     RATIO_MAX,
     RATIO_MIN,
-    RATIO_SUM,
     advantages_per_token,
-    compute_dtype,
     policy_loss_torch,
 )
 from .policy_loss_triton import finalize_triton, policy_loss_triton, reduce_partials
@@ -68,6 +72,19 @@ class PolicyLossOutput(NamedTuple):
 
 
 PolicyLoss = PolicyLossOutput  # the old name, kept for one release
+
+# Where each metric of PolicyLossOutput is in the finalized stats vector (policy_loss_torch.py);
+# num_nonfinite is the sum of the NONFINITE_* slots.
+METRIC_SLOTS = {
+    "clip_frac_low": CLIP_LOW,
+    "clip_frac_high": CLIP_HIGH,
+    "dual_clip_frac": DUAL_CLIP,
+    "kl": KL,
+    "ratio_mean": RATIO,
+    "ratio_min": RATIO_MIN,
+    "ratio_max": RATIO_MAX,
+    "num_tokens": COUNT,
+}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -186,21 +203,20 @@ def check_inputs(
 
 
 def _finalize(cfg, stats, seq_counts, num_tokens, num_seqs, max_len):
-    """(loss, 1 / D, metrics [13]) from a stats vector, in torch ops; no host sync."""
+    """(loss, 1 / D, metrics [NUM_METRICS]) from a stats vector, in torch ops; no host sync.
+
+    Each metric goes in the slot of the sum it is made from (policy_loss_torch.py)."""
     denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
     # nothing valid (local counts 0): loss 0, not NaN; a bad count of the caller's is NaN here
     inv_denom = torch.where(denom != 0, 1.0 / denom, 0.0)
-    # PolicyLossOutput's metric order: slots CLIP_LOW..RATIO_SUM are sums to divide by the count.
-    count = stats[COUNT : COUNT + 1]
-    metrics = torch.cat(
-        [
-            stats[CLIP_LOW : RATIO_SUM + 1] / count.clamp(min=1),
-            torch.where(count > 0, stats[RATIO_MIN : RATIO_MAX + 1], 0.0),
-            count,
-            stats[NONFINITE : NONFINITE + len(CHECKED)],
-        ]
-    )
-    return stats[LOSS] * inv_denom, inv_denom, metrics
+    loss = stats[LOSS] * inv_denom
+    count = stats[COUNT]
+    metrics = stats[:NUM_METRICS].clone()
+    metrics[LOSS] = loss
+    metrics[CLIP_LOW : RATIO + 1] /= count.clamp(min=1)  # sums -> means over the valid tokens
+    ratio_range = metrics[RATIO_MIN : RATIO_MAX + 1]
+    metrics[RATIO_MIN : RATIO_MAX + 1] = torch.where(count > 0, ratio_range, 0.0)  # none: 0
+    return loss, inv_denom, metrics
 
 
 def _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len) -> torch.Tensor:
@@ -254,7 +270,10 @@ class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         grad, inv_denom = ctx.saved_tensors
-        return (grad * (grad_loss * inv_denom),) + (None,) * 12
+        return grad * (grad_loss * inv_denom), *_NO_GRADS
+
+
+_NO_GRADS = none_grads(PolicyLossFunction.forward)  # for every input after logp
 
 
 # -------------------------------------------------------------------------------------------------
@@ -349,17 +368,19 @@ def apply_policy_loss(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
         counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend,
     )  # fmt: skip
+    nonfinite = metrics[NONFINITE_LOGP : NONFINITE_ROLLOUT + 1]  # CHECKED's slots, in order
     if check_finite:  # one host sync: non-finite inputs, and the tensor counts' values
         tensors = {k: v for k, v in counts.items() if isinstance(v, torch.Tensor)}
-        flags = [metrics[8:]] + [(~valid_count(v)).to(metrics).reshape(1) for v in tensors.values()]
+        flags = [nonfinite] + [(~valid_count(v)).to(metrics).reshape(1) for v in tensors.values()]
         bad = torch.cat(flags).tolist()
         for (name, value), k in zip(tensors.items(), bad[len(CHECKED) :], strict=True):
             if k:
                 raise count_error(name, value)
-        for name, k in zip(CHECKED, bad[: len(CHECKED)], strict=True):
-            if k:
+        for name, slot in CHECKED.items():
+            if k := bad[slot - NONFINITE_LOGP]:
                 raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
-    return PolicyLossOutput(loss, *metrics[:8], metrics[8:].sum())
+    named = {name: metrics[slot] for name, slot in METRIC_SLOTS.items()}
+    return PolicyLossOutput(loss, **named, num_nonfinite=nonfinite.sum())
 
 
 class PolicyLossModule(torch.nn.Module):

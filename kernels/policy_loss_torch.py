@@ -1,11 +1,11 @@
 """The clipped GRPO token loss in plain PyTorch: the CPU path of ``policy_loss`` and its spec.
 
-It computes what the Triton kernels in policy_loss.py compute, with the same three outputs, so that
-both backends share one autograd.Function and one finalization:
+It computes what the Triton kernels in policy_loss_triton.py compute, with the same three outputs,
+so that both backends share one autograd.Function and one finalization:
 
 - ``grad``: d(Σ_t c_t·loss_t)/d logp_t per token, where c_t is the token's share before the global
   denominator (1 for a valid token, or 1/|y_i| under "seq-mean-token-mean"; 0 for a masked one);
-- ``stats``: the sums the loss and its metrics are made of (slots below);
+- ``stats``: the sums the loss and its metrics are made of (the named slots below);
 - ``seq_counts``: valid tokens per sequence, for the local N_seq and L_max.
 
 Per token t of sequence i, with A the advantage (DESIGN §2):
@@ -26,14 +26,37 @@ import math
 
 import torch
 
-from ._backend import compute_dtype
+from ._backend import Slot, compute_dtype
 from .loss_config import PolicyLossConfig
 
-# Slots of the stats vector (the Triton kernel writes one such row per program).
-LOSS, COUNT, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, KL_SUM, RATIO_SUM, RATIO_MIN, RATIO_MAX = range(9)
-NONFINITE = 9  # slots 9..13 count non-finite values among valid tokens, in this order:
-CHECKED = ("logp", "old_logp", "ref_logp", "advantages", "rollout_logp")
-NUM_STATS = 16  # row width (padded to a power of two for the kernel's stores)
+# The stats vector: this path writes one, the Triton kernel one row per program (summed, and min /
+# max for the ratio's). Each slot holds a sum over the valid tokens; the finalization turns it into
+# the metric in the slot of the same name: LOSS the loss, CLIP_LOW .. RATIO means over the valid
+# tokens (divided by COUNT), RATIO_MIN / RATIO_MAX 0 when no token is valid, the rest as they are.
+LOSS = Slot(0)  # sum of c_t * loss_t, c_t the token's share before the global denominator
+CLIP_LOW = Slot(1)  # tokens clipped at 1 - eps_low (A < 0)
+CLIP_HIGH = Slot(2)  # tokens clipped at 1 + eps_high (A > 0)
+DUAL_CLIP = Slot(3)  # tokens bounded by the dual clip (A < 0)
+KL = Slot(4)  # sum of KL_t (0 when beta == 0)
+RATIO = Slot(5)  # sum of the ratios (the sequence ratio at sequence level)
+RATIO_MIN = Slot(6)  # the smallest ratio (rows combine by min)
+RATIO_MAX = Slot(7)  # the largest ratio (rows combine by max)
+COUNT = Slot(8)  # valid tokens
+# Non-finite values among the valid tokens, one slot per input read.
+NONFINITE_LOGP = Slot(9)
+NONFINITE_OLD = Slot(10)
+NONFINITE_REF = Slot(11)
+NONFINITE_ADV = Slot(12)
+NONFINITE_ROLLOUT = Slot(13)
+CHECKED = {  # the argument named by check_finite's error -> its slot
+    "logp": NONFINITE_LOGP,
+    "old_logp": NONFINITE_OLD,
+    "ref_logp": NONFINITE_REF,
+    "advantages": NONFINITE_ADV,
+    "rollout_logp": NONFINITE_ROLLOUT,
+}
+NUM_METRICS = NONFINITE_ROLLOUT + 1  # the slots in use: the finalized vector's length
+NUM_STATS = 16  # a kernel row's width, padded to a power of two for its stores
 
 
 def advantages_per_token(advantages: torch.Tensor, logp: torch.Tensor, num_seqs: int) -> bool:
@@ -183,23 +206,25 @@ def policy_loss_torch(
     elif n:
         ratio_min = torch.where(valid, ratio, math.inf).min()
         ratio_max = torch.where(valid, ratio, -math.inf).max()
-    nonfinite = [zero] * len(CHECKED)
+    slots = {
+        LOSS: loss_sum,
+        CLIP_LOW: n_clip - n_high,
+        CLIP_HIGH: n_high,
+        DUAL_CLIP: n_dual,
+        KL: kl_sum,
+        RATIO: ratio_sum,
+        RATIO_MIN: ratio_min,
+        RATIO_MAX: ratio_max,
+        COUNT: seq_counts.sum(),
+    }
     if not fast:  # rare: name the culprits, one count each
-        read = [lp, old_logp, ref_logp if cfg.uses_ref else None, neg_adv, rollout_logp]
-        nonfinite = [zero if t is None else count(~torch.isfinite(t)) for t in read]
-    stats = torch.stack(
-        [
-            loss_sum,
-            seq_counts.sum(),
-            n_clip - n_high,
-            n_high,
-            n_dual,
-            kl_sum,
-            ratio_sum,
-            ratio_min,
-            ratio_max,
-            *nonfinite,
-        ]
-    )
-    stats = torch.cat([stats, stats.new_zeros(NUM_STATS - stats.numel())])
+        read = {
+            NONFINITE_LOGP: lp,
+            NONFINITE_OLD: old_logp,
+            NONFINITE_REF: ref_logp if cfg.uses_ref else None,
+            NONFINITE_ADV: neg_adv,
+            NONFINITE_ROLLOUT: rollout_logp,
+        }
+        slots |= {k: count(~torch.isfinite(t)) for k, t in read.items() if t is not None}
+    stats = torch.stack([slots.get(k, zero) for k in range(NUM_STATS)])  # one op, in slot order
     return grad, stats, seq_counts

@@ -26,7 +26,24 @@ import triton
 import triton.language as tl
 
 from .loss_config import KLS
-from .policy_loss_torch import CHECKED, NUM_STATS, RATIO_MAX, RATIO_MIN
+from .policy_loss_torch import (
+    CLIP_HIGH,
+    CLIP_LOW,
+    COUNT,
+    DUAL_CLIP,
+    KL,
+    LOSS,
+    NONFINITE_ADV,
+    NONFINITE_LOGP,
+    NONFINITE_OLD,
+    NONFINITE_REF,
+    NONFINITE_ROLLOUT,
+    NUM_METRICS,
+    NUM_STATS,
+    RATIO,
+    RATIO_MAX,
+    RATIO_MIN,
+)
 
 
 @triton.jit
@@ -170,26 +187,30 @@ def _policy_loss_fwd_kernel(
     grad = tl.where(valid, coef * dloss, 0.0)
     tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
 
-    # One row of sums (slots of policy_loss_torch.py); finite means |x| < inf (NaN fails it too).
+    # One row of sums, in the named slots of policy_loss_torch.py; finite means |x| < inf (NaN
+    # fails it too).
     row = partials_ptr + pid.to(tl.int64) * NUM_STATS
-    tl.store(row + 0, tl.sum(tl.where(valid, coef * loss, 0.0), axis=0))
-    tl.store(row + 1, tl.sum(valid.to(tl.float32), axis=0))
-    tl.store(row + 2, tl.sum((valid & clip_low).to(tl.float32), axis=0))
-    tl.store(row + 3, tl.sum((valid & clip_high).to(tl.float32), axis=0))
-    tl.store(row + 4, tl.sum((valid & dual).to(tl.float32), axis=0))
-    tl.store(row + 5, tl.sum(tl.where(valid, kl, 0.0), axis=0))
-    tl.store(row + 6, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
-    tl.store(row + 7, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
-    tl.store(row + 8, tl.max(tl.where(valid, ratio, -float("inf")), axis=0))
-    tl.store(row + 9, tl.sum((valid & ~(tl.abs(lp) < float("inf"))).to(tl.float32), axis=0))
-    tl.store(row + 10, tl.sum((valid & ~(tl.abs(old) < float("inf"))).to(tl.float32), axis=0))
-    tl.store(row + 11, tl.sum((valid & nonfinite_ref).to(tl.float32), axis=0))
-    tl.store(row + 12, tl.sum((valid & ~(tl.abs(adv) < float("inf"))).to(tl.float32), axis=0))
+    tl.store(row + LOSS, tl.sum(tl.where(valid, coef * loss, 0.0), axis=0))
+    tl.store(row + CLIP_LOW, tl.sum((valid & clip_low).to(tl.float32), axis=0))
+    tl.store(row + CLIP_HIGH, tl.sum((valid & clip_high).to(tl.float32), axis=0))
+    tl.store(row + DUAL_CLIP, tl.sum((valid & dual).to(tl.float32), axis=0))
+    tl.store(row + KL, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+    tl.store(row + RATIO, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
+    tl.store(row + RATIO_MIN, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
+    tl.store(row + RATIO_MAX, tl.max(tl.where(valid, ratio, -float("inf")), axis=0))
+    tl.store(row + COUNT, tl.sum(valid.to(tl.float32), axis=0))
+    bad_lp = valid & ~(tl.abs(lp) < float("inf"))
+    tl.store(row + NONFINITE_LOGP, tl.sum(bad_lp.to(tl.float32), axis=0))
+    bad_old = valid & ~(tl.abs(old) < float("inf"))
+    tl.store(row + NONFINITE_OLD, tl.sum(bad_old.to(tl.float32), axis=0))
+    tl.store(row + NONFINITE_REF, tl.sum((valid & nonfinite_ref).to(tl.float32), axis=0))
+    bad_adv = valid & ~(tl.abs(adv) < float("inf"))
+    tl.store(row + NONFINITE_ADV, tl.sum(bad_adv.to(tl.float32), axis=0))
     if HAS_ROLLOUT:
         bad_rollout = valid & ~(tl.abs(rollout) < float("inf"))
-        tl.store(row + 13, tl.sum(bad_rollout.to(tl.float32), axis=0))
+        tl.store(row + NONFINITE_ROLLOUT, tl.sum(bad_rollout.to(tl.float32), axis=0))
     else:
-        tl.store(row + 13, 0.0)
+        tl.store(row + NONFINITE_ROLLOUT, 0.0)
 
 
 @triton.jit
@@ -202,7 +223,7 @@ def _slot(v, cols, k: tl.constexpr):
 def _policy_loss_finalize_kernel(
     # inputs: per-program stat rows [P, NUM_STATS], valid tokens per sequence [B]
     partials_ptr, counts_ptr,
-    # outputs: loss [], 1 / D [], metrics [13] in PolicyLossOutput's order
+    # outputs: loss [], 1 / D [], metrics [NUM_METRICS] in the stats' named slots
     loss_ptr, inv_denom_ptr, metrics_ptr,
     # shapes
     P, B,
@@ -212,7 +233,8 @@ def _policy_loss_finalize_kernel(
     PER_SEQ: tl.constexpr, NORM: tl.constexpr, HAS_COUNTS: tl.constexpr,
     NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program: sum the rows in float64, divide by D, write loss, 1 / D and the metrics.
+    """One program: sum the rows in float64, divide by D, write loss, 1 / D and the metrics (each
+    in the slot of the sum it is made from).
 
     It replaces a dozen tiny torch ops (and their launches) after the token pass.
     """
@@ -227,13 +249,11 @@ def _policy_loss_finalize_kernel(
             partials_ptr + rows[:, None] * NUM_STATS + cols[None, :], mask=ok[:, None], other=0.0
         )
         sums += tl.sum(tile.to(tl.float64), axis=0)
-        lo = tl.minimum(
-            lo, tl.load(partials_ptr + rows * NUM_STATS + 7, mask=ok, other=float("inf"))
-        )
-        hi = tl.maximum(
-            hi, tl.load(partials_ptr + rows * NUM_STATS + 8, mask=ok, other=-float("inf"))
-        )
-    count = _slot(sums, cols, 1)
+        row_min = tl.load(partials_ptr + rows * NUM_STATS + RATIO_MIN, mask=ok, other=float("inf"))
+        lo = tl.minimum(lo, row_min)
+        row_max = tl.load(partials_ptr + rows * NUM_STATS + RATIO_MAX, mask=ok, other=-float("inf"))
+        hi = tl.maximum(hi, row_max)
+    count = _slot(sums, cols, COUNT)
     zero = count * 0.0  # a float64 scalar tensor: the runtime floats below become float64 too
 
     if PER_SEQ:  # N_seqs, times L_max for the Dr. GRPO norm
@@ -254,17 +274,19 @@ def _policy_loss_finalize_kernel(
         denom = tl.where(num_tokens > 0, zero + num_tokens, count)
     inv = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)  # none valid: 0, not NaN
     out = loss_ptr.dtype.element_ty
-    tl.store(loss_ptr, (_slot(sums, cols, 0) * inv).to(out))
+    loss = (_slot(sums, cols, LOSS) * inv).to(out)
+    tl.store(loss_ptr, loss)
     tl.store(inv_denom_ptr, inv.to(out))
 
+    tl.store(metrics_ptr + LOSS, loss)
     n = tl.maximum(count, 1.0)
-    for k in tl.static_range(5):  # clip low/high, dual clip, KL, ratio sums → means
-        tl.store(metrics_ptr + k, (_slot(sums, cols, 2 + k) / n).to(out))
-    tl.store(metrics_ptr + 5, tl.where(count > 0, tl.min(lo, axis=0), 0.0).to(out))
-    tl.store(metrics_ptr + 6, tl.where(count > 0, tl.max(hi, axis=0), 0.0).to(out))
-    tl.store(metrics_ptr + 7, count.to(out))
-    for k in tl.static_range(5):  # non-finite counts
-        tl.store(metrics_ptr + 8 + k, _slot(sums, cols, 9 + k).to(out))
+    for k in tl.static_range(CLIP_LOW, RATIO + 1):  # sums -> means over the valid tokens
+        tl.store(metrics_ptr + k, (_slot(sums, cols, k) / n).to(out))
+    tl.store(metrics_ptr + RATIO_MIN, tl.where(count > 0, tl.min(lo, axis=0), 0.0).to(out))
+    tl.store(metrics_ptr + RATIO_MAX, tl.where(count > 0, tl.max(hi, axis=0), 0.0).to(out))
+    tl.store(metrics_ptr + COUNT, count.to(out))
+    for k in tl.static_range(NONFINITE_LOGP, NONFINITE_ROLLOUT + 1):  # counts, as they are
+        tl.store(metrics_ptr + k, _slot(sums, cols, k).to(out))
 
 
 # Bytes moved per token (b = bytes per input element): forward reads logp, old_logp, ref_logp,
@@ -336,8 +358,9 @@ def policy_loss_triton(
 
 
 def reduce_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The stats vector of policy_loss_torch from the kernel's rows (for the torch finalization)."""
-    stats = partials.sum(0, dtype=torch.float64)
+    """The stats vector of policy_loss_torch from the kernel's rows (for the torch finalization):
+    sums of the slots in use, min / max of the ratio's."""
+    stats = partials[:, :NUM_METRICS].sum(0, dtype=torch.float64)
     stats[RATIO_MIN] = partials[:, RATIO_MIN].min()
     stats[RATIO_MAX] = partials[:, RATIO_MAX].max()
     return stats.to(dtype)
@@ -346,11 +369,11 @@ def reduce_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def finalize_triton(
     partials, counts, cfg, num_tokens, num_seqs, max_len, dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [], 1 / D [], metrics [13]) in one launch; the counts are numbers or None."""
+    """(loss [], 1 / D [], metrics [NUM_METRICS]) in one launch; the counts are numbers or None."""
     dev = partials.device
     loss = torch.empty((), dtype=dtype, device=dev)
     inv_denom = torch.empty((), dtype=dtype, device=dev)
-    metrics = torch.empty(8 + len(CHECKED), dtype=dtype, device=dev)
+    metrics = torch.empty(NUM_METRICS, dtype=dtype, device=dev)
     _policy_loss_finalize_kernel[(1,)](
         partials, partials if counts is None else counts,
         loss, inv_denom, metrics,
