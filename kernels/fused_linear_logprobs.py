@@ -18,7 +18,8 @@ Layers: ``_lse_fwd_kernel`` / ``_grad_logits_kernel`` (Triton, one program per t
 elementwise work on a logits chunk) with cuBLAS products around them; ``_stats_torch`` /
 ``_grad_torch`` beside them (the CPU path, in place on the chunk); ``chunk_stats`` /
 ``chunk_grad`` (the per-chunk steps both fused ops share) -> ``FusedLinearLogprobsFunction`` ->
-``fused_linear_logprobs``. The float64 oracle is the materialized formula, written in the tests.
+``fused_linear_logprobs``. ``fused_linear_logprobs_ref`` at the end is the materialized formula,
+written to be read: the oracle of the tests (in float64).
 
 Choices:
 1. Entropy is returned detached, as a metric: the paper trains with no entropy bonus, and its
@@ -408,3 +409,26 @@ def fused_linear_logprobs(
         h2, weight.contiguous(), bias, t1, float(temperature), return_entropy, backend, rows
     )
     return logp.view(lead), (ent.view(lead) if ent is not None else None)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def fused_linear_logprobs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula a trainer writes, materialized: all [..., V] logits in the inputs' dtype, then
+    log_softmax in float32 (float64 for float64 inputs), gather and entropy. Shapes as in
+    ``fused_linear_logprobs``; returns (logp, entropy), differentiable w.r.t. every input."""
+    z = hidden @ weight.T  # [..., V]
+    if bias is not None:
+        z = z + bias
+    z = z.to(compute_dtype(z))
+    logsm = (z / temperature).log_softmax(-1)
+    logp = logsm.gather(-1, targets.long()[..., None]).squeeze(-1)
+    return logp, -(logsm.exp() * logsm).sum(-1)

@@ -3,8 +3,10 @@
     policy_loss(logp, old_logp, advantages, mask=... | cu_seqlens=..., ...) -> PolicyLossOutput
 
 Layers: two backends with the same outputs, the Triton kernels and their launcher
-(policy_loss_triton.py) and the PyTorch path (policy_loss_torch.py: the CPU path and the spec of the
-per-token formulas) → ``PolicyLossFunction`` → ``policy_loss`` → ``PolicyLossModule``.
+(policy_loss_triton.py) and the PyTorch path (policy_loss_torch.py, the CPU path) →
+``PolicyLossFunction`` → ``policy_loss`` → ``PolicyLossModule``. The settings are a
+PolicyLossConfig (loss_config.py); the formulas are docs/design.md's ("The policy loss"), written
+out to be read in policy_loss_ref.py, the reference of the tests.
 
 The loss is linear in the upstream gradient, so the forward pass writes d(loss)/d(logp) up to the
 global denominator D, and backward only scales it by grad_output / D. Aggregation (m = mask, ℓ =
@@ -17,9 +19,9 @@ per-token loss):
 
 N_tokens, N_seqs and L_max are the caller's ``num_tokens``/``num_seqs``/``max_len`` when given
 (counts over the whole optimizer step, so summed micro-batch losses have exactly the full-batch
-gradient), else local: valid tokens, sequences with at least one valid token (an empty sequence adds
-0, never NaN), longest valid sequence. Sequences must not be split across calls (the ratio and
-1/|y_i| are per sequence).
+gradient; docs/design.md, "Global counts"), else local: valid tokens, sequences with at least one
+valid token (an empty sequence adds 0, never NaN), longest valid sequence. Sequences must not be
+split across calls (the ratio and 1/|y_i| are per sequence; docs/design.md, "Whole sequences").
 """
 
 from __future__ import annotations

@@ -1,23 +1,23 @@
-"""The clipped GRPO token loss in plain PyTorch: the CPU path of ``policy_loss`` and its spec.
+"""The clipped GRPO token loss in plain PyTorch: the CPU path of ``policy_loss``, written for speed.
 
-It computes what the Triton kernels in policy_loss_triton.py compute, with the same three outputs,
-so that both backends share one autograd.Function and one finalization:
+It is not the spec: docs/design.md ("The policy loss") states the formulas and policy_loss_ref.py
+writes them out to be read; the tests hold this path to that reference. It computes what the
+Triton kernels in policy_loss_triton.py compute, with the same three outputs, so that both
+backends share one autograd.Function and one finalization:
 
 - ``grad``: d(Σ_t c_t·loss_t)/d logp_t per token, where c_t is the token's share before the global
   denominator (1 for a valid token, or 1/|y_i| under "seq-mean-token-mean"; 0 for a masked one);
 - ``stats``: the sums the loss and its metrics are made of (the named slots below);
 - ``seq_counts``: valid tokens per sequence, for the local N_seq and L_max.
 
-Per token t of sequence i, with A the advantage (DESIGN §2):
-  log-ratio  r_t = logp_t − old_t   (0 when old_logp is None)
-  ratio      ρ_t = exp(r_t), or at sequence level (GSPO) s_i = exp(Σ_t m_t·r_t / |y_i|) for every
-             t of i; d ρ_t / d logp_t = ρ_t both ways (verl's logp − sg(logp) + sg(mean) form)
+Per token t of sequence i, with A the advantage, the gradients it forms without autograd:
+  ratio      d ρ_t / d logp_t = ρ_t, at token and at sequence level (GSPO, verl's
+             logp − sg(logp) + sg(mean) form: docs/design.md, "GSPO with rollout weights")
   pg         −ρ·A, or −clip(ρ)·A with no gradient when clipped:
              high: ρ > 1 + eps_high and A > 0;  low: ρ < 1 − eps_low and A < 0
   dual clip  A < 0 and pg > −c·A → pg = −c·A, no gradient
   rollout    w_t = min(exp(old_t − rollout_t), is_cap), detached, multiplies pg (not the KL term)
   KL         δ = logp − ref: k1 δ (d 1), k2 δ²/2 (d δ), k3 e^−δ + δ − 1 (d 1 − e^−δ)
-  loss_t     w_t·pg_t + beta·KL_t
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Comparison helpers for kernel tests (tolerances from the reference's own error).
+"""Helpers of the kernel tests: comparisons with tolerances from the reference's own error, and
+the one builder of random loss batches.
 
 The rule (flash-attention's layer-norm tests): a result computed in a low-precision path may be
 as far from the float64 reference as twice the plain-PyTorch computation in the same dtype is,
@@ -8,6 +9,11 @@ plus a floor of a few units of roundoff of the result's dtype times the data's s
 from __future__ import annotations
 
 import torch
+
+from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs_ref
+from papo_fast.kernels.loss_config import PolicyLossConfig
+from papo_fast.kernels.policy_loss import policy_loss
+from papo_fast.kernels.policy_loss_ref import aggregate_ref, policy_loss_ref, policy_loss_terms_ref
 
 # float64 against float64 (hand-computed values, the PyTorch path in float64, gradcheck-style
 # identities): the two sides differ only by float64 roundings of O(1) data over at most a few
@@ -103,3 +109,129 @@ def softmax_scale(hidden, weight, bias=None, temperature=1.0, want=None) -> floa
     z = (hidden.double() @ weight.double().T) / temperature
     z = z if bias is None else z + bias.double() / temperature
     return max(z.logsumexp(-1).abs().max().item(), data_scale(want) if want is not None else 0.0)
+
+
+# ----------------------------------------------------------------------------- loss batches
+
+
+def make_batch(
+    b: int = 5, length: int = 333, *, dtype: torch.dtype = torch.float64, per_token: bool = False,
+    seed: int = 0, lengths: list[int] | None = None, lm_head: tuple[int, int] | None = None,
+) -> dict:  # fmt: skip
+    """Fresh random padded data [B, L] for the loss tests (never zeros), from its own generator.
+
+    Keys: ``logp``, ``old``, ``ref``, ``rollout`` [B, L] (log-probs in (-3, 0) and near them:
+    ratios spread across both clip edges), ``adv`` [B] ([B, L] with ``per_token``), ``mask``
+    [B, L] bool. ``lengths``: each row's valid prefix; default random lengths in [1, L] with ~10%
+    holes (e.g. masked tool output). ``lm_head=(H, V)``: also ``hidden`` [B, L, H], ``weight``
+    [V, H], ``bias`` [V] and ``targets`` [B, L]; ``logp`` is then the head's own (float64).
+    ``dtype``: of the inputs of the op under test: every float tensor, or with ``lm_head`` the
+    head's (hidden, weight, bias; the rest stays float64).
+    """
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    out = {}
+    if lm_head is None:
+        logp = -3 * torch.rand(b, length, **f64)
+    else:
+        h, v = lm_head
+        out["hidden"] = torch.randn(b, length, h, **f64).to(dtype)
+        out["weight"] = (torch.randn(v, h, **f64) / h**0.5).to(dtype)
+        out["bias"] = (0.5 * torch.randn(v, **f64)).to(dtype)
+        out["targets"] = torch.randint(0, v, (b, length), generator=g)
+        head = (out[k].double() for k in ("hidden", "weight"))
+        logp = fused_linear_logprobs_ref(*head, out["targets"], bias=out["bias"].double())[0]
+    old = logp + 0.3 * torch.randn(b, length, **f64)
+    ref = logp + 0.2 * torch.randn(b, length, **f64)
+    rollout = old + 0.2 * torch.randn(b, length, **f64)
+    adv = torch.randn((b, length) if per_token else (b,), **f64)
+    if lengths is None:
+        lens = torch.randint(1, length + 1, (b,), generator=g)
+        mask = torch.arange(length)[None, :] < lens[:, None]
+        mask &= torch.rand(b, length, generator=g) > 0.1
+    else:
+        mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    cast = (lambda t: t) if lm_head is not None else (lambda t: t.to(dtype))
+    data = dict(logp=logp, old=old, ref=ref, rollout=rollout, adv=adv)
+    return out | {k: cast(t) for k, t in data.items()} | {"mask": mask}
+
+
+def lm_head_batch(
+    b: int = 6, length: int = 11, h: int = 12, v: int = 97, *, dtype: torch.dtype = torch.float32,
+    lengths: list[int] | None = None, seed: int = 0,
+) -> dict:  # fmt: skip
+    """``make_batch`` with an LM head [V, H]; valid lengths 11, 1, 4, 9, 7, 9 unless given."""
+    lengths = lengths or [length, 1, 4, length - 2, 7, 9][:b]
+    return make_batch(b, length, dtype=dtype, lengths=lengths, lm_head=(h, v), seed=seed)
+
+
+def pack(t: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """Padded [B, L, ...] -> packed [T, ...] of the valid tokens; per-sequence [B] passes."""
+    return t if t is None or t.dim() == 1 else t[mask]
+
+
+def cu_of(mask: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens [B + 1] of the valid tokens of ``mask`` [B, L]."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(-1).cumsum(0)])
+
+
+# ----------------------------------------------------------------------------- policy_loss runs
+
+COUNTS = ("num_tokens", "num_seqs", "max_len")
+
+
+def ours(d: dict, packed: bool = False, backend: str = "torch", **kw):
+    """policy_loss on a ``make_batch`` dict through the public API: (result, d loss / d logp),
+    the gradient laid out like the padded logp in either layout."""
+    logp = d["logp"].clone().requires_grad_()
+    m = d["mask"]
+    if packed:
+        res = policy_loss(
+            pack(logp, m), pack(d["old"], m), pack(d["adv"], m), cu_seqlens=cu_of(m),
+            ref_logp=pack(d["ref"], m), rollout_logp=pack(d["rollout"], m), backend=backend, **kw,
+        )  # fmt: skip
+    else:
+        res = policy_loss(
+            logp, d["old"], d["adv"], mask=m, ref_logp=d["ref"], rollout_logp=d["rollout"],
+            backend=backend, **kw,
+        )  # fmt: skip
+    (grad,) = torch.autograd.grad(res.loss, logp)
+    return res, grad
+
+
+def theirs(d: dict, dtype: torch.dtype = torch.float64, **kw):
+    """policy_loss_ref on the same (rounded) inputs in ``dtype``: (result, d loss / d logp)."""
+    logp = d["logp"].to(dtype).clone().requires_grad_()
+    res = policy_loss_ref(
+        logp, d["old"], d["adv"], d["mask"], ref_logp=d["ref"], rollout_logp=d["rollout"], **kw
+    )
+    (grad,) = torch.autograd.grad(res.loss, logp)
+    return res, grad
+
+
+def loss_scale(d: dict, **kw) -> float:
+    """The loss aggregated over |loss_t| in float64: the scale of its rounding error (a loss that
+    nearly cancels rounds relative to its terms, not to itself)."""
+    counts = {k: kw.pop(k) for k in COUNTS if k in kw}
+    with torch.no_grad():
+        terms = policy_loss_terms_ref(
+            d["logp"].double(), d["old"], d["adv"], d["mask"], ref_logp=d["ref"],
+            rollout_logp=d["rollout"], **kw,
+        )  # fmt: skip
+        agg = PolicyLossConfig.resolve(None, kw).agg
+        return aggregate_ref(terms.loss.abs(), d["mask"], agg, **counts).item()
+
+
+def assert_matches_reference(res, grad, d: dict, *, metrics: bool = True, **kw) -> None:
+    """Loss, gradient (and metrics) of ours against policy_loss_ref in float64, with the
+    tolerance derived from the same formula in the inputs' dtype (``assert_close_to_ref``)."""
+    kw = {k: v for k, v in kw.items() if k not in ("backend", "check_finite")}
+    dtype = d["logp"].dtype
+    want, grad64 = theirs(d, **kw)
+    same, grad_lo = theirs(d, dtype=dtype, **kw)
+    assert_close_to_ref(res.loss, want.loss, same.loss, scale=loss_scale(d, **kw), msg="loss")
+    assert_close_to_ref(grad, grad64, grad_lo, msg="grad")
+    if metrics:
+        for name in res._fields[1:]:
+            want_m, same_m = getattr(want, name).detach(), getattr(same, name).detach()
+            assert_close_to_ref(getattr(res, name), want_m, same_m, msg=name)

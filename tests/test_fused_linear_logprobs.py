@@ -1,23 +1,16 @@
-"""fused_linear_logprobs against the materialized float64 formula: logits, log_softmax, gather."""
+"""fused_linear_logprobs against fused_linear_logprobs_ref, the materialized formula (logits,
+log_softmax, gather), in float64."""
 
 import pytest
 import torch
 from helpers import assert_close_to_ref, softmax_scale
 
 import papo_fast.kernels.fused_linear_logprobs as fll
-from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs, launch_grid
-
-
-def materialized(hidden, weight, targets, bias=None, temperature=1.0):
-    """The formula a trainer writes: full logits in the inputs' dtype, softmax math in fp32+."""
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    z = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
-    logsm = (z / temperature).log_softmax(-1)
-    logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logsm.exp() * logsm).sum(-1)
-    return logp, entropy
+from papo_fast.kernels.fused_linear_logprobs import (
+    fused_linear_logprobs,
+    fused_linear_logprobs_ref,
+    launch_grid,
+)
 
 
 def make_inputs(shape, H, V, dtype, bias):
@@ -56,7 +49,7 @@ def test_fp32_matches_fp64_reference(small_chunks, backend, shape, bias, tempera
                                      return_entropy=True, backend=backend)  # fmt: skip
 
     def ref(h, w, bb):
-        return materialized(h, w, targets, bb, temperature)
+        return fused_linear_logprobs_ref(h, w, targets, bias=bb, temperature=temperature)
 
     got = grads_of(ours, hidden, weight, b, upstream)
     want = grads_of(ref, hidden.double(), weight.double(), b.double() if bias else None, upstream)
@@ -83,7 +76,7 @@ def test_bf16_within_the_reference_bf16_error(small_chunks, backend):
                                      return_entropy=True, backend=backend)  # fmt: skip
 
     def ref(h, w, bb):
-        return materialized(h, w, targets, bb, 0.9)
+        return fused_linear_logprobs_ref(h, w, targets, bias=bb, temperature=0.9)
 
     got = grads_of(ours, hidden, weight, b, upstream)
     want = grads_of(ref, hidden.double(), weight.double(), b.double(), upstream)
@@ -100,8 +93,10 @@ def test_vocab_spanning_several_triton_blocks():
     upstream = torch.randn(6, dtype=torch.float64)
     kw = dict(bias=b, temperature=1.3, return_entropy=True)
     t = fused_linear_logprobs(hidden, weight, targets, backend="triton", **kw)
-    ref = materialized(hidden.double(), weight.double(), targets, b.double(), 1.3)
-    same = materialized(hidden, weight, targets, b, 1.3)
+    ref = fused_linear_logprobs_ref(
+        hidden.double(), weight.double(), targets, bias=b.double(), temperature=1.3
+    )
+    same = fused_linear_logprobs_ref(hidden, weight, targets, bias=b, temperature=1.3)
     for got, want, s, name in zip(t, ref, same, ["logp", "entropy"], strict=True):
         assert_close_to_ref(
             got, want, s, scale=softmax_scale(hidden, weight, b, 1.3, want), msg=name
@@ -111,7 +106,7 @@ def test_vocab_spanning_several_triton_blocks():
         return fused_linear_logprobs(h, w, targets, bias=bb, temperature=1.3, backend="triton")
 
     fp32, fp64 = (hidden, weight, b), (hidden.double(), weight.double(), b.double())
-    ref_fn = lambda h, w, bb: materialized(h, w, targets, bb, 1.3)  # noqa: E731
+    ref_fn = lambda h, w, bb: fused_linear_logprobs_ref(h, w, targets, bias=bb, temperature=1.3)  # noqa: E731
     g = grads_of(ours, *fp32, upstream)
     r, s = grads_of(ref_fn, *fp64, upstream), grads_of(ref_fn, *fp32, upstream)
     for got, want, same_g, name in zip(g[2:], r[2:], s[2:], ["gh", "gw", "gb"], strict=True):
@@ -132,8 +127,8 @@ def test_float64_gradcheck(small_chunks):
 def test_int32_targets(backend):
     hidden, weight, _, targets = make_inputs((2, 5), 8, 50, torch.float32, False)
     got, _ = fused_linear_logprobs(hidden, weight, targets.int(), backend=backend)
-    want = materialized(hidden.double(), weight.double(), targets)[0]
-    same = materialized(hidden, weight, targets)[0]
+    want = fused_linear_logprobs_ref(hidden.double(), weight.double(), targets)[0]
+    same = fused_linear_logprobs_ref(hidden, weight, targets)[0]
     assert_close_to_ref(got, want, same, scale=softmax_scale(hidden, weight, want=want))
 
 
@@ -145,8 +140,8 @@ def test_no_grad_and_frozen_weight():
     logp, _ = fused_linear_logprobs(hidden, weight, targets)  # weight frozen: only grad_hidden
     logp.sum().backward()
     h64, h32 = hidden.detach().double().requires_grad_(), hidden.detach().clone().requires_grad_()
-    materialized(h64, weight.double(), targets)[0].sum().backward()
-    materialized(h32, weight, targets)[0].sum().backward()
+    fused_linear_logprobs_ref(h64, weight.double(), targets)[0].sum().backward()
+    fused_linear_logprobs_ref(h32, weight, targets)[0].sum().backward()
     assert weight.grad is None
     assert_close_to_ref(hidden.grad, h64.grad, h32.grad)
 
@@ -157,8 +152,8 @@ def test_packed_sequence_longer_than_a_grid_dimension():
     T = 70_000
     hidden, weight, _, targets = make_inputs((T,), 4, 8, torch.float32, False)
     logp, ent = fused_linear_logprobs(hidden, weight, targets, return_entropy=True)
-    ref = materialized(hidden.double(), weight.double(), targets)
-    same = materialized(hidden, weight, targets)
+    ref = fused_linear_logprobs_ref(hidden.double(), weight.double(), targets)
+    same = fused_linear_logprobs_ref(hidden, weight, targets)
     for got, want, s, name in zip((logp, ent), ref, same, ["logp", "entropy"], strict=True):
         assert_close_to_ref(got, want, s, scale=softmax_scale(hidden, weight, want=want), msg=name)
     assert launch_grid(T) == (T,)

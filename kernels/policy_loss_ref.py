@@ -1,0 +1,167 @@
+"""The policy loss written to be read: the reference that ``policy_loss`` is tested against.
+
+    policy_loss_ref(logp, old_logp, advantages, mask, ...) -> PolicyLossOutput
+
+Eager PyTorch on the padded layout, one formula a line, as docs/design.md ("The policy loss")
+states them: per-token terms (``policy_loss_terms_ref``), then the aggregation
+(``aggregate_ref``), then the metrics. Nothing here is fused, chunked or written for speed; the
+gradient is autograd's. It computes in logp's dtype (every other input is cast to it): in float64
+it is the oracle; the same formula in a lower dtype measures that dtype's own rounding, of which
+the tests' tolerances are made (docs/design.md, "Testing rules").
+
+The settings are PolicyLossConfig's, taken the way ``policy_loss`` takes them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .loss_config import PolicyLossConfig
+from .policy_loss import Count, PolicyLossOutput
+
+
+class PolicyLossTerms(NamedTuple):
+    """Each token's terms before the aggregation, all [B, L] (masked positions hold garbage)."""
+
+    loss: torch.Tensor  # w * pg + beta * KL_t; differentiable w.r.t. logp
+    ratio: torch.Tensor  # rho, or the sequence's s_i at sequence level (detached)
+    clip_low: torch.Tensor  # bool: clipped at 1 - eps_low (A < 0)
+    clip_high: torch.Tensor  # bool: clipped at 1 + eps_high (A > 0)
+    dual_clip: torch.Tensor  # bool: bounded at -c * A by the dual clip (A < 0)
+    kl: torch.Tensor  # KL_t (0 when beta == 0: ref_logp is not read), detached
+
+
+def policy_loss_terms_ref(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    config: PolicyLossConfig | None = None,
+    **settings,
+) -> PolicyLossTerms:
+    """The per-token loss and its flags; shapes and settings as in ``policy_loss_ref``."""
+    cfg = PolicyLossConfig.resolve(config, settings)
+    dtype = logp.dtype
+    m = mask.to(dtype)
+    old = logp.detach() if old_logp is None else old_logp.to(dtype)  # None: on-policy
+    a = advantages.to(dtype)
+    a = a[:, None].expand_as(logp) if a.dim() == 1 else a  # one per sequence, or per token
+
+    log_ratio = logp - old
+    if cfg.ratio_level == "sequence":  # GSPO: s_i = exp(masked mean), d s_i / d logp_t = s_i
+        seq_mean = (log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1)
+        log_ratio = logp - logp.detach() + seq_mean.detach()[:, None]
+    ratio = torch.exp(log_ratio)
+
+    lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
+    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, lo, hi))
+    r = ratio.detach()
+    clip_low, clip_high = (r < lo) & (a < 0), (r > hi) & (a > 0)
+    dual = torch.zeros_like(clip_low)
+    if cfg.dual_clip is not None:
+        dual = (a < 0) & (pg.detach() > -cfg.dual_clip * a)
+        pg = torch.where(dual, -cfg.dual_clip * a, pg)
+    if rollout_logp is not None:  # truncated importance weight, detached; not on the KL term
+        w = torch.exp(old - rollout_logp.to(dtype)).detach()
+        pg = pg * (w if cfg.is_cap is None else w.clamp(max=cfg.is_cap))
+
+    kl = torch.zeros_like(logp)
+    if cfg.uses_ref:
+        delta = logp - ref_logp.to(dtype)
+        kl = {"k1": delta, "k2": 0.5 * delta**2, "k3": torch.exp(-delta) + delta - 1}[cfg.kl]
+    loss = pg + cfg.beta * kl if cfg.uses_ref else pg
+    return PolicyLossTerms(loss, r, clip_low, clip_high, dual, kl.detach())
+
+
+def aggregate_ref(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str,
+    *,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    max_len: Count | None = None,
+) -> torch.Tensor:
+    """The aggregation of docs/design.md ("Aggregation", "Global counts") of per-token
+    ``values`` [B, L] into a 0-dim tensor. The counts default to this batch's own; with no valid
+    token at all they are 1, so that the loss is 0, not NaN."""
+    m = mask.to(values.dtype)
+    lens = m.sum(-1)  # [B] valid tokens per sequence
+    n_tok = lens.sum().clamp(min=1) if num_tokens is None else num_tokens
+    n_seq = (lens > 0).sum().clamp(min=1) if num_seqs is None else num_seqs
+    l_max = lens.max().clamp(min=1) if max_len is None else max_len
+    per_seq = (values * m).sum(-1)  # [B]
+    if agg == "token-mean":
+        return per_seq.sum() / n_tok
+    if agg == "seq-mean-token-mean":
+        return (per_seq / lens.clamp(min=1)).sum() / n_seq
+    if agg == "seq-mean-token-sum":
+        return per_seq.sum() / n_seq
+    if agg == "seq-mean-token-sum-norm":
+        return per_seq.sum() / (n_seq * l_max)
+    raise ValueError(f"agg must be one of {PolicyLossConfig.CHOICES['agg']}, got {agg!r}")
+
+
+def policy_loss_ref(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    max_len: Count | None = None,
+    config: PolicyLossConfig | None = None,
+    **settings,
+) -> PolicyLossOutput:
+    """``policy_loss`` on the padded layout, eagerly, in logp's dtype.
+
+    Args:
+        logp: [B, L] any float dtype, the dtype of every computation here; the loss is
+            differentiable w.r.t. it.
+        old_logp, ref_logp, rollout_logp: [B, L] or None, as in ``policy_loss``.
+        advantages: [B] per sequence or [B, L] per token.
+        mask: [B, L], nonzero = valid token. Masked positions must hold finite values (they are
+            multiplied by 0).
+        num_tokens, num_seqs, max_len, config, **settings: as in ``policy_loss``.
+
+    Returns:
+        PolicyLossOutput: the loss and the metrics over the valid tokens (0-dim, logp's dtype;
+        fractions and means 0 when no token is valid).
+    """
+    cfg = PolicyLossConfig.resolve(config, settings)
+    terms = policy_loss_terms_ref(
+        logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
+        config=cfg,
+    )  # fmt: skip
+    counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    loss = aggregate_ref(terms.loss, mask, cfg.agg, **counts)
+
+    dtype = logp.dtype
+    valid = mask != 0
+    n = valid.sum().to(dtype)
+    n1 = n.clamp(min=1)
+    zero = logp.new_zeros((), dtype=dtype)
+    ratio = terms.ratio[valid]  # [N_valid]
+    adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
+    read = [logp, old_logp, adv, rollout_logp, ref_logp if cfg.uses_ref else None]
+    nonfinite = sum((~torch.isfinite(t[valid])).sum() for t in read if t is not None)
+    return PolicyLossOutput(
+        loss=loss,
+        clip_frac_low=(terms.clip_low & valid).sum().to(dtype) / n1,
+        clip_frac_high=(terms.clip_high & valid).sum().to(dtype) / n1,
+        dual_clip_frac=(terms.dual_clip & valid).sum().to(dtype) / n1,
+        kl=terms.kl[valid].sum() / n1,
+        ratio_mean=ratio.sum() / n1,
+        ratio_min=ratio.min() if ratio.numel() else zero,
+        ratio_max=ratio.max() if ratio.numel() else zero,
+        num_tokens=n,
+        num_nonfinite=nonfinite.to(dtype),
+    )
