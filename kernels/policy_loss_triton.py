@@ -201,8 +201,11 @@ def _policy_loss_fwd_kernel(
     tl.store(row + COUNT, tl.sum(valid.to(tl.float32), axis=0))
     bad_lp = valid & ~(tl.abs(lp) < float("inf"))
     tl.store(row + NONFINITE_LOGP, tl.sum(bad_lp.to(tl.float32), axis=0))
-    bad_old = valid & ~(tl.abs(old) < float("inf"))
-    tl.store(row + NONFINITE_OLD, tl.sum(bad_old.to(tl.float32), axis=0))
+    if HAS_OLD:  # else old is logp, already counted
+        bad_old = valid & ~(tl.abs(old) < float("inf"))
+        tl.store(row + NONFINITE_OLD, tl.sum(bad_old.to(tl.float32), axis=0))
+    else:
+        tl.store(row + NONFINITE_OLD, 0.0)
     tl.store(row + NONFINITE_REF, tl.sum((valid & nonfinite_ref).to(tl.float32), axis=0))
     bad_adv = valid & ~(tl.abs(adv) < float("inf"))
     tl.store(row + NONFINITE_ADV, tl.sum(bad_adv.to(tl.float32), axis=0))

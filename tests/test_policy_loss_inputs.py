@@ -63,6 +63,21 @@ def test_nonfinite_inputs(backend, name):
     assert res.num_nonfinite.item() >= 1 and not torch.isfinite(res.loss)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's NaN math
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_policy_a_non_finite_logp_counts_once(backend):
+    # old_logp None: only logp is read (the ratio is exp(logp - sg(logp))), so one NaN in it is
+    # one non-finite value, as policy_loss_ref counts it, on both backends.
+    d = make_batch(b=3, length=20, dtype=torch.float32)
+    d["logp"] = d["logp"].clone()
+    d["logp"][0, 0] = float("nan")
+    d["mask"][0, 0] = True
+    d["old"] = None
+    res, _ = ours(d, backend=backend, check_finite=False)
+    want, _ = theirs(d)
+    assert res.num_nonfinite.item() == want.num_nonfinite.item() == 1
+
+
 def test_beta_zero_does_not_read_ref():
     d = make_batch(b=3, length=20)
     clean, g_clean = ours(d)
