@@ -1,6 +1,7 @@
 """PAPO advantages: segmented group normalization of rewards, in one pass.
 
-For one prompt's group of responses (DESIGN §1, the authors' released code to the last detail):
+For one prompt's group of responses (docs/design.md, "PAPO advantages": the authors' released
+code to the last detail):
 
     A_out  = (r_out - mean) / (std + eps)        over all responses of the group
     A_proc = (r_proc - mean_C) / (std_C + eps)   over the correct responses C only; 0 elsewhere
@@ -18,9 +19,11 @@ same activity rule. The paper's baselines are other ways of wiring the same norm
     mult       r_out * r_proc over all -                           -
     fullnorm   r_out over all          r_proc over all             lam
 
-Layers: ``_papo_adv_kernel`` (one program per group) -> ``_launch`` -> ``papo_advantages_torch``
-(vectorized segment reductions, the CPU path) beside it -> ``papo_advantages`` (checks, grouping,
-dispatch). No autograd: advantages are constants of the loss.
+Layers: ``_papo_adv_kernel`` (one program per group) and its launcher ``papo_advantages_triton``
+(advantages_triton.py), and ``papo_advantages_torch`` (vectorized segment reductions, the CPU
+path) beside them -> ``papo_advantages`` (checks, grouping, dispatch). No autograd: advantages are
+constants of the loss. ``papo_advantages_ref`` at the end is the per-group loop written to be read:
+the reference of the tests.
 """
 
 from __future__ import annotations
@@ -28,15 +31,23 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
 from ._backend import (
-    Slot,
     bad_values_error,
     beyond_float32,
     check_vector,
     resolve_backend,
+)
+from .advantages_triton import (
+    MIN_CORRECT,
+    N_CORRECT,
+    N_WRONG,
+    NUM_ADV_STATS,
+    PROC_ACTIVE,
+    SUM_CORRECT,
+    SUM_WRONG,
+    ZERO_ADV,
+    papo_advantages_triton,
 )
 
 # mode -> (outcome reward: None | "outcome" | "product", process members: None | "correct" | "all")
@@ -47,16 +58,6 @@ MODES: dict[str, tuple[str | None, str | None]] = {
     "mult": ("product", None),
     "fullnorm": ("outcome", "all"),
 }
-# The statistics' sums, float64: the kernel writes one row per program (summed, MIN_CORRECT by
-# min), the PyTorch path one vector.
-ZERO_ADV = Slot(0)  # responses whose advantage is exactly 0
-PROC_ACTIVE = Slot(1)  # groups whose process part is active
-N_CORRECT = Slot(2)  # correct responses
-SUM_CORRECT = Slot(3)  # sum of their advantages
-MIN_CORRECT = Slot(4)  # the smallest of them (+inf when there is none)
-N_WRONG = Slot(5)  # wrong responses
-SUM_WRONG = Slot(6)  # sum of their advantages
-NUM_ADV_STATS = 7
 
 
 class AdvantagesOutput(NamedTuple):
@@ -94,156 +95,6 @@ def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> di
         "num_groups": groups,
     }
     return {k: v.float() for k, v in stats.items()}
-
-
-# ----------------------------------------------------------------------------- Triton
-
-
-@triton.jit
-def _member_tile(
-    X, PERM, MEMBER, i, end, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr
-):
-    """X (fp32) and the member mask of the BLOCK responses from sorted position i (0 elsewhere)."""
-    offs = i + tl.arange(0, BLOCK)
-    inb = offs < end
-    idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
-    m = inb if ALL_MEMBERS else inb & (tl.load(MEMBER + idx, mask=inb, other=0) != 0)
-    return tl.load(X + idx, mask=m, other=0.0).to(tl.float32), m
-
-
-@triton.jit
-def _segment_norm(
-    X, PERM, MEMBER, start, end, eps,
-    BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr,
-    SCALE_BY_STD: tl.constexpr,
-):  # fmt: skip
-    """How to normalize X over the members of one group, in fp32: (s, mean_y, mul, active), so
-    that a member's value is (x / s - mean_y) * mul.
-
-    Group-scaled (three passes over the group, cached): s is the power of two at or below the
-    members' largest |x|, so y = x / s is exact and |y| < 2, and neither the sum nor the squares
-    of y can overflow; mean and std of x are s times those of y. Squaring raw rewards would
-    overflow float32 from |x| ~ 1e19. mul = 1 / (std_y + eps / s) (scale by std) or s (centre).
-    """
-    n = 0.0
-    max_abs = 0.0
-    for i in range(start, end, BLOCK):
-        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
-        n += tl.sum(m.to(tl.float32), axis=0)
-        max_abs = tl.maximum(max_abs, tl.max(tl.abs(x), axis=0))
-    # the exponent bits of max |x| (2^e <= max |x|), at least the smallest normal 2^-126
-    s = (max_abs.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    s = tl.maximum(s, 1.1754943508222875e-38)
-    total = 0.0
-    for i in range(start, end, BLOCK):
-        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
-        total += tl.sum(x / s, axis=0)
-    mean_y = total / tl.maximum(n, 1.0)
-    ss = 0.0
-    for i in range(start, end, BLOCK):
-        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
-        d = tl.where(m, x / s - mean_y, 0.0)
-        ss += tl.sum(d * d, axis=0)
-    std_y = tl.sqrt(ss / tl.maximum(n - 1.0, 1.0))
-    active = (n >= 2.0) & (std_y * s > eps)  # std > eps; an overflow to inf still compares right
-    mul = 1.0 / (std_y + eps / s) if SCALE_BY_STD else s
-    return s, mean_y, mul, active
-
-
-@triton.heuristics({"HAS_PERM": lambda args: args["PERM"] is not None})
-@triton.jit
-def _papo_adv_kernel(
-    # inputs in the caller's order; PERM (optional) lists them group by group
-    OUT_REWARD, PROC_REWARD, CORRECT, PERM, OFFSETS,
-    # outputs in the caller's order, and one row of NUM_ADV_STATS partial statistics per program
-    ADV, ADV_OUT, ADV_PROC, STATS,
-    # constants
-    lam, eps,
-    BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, OUT_PART: tl.constexpr,
-    PROC_PART: tl.constexpr, PROC_ALL: tl.constexpr, SCALE_BY_STD: tl.constexpr,
-    NUM_STATS: tl.constexpr,
-):  # fmt: skip
-    g = tl.program_id(0).to(tl.int64)
-    start = tl.load(OFFSETS + g).to(tl.int64)
-    end = tl.load(OFFSETS + g + 1).to(tl.int64)
-    n_zero = 0.0
-    proc_active = 0.0
-    n_c = 0.0
-    sum_c = tl.full([], 0.0, tl.float64)  # sums of advantages in float64: centred ones (no
-    min_c = float("inf")  # division by std) may sum past float32 even when each fits
-    n_w = 0.0
-    sum_w = tl.full([], 0.0, tl.float64)
-    if start < end:  # with group ids the grid is only a bound on the number of groups
-        if OUT_PART:
-            o_s, o_mean, o_mul, o_act = _segment_norm(
-                OUT_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, True, SCALE_BY_STD
-            )
-        if PROC_PART:
-            p_s, p_mean, p_mul, p_act = _segment_norm(
-                PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL,
-                SCALE_BY_STD,
-            )  # fmt: skip
-            proc_active = p_act.to(tl.float32)
-        for i in range(start, end, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
-            inb = offs < end
-            idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
-            corr = inb & (tl.load(CORRECT + idx, mask=inb, other=0) != 0)
-            a_out = tl.zeros([BLOCK], dtype=tl.float32)
-            a_proc = tl.zeros([BLOCK], dtype=tl.float32)
-            if OUT_PART:
-                a_out = tl.load(OUT_REWARD + idx, mask=inb, other=0.0).to(tl.float32)
-                a_out = tl.where(o_act, (a_out / o_s - o_mean) * o_mul, 0.0)
-            if PROC_PART:
-                a_proc = tl.load(PROC_REWARD + idx, mask=inb, other=0.0).to(tl.float32)
-                a_proc = tl.where(p_act, (a_proc / p_s - p_mean) * p_mul, 0.0)
-                a_proc = tl.where(inb if PROC_ALL else corr, a_proc, 0.0)
-            adv = a_out + lam * a_proc
-            tl.store(ADV + idx, adv, mask=inb)
-            tl.store(ADV_OUT + idx, a_out, mask=inb)
-            tl.store(ADV_PROC + idx, a_proc, mask=inb)
-            wrong = inb & ~corr
-            n_zero += tl.sum((inb & (adv == 0.0)).to(tl.float32), axis=0)
-            n_c += tl.sum(corr.to(tl.float32), axis=0)
-            sum_c += tl.sum(tl.where(corr, adv, 0.0).to(tl.float64), axis=0)
-            min_c = tl.minimum(min_c, tl.min(tl.where(corr, adv, float("inf")), axis=0))
-            n_w += tl.sum(wrong.to(tl.float32), axis=0)
-            sum_w += tl.sum(tl.where(wrong, adv, 0.0).to(tl.float64), axis=0)
-    # statistics of the same pass, one row per program (no atomics: deterministic, no contention)
-    row = STATS + g * NUM_STATS
-    tl.store(row + ZERO_ADV, n_zero)
-    tl.store(row + PROC_ACTIVE, proc_active)
-    tl.store(row + N_CORRECT, n_c)
-    tl.store(row + SUM_CORRECT, sum_c)
-    tl.store(row + MIN_CORRECT, min_c)
-    tl.store(row + N_WRONG, n_w)
-    tl.store(row + SUM_WRONG, sum_w)
-
-
-def _launch(out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_std):
-    """One program per group slot; returns the three [N] outputs and the [NUM_ADV_STATS] sums.
-
-    Bytes: reads rewards, flags and perm (~3 passes over each group, cached), writes 3 x 4 x N.
-    """
-    n = correct.numel()
-    num_programs = offsets.numel() - 1
-    adv, adv_out, adv_proc = (
-        torch.empty(n, dtype=torch.float32, device=correct.device) for _ in range(3)
-    )
-    partials = torch.empty(num_programs, NUM_ADV_STATS, dtype=torch.float64, device=correct.device)
-    # groups of ~8 are the norm; larger groups loop over BLOCK-wide tiles
-    block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
-    _papo_adv_kernel[(num_programs,)](
-        out_r, proc_r, correct, perm, offsets,
-        adv, adv_out, adv_proc, partials,
-        lam, eps,
-        BLOCK=block, OUT_PART=out_r is not None, PROC_PART=proc_r is not None,
-        PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, NUM_STATS=NUM_ADV_STATS,
-        num_warps=1 if block <= 128 else 4,
-    )  # fmt: skip
-    stats = partials.sum(0)
-    stats[MIN_CORRECT] = partials[:, MIN_CORRECT].amin()
-    return adv, adv_out, adv_proc, stats
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -464,7 +315,7 @@ def papo_advantages(
     lam = 1.0 if mode == "prm" else float(lam)
     correct = correct.contiguous()
     if which == "triton" and n > 0:
-        adv, adv_out, adv_proc, sums = _launch(
+        adv, adv_out, adv_proc, sums = papo_advantages_triton(
             out_r.contiguous() if out_r is not None else None,
             proc_r.contiguous() if proc_r is not None else None,
             correct, perm, offsets, lam, eps, proc_all, scale_by_std,
@@ -507,3 +358,75 @@ def token_advantages(
     if bool((lengths < 0).any()) or int(cu_seqlens[0]) != 0:
         raise ValueError("cu_seqlens must start at 0 and never decrease")
     return torch.repeat_interleave(advantages, lengths)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _group_norm_ref(x: torch.Tensor, members: list[int], eps: float, scale_by_std: bool):
+    """The released code's normalization of x[members]: (values, active); inactive: zeros."""
+    vals = x[members]
+    if len(members) < 2:
+        return torch.zeros_like(vals), False
+    mean, std = vals.mean(), vals.std()  # torch.std is the unbiased (N - 1) estimator
+    if std <= eps:
+        return torch.zeros_like(vals), False
+    return ((vals - mean) / (std + eps) if scale_by_std else vals - mean), True
+
+
+def papo_advantages_ref(
+    outcome: torch.Tensor,
+    process: torch.Tensor | None = None,
+    *,
+    group_ids: torch.Tensor | None = None,
+    group_offsets: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None,
+    mode: str = "papo",
+    lam: float = 1.0,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> AdvantagesOutput:
+    """``papo_advantages`` as the released training code computes it: a loop over the groups, a
+    mean and an unbiased std per group and part, in ``dtype`` (float64: the reference; float32:
+    that dtype's own rounding, of which the tests' tolerances are made).
+
+    Arguments as in ``papo_advantages`` (not checked). Returns the three [N] tensors in ``dtype``
+    and the statistics as 0-dim float64 tensors, computed from them (NaN where undefined).
+    """
+    out_kind, proc_kind = MODES[mode]
+    if group_ids is None:
+        sizes = group_offsets.diff().cpu()
+        group_ids = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    groups: dict[int, list[int]] = {}  # group id -> its responses, in the caller's order
+    for i, g in enumerate(group_ids.tolist()):
+        groups.setdefault(g, []).append(i)
+    correct = (outcome == 1) if correct is None else correct
+    correct = correct.cpu()
+    out = outcome.cpu().to(dtype)
+    proc = None if process is None else process.cpu().to(dtype)
+    if out_kind == "product":
+        out = out * proc
+    adv_out, adv_proc = torch.zeros_like(out), torch.zeros_like(out)
+    active_groups = 0
+    for members in groups.values():
+        if out_kind is not None:
+            adv_out[members] = _group_norm_ref(out, members, eps, scale_by_std)[0]
+        if proc_kind is not None:
+            norm_over = members if proc_kind == "all" else [i for i in members if correct[i]]
+            a_proc, active = _group_norm_ref(proc, norm_over, eps, scale_by_std)
+            adv_proc[norm_over] = a_proc
+            active_groups += active
+    adv = adv_out + (1.0 if mode == "prm" else lam) * adv_proc
+
+    a64, nan = adv.double(), torch.tensor(float("nan"), dtype=torch.float64)
+    c, w = a64[correct], a64[~correct]
+    stats = {
+        "zero_adv_frac": (adv == 0).sum().double() / max(adv.numel(), 1),
+        "proc_active_frac": torch.tensor(active_groups / len(groups)) if groups else nan,
+        "correct_adv_min": c.min() if c.numel() else nan,
+        "correct_adv_mean": c.mean() if c.numel() else nan,
+        "wrong_adv_mean": w.mean() if w.numel() else nan,
+        "num_groups": torch.tensor(float(len(groups)), dtype=torch.float64),
+    }
+    return AdvantagesOutput(adv, adv_out, adv_proc, {k: v.double() for k, v in stats.items()})

@@ -1,0 +1,176 @@
+"""PAPO advantages in Triton: the CUDA path of ``papo_advantages`` (kernel + launcher).
+
+One program per group: ``_segment_norm`` finds how to normalize each part over the group's
+members (``_member_tile`` loads a tile of them, through PERM when group ids were sorted), then one
+pass writes the advantages and a row of statistics per program, in the named slots below (no
+atomics: deterministic). The formulas are advantages.py's (its module docstring and
+``papo_advantages_ref``); math in float32, sums of advantages in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import Slot
+
+# The statistics' sums, float64: the kernel writes one row per program (summed, MIN_CORRECT by
+# min), the PyTorch path one vector.
+ZERO_ADV = Slot(0)  # responses whose advantage is exactly 0
+PROC_ACTIVE = Slot(1)  # groups whose process part is active
+N_CORRECT = Slot(2)  # correct responses
+SUM_CORRECT = Slot(3)  # sum of their advantages
+MIN_CORRECT = Slot(4)  # the smallest of them (+inf when there is none)
+N_WRONG = Slot(5)  # wrong responses
+SUM_WRONG = Slot(6)  # sum of their advantages
+NUM_ADV_STATS = 7
+
+
+@triton.jit
+def _member_tile(
+    X, PERM, MEMBER, i, end, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr
+):
+    """X (fp32) and the member mask of the BLOCK responses from sorted position i (0 elsewhere)."""
+    offs = i + tl.arange(0, BLOCK)
+    inb = offs < end
+    idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
+    m = inb if ALL_MEMBERS else inb & (tl.load(MEMBER + idx, mask=inb, other=0) != 0)
+    return tl.load(X + idx, mask=m, other=0.0).to(tl.float32), m
+
+
+@triton.jit
+def _segment_norm(
+    X, PERM, MEMBER, start, end, eps,
+    BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr,
+    SCALE_BY_STD: tl.constexpr,
+):  # fmt: skip
+    """How to normalize X over the members of one group, in fp32: (s, mean_y, mul, active), so
+    that a member's value is (x / s - mean_y) * mul.
+
+    Group-scaled (three passes over the group, cached): s is the power of two at or below the
+    members' largest |x|, so y = x / s is exact and |y| < 2, and neither the sum nor the squares
+    of y can overflow; mean and std of x are s times those of y. Squaring raw rewards would
+    overflow float32 from |x| ~ 1e19. mul = 1 / (std_y + eps / s) (scale by std) or s (centre).
+    """
+    n = 0.0
+    max_abs = 0.0
+    for i in range(start, end, BLOCK):
+        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
+        n += tl.sum(m.to(tl.float32), axis=0)
+        max_abs = tl.maximum(max_abs, tl.max(tl.abs(x), axis=0))
+    # the exponent bits of max |x| (2^e <= max |x|), at least the smallest normal 2^-126
+    s = (max_abs.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    s = tl.maximum(s, 1.1754943508222875e-38)
+    total = 0.0
+    for i in range(start, end, BLOCK):
+        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
+        total += tl.sum(x / s, axis=0)
+    mean_y = total / tl.maximum(n, 1.0)
+    ss = 0.0
+    for i in range(start, end, BLOCK):
+        x, m = _member_tile(X, PERM, MEMBER, i, end, BLOCK, HAS_PERM, ALL_MEMBERS)
+        d = tl.where(m, x / s - mean_y, 0.0)
+        ss += tl.sum(d * d, axis=0)
+    std_y = tl.sqrt(ss / tl.maximum(n - 1.0, 1.0))
+    active = (n >= 2.0) & (std_y * s > eps)  # std > eps; an overflow to inf still compares right
+    mul = 1.0 / (std_y + eps / s) if SCALE_BY_STD else s
+    return s, mean_y, mul, active
+
+
+@triton.heuristics({"HAS_PERM": lambda args: args["PERM"] is not None})
+@triton.jit
+def _papo_adv_kernel(
+    # inputs in the caller's order; PERM (optional) lists them group by group
+    OUT_REWARD, PROC_REWARD, CORRECT, PERM, OFFSETS,
+    # outputs in the caller's order, and one row of NUM_ADV_STATS partial statistics per program
+    ADV, ADV_OUT, ADV_PROC, STATS,
+    # constants
+    lam, eps,
+    BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, OUT_PART: tl.constexpr,
+    PROC_PART: tl.constexpr, PROC_ALL: tl.constexpr, SCALE_BY_STD: tl.constexpr,
+    NUM_STATS: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0).to(tl.int64)
+    start = tl.load(OFFSETS + g).to(tl.int64)
+    end = tl.load(OFFSETS + g + 1).to(tl.int64)
+    n_zero = 0.0
+    proc_active = 0.0
+    n_c = 0.0
+    sum_c = tl.full([], 0.0, tl.float64)  # sums of advantages in float64: centred ones (no
+    min_c = float("inf")  # division by std) may sum past float32 even when each fits
+    n_w = 0.0
+    sum_w = tl.full([], 0.0, tl.float64)
+    if start < end:  # with group ids the grid is only a bound on the number of groups
+        if OUT_PART:
+            o_s, o_mean, o_mul, o_act = _segment_norm(
+                OUT_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, True, SCALE_BY_STD
+            )
+        if PROC_PART:
+            p_s, p_mean, p_mul, p_act = _segment_norm(
+                PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL,
+                SCALE_BY_STD,
+            )  # fmt: skip
+            proc_active = p_act.to(tl.float32)
+        for i in range(start, end, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            inb = offs < end
+            idx = tl.load(PERM + offs, mask=inb, other=0) if HAS_PERM else offs
+            corr = inb & (tl.load(CORRECT + idx, mask=inb, other=0) != 0)
+            a_out = tl.zeros([BLOCK], dtype=tl.float32)
+            a_proc = tl.zeros([BLOCK], dtype=tl.float32)
+            if OUT_PART:
+                a_out = tl.load(OUT_REWARD + idx, mask=inb, other=0.0).to(tl.float32)
+                a_out = tl.where(o_act, (a_out / o_s - o_mean) * o_mul, 0.0)
+            if PROC_PART:
+                a_proc = tl.load(PROC_REWARD + idx, mask=inb, other=0.0).to(tl.float32)
+                a_proc = tl.where(p_act, (a_proc / p_s - p_mean) * p_mul, 0.0)
+                a_proc = tl.where(inb if PROC_ALL else corr, a_proc, 0.0)
+            adv = a_out + lam * a_proc
+            tl.store(ADV + idx, adv, mask=inb)
+            tl.store(ADV_OUT + idx, a_out, mask=inb)
+            tl.store(ADV_PROC + idx, a_proc, mask=inb)
+            wrong = inb & ~corr
+            n_zero += tl.sum((inb & (adv == 0.0)).to(tl.float32), axis=0)
+            n_c += tl.sum(corr.to(tl.float32), axis=0)
+            sum_c += tl.sum(tl.where(corr, adv, 0.0).to(tl.float64), axis=0)
+            min_c = tl.minimum(min_c, tl.min(tl.where(corr, adv, float("inf")), axis=0))
+            n_w += tl.sum(wrong.to(tl.float32), axis=0)
+            sum_w += tl.sum(tl.where(wrong, adv, 0.0).to(tl.float64), axis=0)
+    # statistics of the same pass, one row per program (no atomics: deterministic, no contention)
+    row = STATS + g * NUM_STATS
+    tl.store(row + ZERO_ADV, n_zero)
+    tl.store(row + PROC_ACTIVE, proc_active)
+    tl.store(row + N_CORRECT, n_c)
+    tl.store(row + SUM_CORRECT, sum_c)
+    tl.store(row + MIN_CORRECT, min_c)
+    tl.store(row + N_WRONG, n_w)
+    tl.store(row + SUM_WRONG, sum_w)
+
+
+def papo_advantages_triton(
+    out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_std
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One program per group slot; returns the three [N] outputs and the [NUM_ADV_STATS] sums.
+
+    Bytes: reads rewards, flags and perm (~3 passes over each group, cached), writes 3 x 4 x N.
+    """
+    n = correct.numel()
+    num_programs = offsets.numel() - 1
+    adv, adv_out, adv_proc = (
+        torch.empty(n, dtype=torch.float32, device=correct.device) for _ in range(3)
+    )
+    partials = torch.empty(num_programs, NUM_ADV_STATS, dtype=torch.float64, device=correct.device)
+    # groups of ~8 are the norm; larger groups loop over BLOCK-wide tiles
+    block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
+    _papo_adv_kernel[(num_programs,)](
+        out_r, proc_r, correct, perm, offsets,
+        adv, adv_out, adv_proc, partials,
+        lam, eps,
+        BLOCK=block, OUT_PART=out_r is not None, PROC_PART=proc_r is not None,
+        PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, NUM_STATS=NUM_ADV_STATS,
+        num_warps=1 if block <= 128 else 4,
+    )  # fmt: skip
+    stats = partials.sum(0)
+    stats[MIN_CORRECT] = partials[:, MIN_CORRECT].amin()
+    return adv, adv_out, adv_proc, stats
