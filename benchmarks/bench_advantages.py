@@ -1,7 +1,8 @@
 """papo_advantages against the released training code's per-group Python loop.
 
-The baseline is reimplemented from the released code's semantics (DESIGN §1): a Python loop over
-groups, torch mean / unbiased std per group, and a host-side comparison with eps per group.
+The baseline is reimplemented from the released code's semantics (docs/design.md, "PAPO
+advantages"): a Python loop over groups, torch mean / unbiased std per group, and a host-side
+comparison with eps per group.
 """
 
 from collections import defaultdict

@@ -30,7 +30,7 @@ from conftest import device, sync
 from papo_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss
 from papo_fast.kernels.policy_loss import policy_loss
 
-SIZES = [(8, 512, 512, 32000)]  # (B, L, H, V): T = 4096 tokens, the reference point
+SIZES = [(8, 512, 512, 32000)]  # (B, L, H, V): T = 4096 tokens, the CPU point of BENCHMARKS.md
 if torch.cuda.is_available():
     SIZES.append((16, 1024, 4096, 151936))  # T = 16k tokens, Qwen's vocabulary, in bf16
 SMOKE_SIZES = [(2, 8, 16, 64)]

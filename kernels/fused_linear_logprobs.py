@@ -22,14 +22,17 @@ elementwise work on a logits chunk) with cuBLAS products around them; ``_stats_t
 written to be read: the oracle of the tests (in float64).
 
 Choices:
-1. Entropy is returned detached, as a metric: the paper trains with no entropy bonus, and its
-   gradient would need a second reduction over the vocabulary in the backward.
-2. Temperature and bias go into the product (addmm's alpha/beta), so the kernels see final logits.
-3. Math and accumulators are fp32 (fp64 for fp64 inputs); the products run in the inputs' dtype,
-   as the materialized bf16 formula does. grad_weight and grad_bias accumulate in fp32.
-4. The GPU path keeps the products in cuBLAS and moves only the elementwise softmax work into
-   Triton (one read of the chunk for the statistics, one read-write for the gradient). A tl.dot
-   kernel that fuses the product was not measured: no GPU was available when this was written.
+1. **Entropy as a metric.** Entropy is returned detached: the paper trains with no entropy bonus,
+   and its gradient would need a second reduction over the vocabulary in the backward.
+2. **Scaled in the product.** Temperature and bias go into the product (addmm's alpha/beta), so
+   the kernels see final logits.
+3. **fp32 math.** Math and accumulators are fp32 (fp64 for fp64 inputs); the products run in the
+   inputs' dtype, as the materialized bf16 formula does. grad_weight and grad_bias accumulate in
+   fp32.
+4. **Products in cuBLAS.** The GPU path keeps the products in cuBLAS and moves only the
+   elementwise softmax work into Triton (one read of the chunk for the statistics, one read-write
+   for the gradient). A tl.dot kernel that fuses the product was not measured: no GPU was
+   available when this was written.
 """
 
 from __future__ import annotations

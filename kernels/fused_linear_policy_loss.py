@@ -10,7 +10,8 @@ during the forward pass (liger-kernel's trick): for each chunk of WHOLE sequence
 
     z = chunk logits               -> lse, logp (and entropy): fused_linear_logprobs' chunk steps
     policy_loss(logp_chunk, ...)   with the GLOBAL num_tokens/num_seqs/max_len, so that the chunk's
-                                   loss and gradient are exactly its share of the batch's (issue 3)
+                                   loss and gradient are exactly its share of the batch's
+                                   (docs/design.md, "Global counts")
     grad_logp = autograd.grad(...) -> grad_logits = (onehot - softmax) * grad_logp / temperature,
                                    in place in the chunk's buffer (the forward's exp is reused)
     grad_hidden[chunk] = grad_logits @ W;  grad_W += grad_logits.T @ h;  grad_b += sum(grad_logits)
@@ -59,13 +60,9 @@ from .policy_loss import (
     valid_count,
 )
 
+_EXTRAS = [("logp", "torch.Tensor"), ("entropy", "torch.Tensor")]  # after PolicyLossOutput's
 FusedPolicyLossOutput = NamedTuple(
-    "FusedPolicyLossOutput",
-    [
-        *PolicyLossOutput.__annotations__.items(),
-        ("logp", "torch.Tensor"),
-        ("entropy", "torch.Tensor"),
-    ],
+    "FusedPolicyLossOutput", [*PolicyLossOutput.__annotations__.items(), *_EXTRAS]
 )
 FusedPolicyLossOutput.__doc__ = """PolicyLossOutput's fields, then ``logp`` and ``entropy``.
 

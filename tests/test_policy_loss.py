@@ -144,9 +144,10 @@ def test_hand_sequence_ratio():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gspo_gradient_per_token_follows_the_rollout_weights(backend):
-    # GSPO with per-token rollout weights, verl's choice: each token's gradient is its share
-    # w_t * (-A_i) * s_i of the sequence's, not the exact derivative of the returned loss (TRL,
-    # liger: uniform over the sequence's tokens, s_i * sum_u w_u / |y_i| each).
+    # GSPO with per-token rollout weights (docs/design.md, "GSPO with rollout weights"), as verl
+    # does it: each token's gradient is its share w_t * (-A_i) * s_i of the sequence's, not the
+    # exact derivative of the returned loss (TRL, liger: uniform over the sequence's tokens,
+    # s_i * sum_u w_u / |y_i| each).
     # Sequence 0: log-ratios [0.1, -0.2, 0.04] -> s_0 = exp(-0.02) = 0.9802, A = -1, w = [.5, 1, 2].
     # Sequence 1: log-ratios [0.05, -0.05] (and a padded slot) -> s_1 = 1, A = 0.5, w = [1, 4].
     # Both unclipped (0.8 < s < 1.28); token-mean over 5 tokens:
