@@ -43,7 +43,7 @@ def released_loop(outcome, process, correct, index, eps=1e-6, lam=1.0):
     return adv
 
 
-def make_batch(num_groups: int, dev):
+def make_rewards(num_groups: int, dev):
     n = num_groups * GROUP
     gen = torch.Generator().manual_seed(num_groups)
     outcome = (torch.rand(n, generator=gen) < 0.6).float()
@@ -60,7 +60,7 @@ def _record(benchmark, num_groups):
 
 @pytest.mark.benchmark(group="advantages")
 def test_papo_fast(benchmark, size):
-    outcome, process, ids = make_batch(size, device())
+    outcome, process, ids = make_rewards(size, device())
     _record(benchmark, size)
 
     def run():
@@ -75,7 +75,7 @@ def test_papo_fast(benchmark, size):
 
 @pytest.mark.benchmark(group="advantages")
 def test_released_loop(benchmark, size):
-    outcome, process, ids = make_batch(size, device())
+    outcome, process, ids = make_rewards(size, device())
     _record(benchmark, size)
     correct = outcome == 1
     index = ids.tolist()

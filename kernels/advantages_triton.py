@@ -151,7 +151,8 @@ def _papo_adv_kernel(
 def papo_advantages_triton(
     out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_std
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One program per group slot; returns the three [N] outputs and the [NUM_ADV_STATS] sums.
+    """One program per group slot; returns the three [N] float32 outputs and the [NUM_ADV_STATS]
+    float64 sums, on the inputs' device.
 
     Bytes: reads rewards, flags and perm (~3 passes over each group, cached), writes 3 x 4 x N.
     """

@@ -427,7 +427,8 @@ def fused_linear_logprobs_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The formula a trainer writes, materialized: all [..., V] logits in the inputs' dtype, then
     log_softmax in float32 (float64 for float64 inputs), gather and entropy. Shapes as in
-    ``fused_linear_logprobs``; returns (logp, entropy), differentiable w.r.t. every input."""
+    ``fused_linear_logprobs``; returns (logp, entropy), each [T] or [B, L] in float32 (float64
+    for float64 inputs), differentiable w.r.t. hidden, weight and bias."""
     z = hidden @ weight.T  # [..., V]
     if bias is not None:
         z = z + bias

@@ -44,7 +44,8 @@ def policy_loss_terms_ref(
     config: PolicyLossConfig | None = None,
     **settings,
 ) -> PolicyLossTerms:
-    """The per-token loss and its flags; shapes and settings as in ``policy_loss_ref``."""
+    """The per-token loss [B, L] in logp's dtype, and its flags [B, L] bool; arguments as in
+    ``policy_loss_ref``."""
     cfg = PolicyLossConfig.resolve(config, settings)
     dtype = logp.dtype
     m = mask.to(dtype)
@@ -88,8 +89,9 @@ def aggregate_ref(
     max_len: Count | None = None,
 ) -> torch.Tensor:
     """The aggregation of docs/design.md ("Aggregation", "Global counts") of per-token
-    ``values`` [B, L] into a 0-dim tensor. The counts default to this batch's own; with no valid
-    token at all they are 1, so that the loss is 0, not NaN."""
+    ``values`` [B, L] (any float dtype) into a 0-dim tensor of that dtype; ``mask`` [B, L]. The
+    counts default to this batch's own; with no valid token at all they are 1, so that the loss is
+    0, not NaN."""
     m = mask.to(values.dtype)
     lens = m.sum(-1)  # [B] valid tokens per sequence
     n_tok = lens.sum().clamp(min=1) if num_tokens is None else num_tokens
