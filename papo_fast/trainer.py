@@ -56,7 +56,6 @@ Choices, and where this departs from a textbook GRPO loop:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -161,9 +160,7 @@ class Trainer:
         if c.loss.beta > 0:
             self.ref, _ = load_model(c.model.ref_path or c.model.path, c, trainable=False)
         # The loss, built once from the loss: section (every setting, ratio_level included).
-        self.loss_fn = PAPOLoss(
-            **dataclasses.asdict(c.loss), temperature=c.rollout.temperature, return_entropy=True
-        )
+        self.loss_fn = PAPOLoss(c.loss, temperature=c.rollout.temperature, return_entropy=True)
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
             lr=c.optim.lr,
