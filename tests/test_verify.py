@@ -78,7 +78,7 @@ CASES = [
     (r"\boxed{x^2+2x+1}", "(x+1)^2", True),
     (r"\boxed{71}", "72", False),
     (r"\boxed{2}", r"\frac{1}{2}", False),
-    ("The answer is 72", "72", False),  # no box: wrong (rewards/verify.py, choice "Predicted answer")
+    ("The answer is 72", "72", False),  # no box: wrong (choice "Predicted answer")
     (r"<think>\boxed{72}</think>The answer is \boxed{71}", "72", False),
     (r"<think>\boxed{71}</think>The answer is \boxed{72}", "72", True),
 ]
