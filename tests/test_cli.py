@@ -101,3 +101,18 @@ def test_plot_output_in_a_missing_directory_or_onto_a_directory(tmp_path, capsys
     assert f"plot output directory not found: {png.parent}" in capsys.readouterr().err
     assert main(["plot", str(tmp_path), str(run)]) == 2
     assert f"plot output {tmp_path} is a directory; give a file name" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command():
+    """`python -m papo_fast` is the papo-fast command (torchrun -m needs a module to run)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "papo_fast", "train", "no_such_config.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "papo-fast: error: config file not found: no_such_config.yaml" in done.stderr
