@@ -354,3 +354,17 @@ def test_bad_client_setting_is_named_when_built(field, value):
         OpenAIChatBackend(
             OpenAIJudgeConfig(model="judge", **{field: value}), transport=FakeTransport([ok("")])
         )
+
+
+def test_only_network_failures_are_retried():
+    """A payload that cannot be sent (here: extra_body that is no JSON) is an error at once, not
+    an outage retried and then scored by the unreachable policy."""
+
+    def broken(url, headers, payload, timeout):
+        raise TypeError("Object of type set is not JSON serializable")
+
+    b = OpenAIChatBackend(OpenAIJudgeConfig(model="m", max_retries=3), transport=broken)
+    judge = RubricJudge(b, on_unreachable="score", unreachable_score=1.0)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        judge.score(["q"], ["r"], ["a"])
+    assert b.take_metrics()["judge_retries"] == 0

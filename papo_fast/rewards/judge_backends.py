@@ -142,7 +142,16 @@ class HttpxTransport:
         self.client = httpx.Client(limits=limits)
 
     def __call__(self, url: str, headers: dict, payload: dict, timeout: float):
-        r = self.client.post(url, headers=headers, json=payload, timeout=timeout)
+        """(status, JSON body or None). A timeout or a broken connection is an OSError
+        (TimeoutError, ConnectionError): the only failures the client retries."""
+        import httpx
+
+        try:
+            r = self.client.post(url, headers=headers, json=payload, timeout=timeout)
+        except httpx.TimeoutException as err:
+            raise TimeoutError(f"{type(err).__name__}: {err}") from None
+        except httpx.TransportError as err:
+            raise ConnectionError(f"{type(err).__name__}: {err}") from None
         try:
             return r.status_code, r.json()
         except ValueError:
@@ -238,8 +247,8 @@ class OpenAIChatBackend(JudgeBackend):
             t0 = time.perf_counter()
             try:
                 status, body = self.transport(self.url, self._headers(), payload, c.timeout)
-            except Exception:  # timeout, refused or reset connection: retried
-                continue
+            except OSError:  # timeout, refused or reset connection: retried. Anything else (a
+                continue  # payload that is no JSON, a bug) is no outage and propagates.
             finally:
                 self._count("judge_requests")
                 self._count("judge_request_s", time.perf_counter() - t0)
