@@ -168,6 +168,13 @@ class PromptSampler:
         return {"position": self.position, "seed": self.seed, "n": self.n}
 
     def load_state_dict(self, state: dict) -> None:
+        """A ValueError naming what is wrong when ``state`` is no sampler state of this data."""
+        keys = ("position", "seed", "n")
+        if not isinstance(state, dict) or not all(
+            type(state.get(k)) is int and state[k] >= 0 for k in keys
+        ):
+            shown = state if not isinstance(state, dict) else {k: state.get(k) for k in keys}
+            raise ValueError(f"not a sampler state (non-negative ints {keys}): {shown!r:.120}")
         if state["n"] != self.n:
             raise ValueError(f"checkpoint was taken on {state['n']} prompts, the data has {self.n}")
         self.position, self.seed = state["position"], state["seed"]

@@ -203,3 +203,12 @@ def test_same_field_for_problem_and_answer(tmp_path):
         _jsonl(tmp_path, ['{"x": "7"}']), DataConfig(problem_field="x", answer_field="x")
     )
     assert ds[0] == {"problem": "7", "answer": "7"}
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{}, {"position": 3, "seed": 0}, {"position": -1, "seed": 0, "n": 10}, [1, 2], None],
+)
+def test_a_damaged_sampler_state_is_a_clear_error(state):
+    with pytest.raises(ValueError, match="not a sampler state"):
+        PromptSampler(10, 0).load_state_dict(state)
