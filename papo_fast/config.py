@@ -44,6 +44,8 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
+    packed: bool = True  # micro-batches as packed sequences, no padding (packing.py); false: padded
+    gradient_checkpointing: bool = False  # recompute the trained model's activations in backward
 
 
 @dataclass
@@ -126,6 +128,7 @@ class TrainConfig:
     prompts_per_step: int = 16
     mini_batches: int = 4  # one PPO epoch split into this many optimizer steps
     micro_batch_size: int = 64  # responses per forward/backward
+    micro_batch_tokens: int = 0  # > 0: instead, whole sequences up to this many tokens per micro
     eval_every: int = 0  # 0: evaluate at the end only
     eval_prompts: int = 64
     eval_k: int = 4  # avg@k
@@ -332,6 +335,7 @@ NUMERIC_RULES: dict[str, Bounds] = {
     "train.prompts_per_step": AT_LEAST_1,
     "train.mini_batches": AT_LEAST_1,
     "train.micro_batch_size": AT_LEAST_1,
+    "train.micro_batch_tokens": AT_LEAST_0,  # 0: micro-batches of micro_batch_size rows
     "train.eval_every": AT_LEAST_0,
     "train.eval_prompts": AT_LEAST_1,
     "train.eval_k": AT_LEAST_1,

@@ -39,7 +39,8 @@ def model_device(cfg: Config) -> torch.device:
 
 def load_model(path: str, cfg: Config, trainable: bool = True, safetensors_only: bool = False):
     """A causal LM (on model.device) and its tokenizer from a local directory (a clear error when
-    it is not one). ``safetensors_only``: never unpickle weights (a checkpoint of ours)."""
+    it is not one). ``safetensors_only``: never unpickle weights (a checkpoint of ours). A
+    trainable model recomputes its activations in the backward with model.gradient_checkpointing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path or not (Path(path) / "config.json").is_file():
@@ -52,6 +53,13 @@ def load_model(path: str, cfg: Config, trainable: bool = True, safetensors_only:
     ).to(model_device(cfg))
     model.train(trainable)
     model.requires_grad_(trainable)
+    if trainable and cfg.model.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+        kwargs = {"use_reentrant": False}  # the non-reentrant form: every input's gradient flows
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, AutoTokenizer.from_pretrained(path)
 
 

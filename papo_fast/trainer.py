@@ -51,6 +51,14 @@ Choices, and where this departs from a textbook GRPO loop:
     and it is saved before the error propagates. A failure inside a step saves nothing (half an
     update is no state to resume from), nor does KeyboardInterrupt: a stop resumes from the last
     checkpoint.
+13. **Packed micro-batches.** With model.packed (the default) a micro-batch's sequences run back
+    to back in one row, position ids restarting at 0 in each and no attention mask: transformers
+    builds the block-diagonal causal mask from the position ids, no padding token is computed,
+    and the loss gets the response tokens in its packed layout (packing.py). The model is checked
+    to keep packed sequences apart before training (a ConfigError if not). With
+    train.micro_batch_tokens > 0, micro-batches take whole sequences in the mini-batch's order up
+    to that many tokens (a longer one alone); either way the loss is the same (choice "Global
+    counts"): only the speed and memory change.
 """
 
 from __future__ import annotations
@@ -77,14 +85,15 @@ from papo_fast.data import PromptSampler, load_prompts
 from papo_fast.kernels.advantages import papo_advantages
 from papo_fast.kernels.fused_linear_policy_loss import PAPOLoss
 from papo_fast.metrics import MetricsLogger, ProgressBar, read_metrics
-from papo_fast.policy import (
-    hidden_states,
-    load_model,
-    model_device,
-    pad_rollout_logprobs,
-    pad_samples,
-    sequence_logprobs,
+from papo_fast.packing import (
+    check_packed_attention,
+    micro_batch_loss,
+    micro_batches,
+    step_batch,
+    step_counts,
+    step_logprobs,
 )
+from papo_fast.policy import load_model, model_device
 from papo_fast.rewards import collect_metrics, compute_rewards, load_judge, load_verifier
 from papo_fast.rollout import Request, SamplingParams, make_backend
 
@@ -107,8 +116,11 @@ RESUMABLE = frozenset(
         "train.threads",
         "train.out_dir",
         "train.micro_batch_size",
+        "train.micro_batch_tokens",
         "model.device",
         "model.attn_implementation",
+        "model.packed",
+        "model.gradient_checkpointing",
         "rollout.batch_size",
     }
 )
@@ -159,6 +171,9 @@ class Trainer:
         self.ref = None
         if c.loss.beta > 0:
             self.ref, _ = load_model(c.model.ref_path or c.model.path, c, trainable=False)
+        for model in (self.model, self.ref) if c.model.packed else ():
+            if model is not None:  # choice "Packed micro-batches"
+                check_packed_attention(model)
         # The loss, built once from the loss: section (every setting, ratio_level included).
         self.loss_fn = PAPOLoss(c.loss, temperature=c.rollout.temperature, return_entropy=True)
         self.opt = torch.optim.AdamW(
@@ -272,22 +287,22 @@ class Trainer:
         )
         t2 = time.perf_counter()
 
-        # 3. Old (and reference) log-probs of the sampled tokens, no grad, no logits.
+        # 3. Old (and reference) log-probs of the sampled tokens, no grad, no logits; the
+        # sampler's when it reports them (choice "Rollout correction").
         dev = self.model.device
-        ids, attn, targets, mask = (t.to(dev) for t in pad_samples(samples, self.tok.pad_token_id))
-        # [N, L-1], or None without sampler log-probs (choice "Rollout correction")
-        rollout_logp = pad_rollout_logprobs(samples)
-        rollout_logp = rollout_logp.to(dev) if rollout_logp is not None else None
-        T, mb = c.rollout.temperature, c.train.micro_batch_size
+        batch = step_batch(samples, self.tok.pad_token_id, dev)
+        parts = self._micro_batches(batch, torch.arange(len(samples)))
+        T = c.rollout.temperature
         on_policy = c.train.mini_batches == 1  # one update from these samples: ratio == 1
-        old_logp = None if on_policy else sequence_logprobs(self.model, ids, attn, targets, T, mb)
-        ref_logp = sequence_logprobs(self.ref, ids, attn, targets, T, mb) if self.ref else None
+        batch = batch._replace(
+            old_logp=None if on_policy else step_logprobs(self.model, batch, parts, T),
+            ref_logp=step_logprobs(self.ref, batch, parts, T) if self.ref else None,
+            advantages=adv.advantages.to(dev),
+        )
         t3 = time.perf_counter()
 
         # 4. One PPO epoch: mini_batches optimizer steps, micro-batches with global counts.
-        upd = self._update(
-            ids, attn, targets, mask, old_logp, ref_logp, rollout_logp, adv.advantages.to(dev)
-        )
+        upd = self._update(batch)
         self.backend.sync_weights(self.model)
         t4 = time.perf_counter()
 
@@ -295,7 +310,7 @@ class Trainer:
         lengths = [len(s.response_ids) for s in samples]
         n_correct = sum(rw.correct)
         stats = {k: float(v) for k, v in adv.stats.items()}
-        gen_tokens, all_tokens = sum(lengths), int(attn.sum())
+        gen_tokens, all_tokens = sum(lengths), int(batch.attn.sum())
         return {
             "step": self.step,
             "lr": lr,
@@ -320,51 +335,31 @@ class Trainer:
             "update_tok_s": all_tokens / max(t4 - t3, 1e-9),
         }
 
-    def _update(
-        self, ids, attn, targets, mask, old_logp, ref_logp, rollout_logp, advantages
-    ) -> dict:
+    def _micro_batches(self, batch, rows):
+        t, packed = self.cfg.train, self.cfg.model.packed
+        return micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens, packed)
+
+    def _update(self, batch) -> dict:
         c = self.cfg
-        n = ids.shape[0]
         gen = torch.Generator().manual_seed(request_seed(c.train.seed, self.step, -1))
-        head = self.model.get_output_embeddings()
-        opt = lambda t, sl: None if t is None else t[sl]  # noqa: E731  (an optional input's slice)
         # Metrics stay on the device as named float64 sums, read once at the end of the step.
-        zero = torch.zeros((), dtype=torch.float64, device=ids.device)
+        zero = torch.zeros((), dtype=torch.float64, device=batch.ids.device)
         sums = dict.fromkeys(SUMMED, zero)
         w_max = zero
         norms = []
-        for minibatch in torch.randperm(n, generator=gen).chunk(c.train.mini_batches):
-            m = mask[minibatch]
-            counts = {  # over this whole optimizer step (docs/design.md, "Global counts")
-                "num_tokens": int(m.sum()),
-                "num_seqs": len(minibatch),
-                "max_len": int(m.sum(1).max()),
-            }
-            for micro in minibatch.split(c.train.micro_batch_size):
-                width = int(attn[micro].sum(1).max())  # trim the right padding of this micro
-                h = hidden_states(self.model, ids[micro, :width], attn[micro, :width])
-                sl = (micro, slice(0, width - 1))
-                out = self.loss_fn(
-                    h,
-                    head.weight,
-                    targets[sl],
-                    opt(old_logp, sl),
-                    advantages[micro],
-                    bias=head.bias,
-                    mask=mask[sl],
-                    ref_logp=opt(ref_logp, sl),
-                    rollout_logp=opt(rollout_logp, sl),
-                    **counts,
-                )
+        for minibatch in torch.randperm(len(batch.ids), generator=gen).chunk(c.train.mini_batches):
+            counts = step_counts(batch, minibatch)  # docs/design.md, "Global counts"
+            for mb in self._micro_batches(batch, minibatch):
+                out = micro_batch_loss(self.model, self.loss_fn, batch, mb, counts)
                 out.loss.backward()
                 k = out.num_tokens.double()
                 add = {key: getattr(out, key).double() * k for key in LOSS_METRICS}
-                add["entropy"] = (out.entropy * mask[sl]).sum().double()
+                add["entropy"] = mb.valid(out.entropy).sum().double()
                 add["loss"] = out.loss.detach().double()
                 add["tokens"] = k
-                if rollout_logp is not None:  # on-policy: old_logp is the loss's own logp
-                    old = old_logp[sl] if old_logp is not None else out.logp
-                    w = torch.exp(old.double() - rollout_logp[sl])[mask[sl]]  # [valid tokens]
+                if batch.rollout_logp is not None:  # on-policy: old_logp is the loss's own logp
+                    old = mb.take(batch.old_logp) if batch.old_logp is not None else out.logp
+                    w = mb.valid(torch.exp(old.double() - mb.take(batch.rollout_logp)))
                     add["is_weight"] = w.sum()
                     w_max = torch.maximum(w_max, w.max()) if w.numel() else w_max
                 sums = {key: sums[key] + add.get(key, zero) for key in SUMMED}
@@ -375,7 +370,7 @@ class Trainer:
         total = dict(zip(SUMMED, torch.stack(list(sums.values())).tolist(), strict=True))
         per_token = 1.0 / max(total["tokens"], 1.0)
         res = {key: total[key] * per_token for key in (*LOSS_METRICS, "entropy")}
-        if rollout_logp is not None:
+        if batch.rollout_logp is not None:
             res |= {"is_weight_mean": total["is_weight"] * per_token, "is_weight_max": float(w_max)}
         return {
             **res,
