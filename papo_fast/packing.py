@@ -5,13 +5,21 @@
     out = micro_batch_loss(model, loss_fn, batch, parts[0], step_counts(batch, rows))
 
 Padded: a micro-batch is its rows of the step's tables, trimmed to its longest sequence; the
-model sees an attention mask. Packed: its sequences back to back in one row [1, T], position ids
-restarting at 0 per sequence and no attention mask. transformers then builds a block-diagonal
-causal mask from the position ids (a position that does not follow its predecessor starts a new
-sequence), so no padding token is computed and no sequence attends to another;
-``check_packed_attention`` verifies that on the loaded model. Both layouts give the loss the same
-response tokens: padded as [B, W-1] with the response mask, packed as the hidden states of the
-response-target positions only, [T_resp, H] with cu_seqlens [B+1] (the loss's packed layout).
+model sees an attention mask. Packed: its sequences back to back, position ids restarting at 0 per
+sequence and no attention mask. transformers then builds a block-diagonal causal mask from the
+position ids (a position that does not follow its predecessor starts a new sequence), so no
+sequence attends to another; ``check_packed_attention`` verifies that on the loaded model. Both
+layouts give the loss the same response tokens: padded as [B, W-1] with the response mask, packed
+as the hidden states of the response-target positions only, [T_resp, H] with cu_seqlens [B+1]
+(the loss's packed layout).
+
+**Rows as long as the longest sequence.** sdpa and eager attend densely under the mask: one row
+of all T tokens would cost T^2 per head, more than the padded B * W^2 once the pack outgrows the
+longest sequence W. So the sequences fill rows of W tokens, first fit in order ([R, W], R <= B):
+attention costs at most R * W^2, and only the rows' free tails (left over by the fit, not by
+padding every sequence to W) are computed for nothing. On the demo model (hidden 64, 2 layers),
+a single row was slower than padding; these rows cut the update's time (benchmarks/
+bench_packing.py).
 
 Micro-batches are formed from whole sequences (docs/design.md, "Whole sequences") in the order
 given: ``max_rows`` rows at a time, or, with ``max_tokens`` > 0, greedily as many sequences as fit
@@ -62,9 +70,9 @@ class MicroBatch(NamedTuple):
 
     rows: torch.Tensor  # [B] indices into the step's samples
     resp: torch.Tensor  # [B, W-1] the response mask of the rows, trimmed to the longest
-    ids: torch.Tensor  # padded [B, W]; packed [1, T]
+    ids: torch.Tensor  # padded [B, W]; packed [R, W], R <= B rows of whole sequences
     attention_mask: torch.Tensor | None  # padded [B, W]; packed None
-    position_ids: torch.Tensor | None  # packed [1, T], from 0 in each sequence; padded None
+    position_ids: torch.Tensor | None  # packed [R, W], from 0 in each sequence; padded None
     select: torch.Tensor | None  # packed [T_resp]: the positions predicting a response token
     cu_seqlens: torch.Tensor | None  # packed [B+1] of the response tokens; padded None
 
@@ -95,7 +103,8 @@ class MicroBatch(NamedTuple):
         if self.cu_seqlens is None:
             return hidden_states(model, self.ids, self.attention_mask)
         out = model.base_model(input_ids=self.ids, position_ids=self.position_ids, use_cache=False)
-        return out.last_hidden_state[0, self.select]
+        h = out.last_hidden_state
+        return h.reshape(-1, h.shape[-1])[self.select]
 
 
 def micro_batch(batch: StepBatch, rows: torch.Tensor, packed: bool) -> MicroBatch:
@@ -107,14 +116,33 @@ def micro_batch(batch: StepBatch, rows: torch.Tensor, packed: bool) -> MicroBatc
     if not packed:
         return MicroBatch(rows, resp, ids, attn, None, None, None)
     keep = attn.bool()  # [B, W], a prefix of each row (right padding)
-    lens = keep.sum(1)  # [B]
-    starts = lens.cumsum(0) - lens  # [B] where each sequence begins in the pack
-    positions = torch.arange(width - 1, device=ids.device)
+    fill, starts = _pack_rows(keep.sum(1).tolist(), width)
+    dev, cols = ids.device, torch.arange(width, device=ids.device)
+    starts = torch.tensor(starts, device=dev)  # [B] where each sequence begins in the pack
+    dest = (starts[:, None] + cols)[keep]  # [T] each token's place in the pack
+    packed_ids = ids.new_zeros(len(fill) * width).index_put_((dest,), ids[keep])
+    # a row's free tail is one more sequence (positions from 0) whose outputs nobody reads
+    position_ids = cols - torch.tensor(fill, device=dev)[:, None]  # [R, W]
+    position_ids.view(-1)[dest] = (keep.cumsum(1) - 1)[keep]
     # target j of row i (= token j + 1) is predicted at position j, in the pack starts[i] + j
-    select = (starts[:, None] + positions)[resp]  # [T_resp]
-    cu = torch.cat([lens.new_zeros(1), resp.sum(1).cumsum(0)])  # [B+1]
-    position_ids = (keep.cumsum(1) - 1)[keep][None]  # [1, T]
-    return MicroBatch(rows, resp, ids[keep][None], None, position_ids, select, cu)
+    select = (starts[:, None] + cols[:-1])[resp]  # [T_resp]
+    cu = torch.cat([resp.new_zeros(1, dtype=torch.long), resp.sum(1).cumsum(0)])  # [B+1]
+    return MicroBatch(rows, resp, packed_ids.view(-1, width), None, position_ids, select, cu)
+
+
+def _pack_rows(lengths: list[int], width: int) -> tuple[list[int], list[int]]:
+    """First fit of sequences into rows of ``width`` tokens (the longest sequence): each goes
+    after the others in the first row with room. Returns each row's tokens and each sequence's
+    start in the flattened rows."""
+    fill: list[int] = []
+    starts = []
+    for n in lengths:
+        r = next((k for k, used in enumerate(fill) if used + n <= width), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        starts.append(r * width + fill[r])
+        fill[r] += n
+    return fill, starts
 
 
 def split_rows(

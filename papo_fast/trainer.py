@@ -52,9 +52,10 @@ Choices, and where this departs from a textbook GRPO loop:
     update is no state to resume from), nor does KeyboardInterrupt: a stop resumes from the last
     checkpoint.
 13. **Packed micro-batches.** With model.packed (the default) a micro-batch's sequences run back
-    to back in one row, position ids restarting at 0 in each and no attention mask: transformers
-    builds the block-diagonal causal mask from the position ids, no padding token is computed,
-    and the loss gets the response tokens in its packed layout (packing.py). The model is checked
+    to back (in rows as long as its longest sequence), position ids restarting at 0 in each and no
+    attention mask: transformers builds the block-diagonal causal mask from the position ids, next
+    to no padding is computed, and the loss gets the response tokens in its packed layout
+    (packing.py, choice "Rows as long as the longest sequence"). The model is checked
     to keep packed sequences apart before training (a ConfigError if not). With
     train.micro_batch_tokens > 0, micro-batches take whole sequences in the mini-batch's order up
     to that many tokens (a longer one alone); either way the loss is the same (choice "Global

@@ -118,7 +118,9 @@ def test_a_packed_sequence_never_attends_to_another(tok, impl):
     samples = ragged_samples(len(tok))
     batch = step_batch(samples, tok.pad_token_id)
     mb = micro_batch(batch, all_rows(batch), packed=True)
-    assert mb.position_ids.shape == mb.ids.shape == (1, sum(PROMPTS) + sum(RESPONSES))
+    longest = max(p + r for p, r in zip(PROMPTS, RESPONSES, strict=True))
+    assert mb.position_ids.shape == mb.ids.shape and mb.ids.shape[1] == longest
+    assert mb.ids.shape[0] < len(samples)  # several sequences share a row
     base = step_logprobs(model, batch, [mb], TEMPERATURE)
     for k in range(len(samples)):
         changed = list(samples)
@@ -200,7 +202,8 @@ def test_token_budget_micro_batches_sum_to_the_whole_mini_batch(tok):
     for mb in parts:
         tokens = sum(lengths[i] for i in mb.rows.tolist())
         assert tokens <= budget or len(mb.rows) == 1
-        assert mb.ids.shape == (1, tokens)  # packed: no padding at all
+        longest = max(lengths[i] for i in mb.rows.tolist())
+        assert mb.ids.shape[1] == longest and mb.ids.shape[0] <= len(mb.rows)
     one = micro_batches(batch, rows, len(rows), 0, packed=True)
     assert len(one) == 1
     want_loss, want_grad = loss_and_grads(model64, batch64, micro_batches(batch64, rows, 6, 0,
@@ -210,6 +213,26 @@ def test_token_budget_micro_batches_sum_to_the_whole_mini_batch(tok):
     scale = data_scale(batch64.advantages)  # as in the packed-vs-padded test
     assert_close_to_ref(got_loss, want_loss, same_loss, scale=scale, msg="summed loss")
     assert_close_to_ref(got_grad, want_grad, same_grad, msg="summed gradients")
+
+
+def test_packed_rows_first_fit_with_restarting_positions():
+    # sequences of 5, 9, 3, 4 and 2 tokens in rows of 9 (the longest), first fit in order:
+    # row 0 [5 | 3 | free 1], row 1 [9], row 2 [4 | 2 | free 3]; a free tail counts from 0 too
+    samples = [Sample([10 * k + j for j in range(n - 1)], [10 * k + n - 1], True)
+               for k, n in enumerate([5, 9, 3, 4, 2])]  # fmt: skip
+    batch = step_batch(samples, pad_id=99)
+    mb = micro_batch(batch, all_rows(batch), packed=True)
+    assert mb.position_ids.tolist() == [
+        [0, 1, 2, 3, 4, 0, 1, 2, 0],
+        [0, 1, 2, 3, 4, 5, 6, 7, 8],
+        [0, 1, 2, 3, 0, 1, 0, 1, 2],
+    ]
+    assert mb.ids[0, :8].tolist() == [0, 1, 2, 3, 4, 20, 21, 22]
+    assert mb.ids[2, :6].tolist() == [30, 31, 32, 33, 40, 41]
+    # each response (its last token) is predicted by the position before it, in the flat rows
+    assert mb.select.tolist() == [3, 9 + 7, 6, 18 + 2, 18 + 4]
+    assert mb.cu_seqlens.tolist() == [0, 1, 2, 3, 4, 5]
+    assert mb.take(batch.targets).tolist() == [4, 18, 22, 33, 41]
 
 
 def test_split_rows_by_rows_or_by_tokens():
