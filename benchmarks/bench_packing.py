@@ -14,9 +14,8 @@ log-uniformly between 8 and 200 tokens (many short, a long tail), 64 sequences i
 Both compute the same loss and gradients; packed skips the padding (attention and MLP of padded
 positions). Recorded: ``tokens`` (prompt + response tokens of the mini-batch), ``padding_share``
 (the share of the positions the body computes that hold no token: the rows' free tails when
-packed),
-``tokens_per_s`` and, for packed, ``x_padded`` (the padded best time over the packed one, from
-this run). One torch thread: tiny matrices run best on one (as in bench_trainer.py), and it keeps
+packed), ``tokens_per_s`` and, for packed, ``x_padded`` (the padded best time over the packed
+one, from this run). One torch thread: tiny matrices run best on one (as in bench_trainer.py), and it keeps
 the ratio free of thread scheduling noise.
 """
 
