@@ -15,8 +15,8 @@ Both compute the same loss and gradients; packed skips the padding (attention an
 positions). Recorded: ``tokens`` (prompt + response tokens of the mini-batch), ``padding_share``
 (the share of the positions the body computes that hold no token: the rows' free tails when
 packed), ``tokens_per_s`` and, for packed, ``x_padded`` (the padded best time over the packed
-one, from this run). One torch thread: tiny matrices run best on one (as in bench_trainer.py), and it keeps
-the ratio free of thread scheduling noise.
+one, from this run). One torch thread: tiny matrices run best on one (as in bench_trainer.py),
+and it keeps the ratio free of thread scheduling noise.
 """
 
 import math
