@@ -38,14 +38,6 @@ LAYOUTS = ["padded", "packed"]  # padded first: packed divides by its time
 _best: dict = {}  # (size, layout) -> best seconds in this session
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_step(size):
     """The model, the step's batch (with advantages) and the mini-batch's rows."""
     hidden, layers, n, longest, _ = size
