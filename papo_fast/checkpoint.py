@@ -4,6 +4,7 @@
     OUT/checkpoints/step_000040/   model.safetensors, config.json, tokenizer files (save_pretrained)
                                    trainer_state.pt (optimizer, RNG states, sampler, step, config)
     OUT/checkpoints/latest         the name of the last complete checkpoint, one line
+    OUT/final/                     the trained model alone (save_pretrained), when a run finishes
 
 Choices:
 1. **Atomic saves.** A save writes everything into a hidden temporary directory, renames it into
@@ -259,6 +260,25 @@ def save_checkpoint(
         raise RunDirError(_write_failure(root, name, previous, err)) from err
     _prune(root, keep)
     return root / name
+
+
+def export_model(path: str | Path, model, tokenizer) -> Path:
+    """The model and its tokenizer as a plain Hugging Face directory at ``path`` (loadable with
+    ``AutoModelForCausalLM.from_pretrained``), written aside and renamed into place (choice
+    "Atomic saves"); a failed write is a RunDirError (choice "Failed writes")."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if _disk_full(err) else f"{type(err).__name__}: {err}"
+        raise RunDirError(f"could not export the model to {path}: {why}") from err
+    return path
 
 
 # ----------------------------------------------------------------------------- loading

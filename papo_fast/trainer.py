@@ -45,7 +45,8 @@ Choices, and where this departs from a textbook GRPO loop:
     train() returns or raises (or close()): one run per train.out_dir. A new run refuses a
     directory that holds metrics or checkpoints; a resume needs a checkpoint and refuses changed
     settings that define the run (all but RESUMABLE), so config.json never lies. All of it, and
-    model.device, is checked before the model loads.
+    model.device, is checked before the model loads. A finished run also leaves the trained model
+    alone in OUT/final/, a plain Hugging Face directory.
 12. **Finished steps saved.** A step that finished is never lost: when evaluation, logging or the
     ``on_step`` hook fails with an error, the step's metrics are logged (without the evaluation)
     and it is saved before the error propagates. A failure inside a step saves nothing (half an
@@ -75,6 +76,7 @@ from papo_fast import tasks  # noqa: F401  (registers the built-in task's reward
 from papo_fast.checkpoint import (
     RunDirError,
     check_new_run,
+    export_model,
     open_run_dir,
     resume_point,
     save_checkpoint,
@@ -237,6 +239,7 @@ class Trainer:
                     if self.saved_step != self.step and not isinstance(err, RunDirError):
                         self._keep_finished_step(metrics, logged)
                     raise
+            export_model(self.out / "final", self.model, self.tok)  # the trained model alone
         finally:
             bar.close()
             self.close()

@@ -148,6 +148,24 @@ def test_full_disk_in_save_pretrained_names_the_disk(tmp_path, tiny, monkeypatch
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+def test_export_replaces_the_final_model_only_once_written(tmp_path, tiny, monkeypatch):
+    """OUT/final is replaced only by a complete export; a full disk names it and keeps the old."""
+    model, _ = tiny
+    final = checkpoint.export_model(tmp_path / "final", model, None)
+    assert (final / "model.safetensors").is_file()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(
+        ValueError, match=r"could not export the model to .*final: the disk is full"
+    ):
+        checkpoint.export_model(tmp_path / "final", model, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (final / "model.safetensors").is_file()
+
+
 def test_keep_prunes_the_oldest_by_step_number(tmp_path, tiny):
     root = tmp_path / "checkpoints"
     for step in (999_999, 1_000_000, 1_000_001):  # seven digits sort before six as text

@@ -262,3 +262,16 @@ def test_every_loss_setting_reaches_the_loss_from_yaml(assets, tmp_path):
     assert (cfg.loss.ratio_level, cfg.loss.eps_low, cfg.loss.eps_high) == ("sequence", 3e-4, 4e-4)
     metrics = trainer.train()
     assert metrics["step"] == 1 and math.isfinite(metrics["loss"])
+
+
+def test_a_finished_run_exports_the_model_for_from_pretrained(assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = make_trainer(make_config(assets, tmp_path / "run", steps=1))
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert AutoTokenizer.from_pretrained(final).pad_token_id == trainer.tok.pad_token_id
+    for (name, p), q in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.detach(), q.detach()), name
+    assert not any(p.name.startswith(".tmp-") for p in final.parent.iterdir())
