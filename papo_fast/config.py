@@ -342,7 +342,7 @@ NUMERIC_RULES: dict[str, Bounds] = {
     "train.eval_temperature": POSITIVE,
     "train.save_every": AT_LEAST_0,
     "train.keep_checkpoints": AT_LEAST_1,  # pruning to none would delete the checkpoint just saved
-    "train.threads": AT_LEAST_0,
+    "train.threads": Bounds(0, 2**31 - 1),  # torch.set_num_threads takes a C int
 }
 
 
