@@ -40,12 +40,18 @@ from papo_fast.policy import hidden_states, pad_rollout_logprobs, pad_samples
 
 
 class StepBatch(NamedTuple):
-    """A step's samples, right-padded (pad_samples' layout), and their per-token data."""
+    """A step's samples, right-padded (pad_samples' layout), and their per-token data.
+
+    The lengths are host-side lists, read once while the tables are still on the CPU: forming
+    micro-batches and the step's counts from them needs no sync with the device.
+    """
 
     ids: torch.Tensor  # [N, L] prompt + response ids
     attn: torch.Tensor  # [N, L] 1 on each sequence's tokens
     targets: torch.Tensor  # [N, L-1] ids[:, 1:], the token each position predicts
     mask: torch.Tensor  # [N, L-1] True where the target is a response token
+    lengths: list[int]  # [N] prompt + response tokens of each sequence (attn's row sums)
+    response_lengths: list[int]  # [N] response targets of each sequence (mask's row sums)
     rollout_logp: torch.Tensor | None = None  # [N, L-1] the sampler's, when it reports them
     old_logp: torch.Tensor | None = None  # [N, L-1] at sampling time; None on-policy
     ref_logp: torch.Tensor | None = None  # [N, L-1] the reference policy's
@@ -54,15 +60,19 @@ class StepBatch(NamedTuple):
 
 def step_batch(samples, pad_id: int, device: torch.device | str = "cpu") -> StepBatch:
     """The step's tables on ``device``; rollout_logp when the backend returned log-probs."""
-    ids, attn, targets, mask = (t.to(device) for t in pad_samples(samples, pad_id))
+    ids, attn, targets, mask = pad_samples(samples, pad_id)  # built on the CPU
+    lengths, response_lengths = attn.sum(1).tolist(), mask.sum(1).tolist()
+    ids, attn, targets, mask = (t.to(device) for t in (ids, attn, targets, mask))
     rollout = pad_rollout_logprobs(samples)
-    return StepBatch(ids, attn, targets, mask, None if rollout is None else rollout.to(device))
+    rollout = None if rollout is None else rollout.to(device)
+    return StepBatch(ids, attn, targets, mask, lengths, response_lengths, rollout)
 
 
 def step_counts(batch: StepBatch, rows: torch.Tensor) -> dict:
-    """The global counts of one optimizer step over ``rows`` (docs/design.md, "Global counts")."""
-    m = batch.mask[rows]
-    return {"num_tokens": int(m.sum()), "num_seqs": len(rows), "max_len": int(m.sum(1).max())}
+    """The global counts of one optimizer step over ``rows`` (docs/design.md, "Global counts"),
+    from the host-side lengths."""
+    n = [batch.response_lengths[i] for i in rows.tolist()]
+    return {"num_tokens": sum(n), "num_seqs": len(n), "max_len": max(n)}
 
 
 class MicroBatch(NamedTuple):
@@ -109,14 +119,15 @@ class MicroBatch(NamedTuple):
 
 def micro_batch(batch: StepBatch, rows: torch.Tensor, packed: bool) -> MicroBatch:
     """The micro-batch of ``rows`` [B] of the step, padded or packed."""
+    lengths = [batch.lengths[i] for i in rows.tolist()]
+    width = max(lengths)  # trim the right padding of these rows
     rows = rows.to(batch.ids.device)
-    attn = batch.attn[rows]
-    width = int(attn.sum(1).max())  # trim the right padding of these rows
-    ids, attn, resp = batch.ids[rows, :width], attn[:, :width], batch.mask[rows, : width - 1]
+    ids, attn = batch.ids[rows, :width], batch.attn[rows, :width]
+    resp = batch.mask[rows, : width - 1]
     if not packed:
         return MicroBatch(rows, resp, ids, attn, None, None, None)
     keep = attn.bool()  # [B, W], a prefix of each row (right padding)
-    fill, starts = _pack_rows(keep.sum(1).tolist(), width)
+    fill, starts = _pack_rows(lengths, width)
     dev, cols = ids.device, torch.arange(width, device=ids.device)
     starts = torch.tensor(starts, device=dev)  # [B] where each sequence begins in the pack
     dest = (starts[:, None] + cols)[keep]  # [T] each token's place in the pack
@@ -174,7 +185,7 @@ def micro_batches(
     batch: StepBatch, rows: torch.Tensor, max_rows: int, max_tokens: int, packed: bool
 ) -> list[MicroBatch]:
     """``rows`` of the step as micro-batches (``split_rows``), each padded or packed."""
-    lengths = batch.attn[rows.to(batch.attn.device)].sum(1).tolist()
+    lengths = [batch.lengths[i] for i in rows.tolist()]
     return [micro_batch(batch, r, packed) for r in split_rows(rows, lengths, max_rows, max_tokens)]
 
 

@@ -1,9 +1,11 @@
-"""The policy model: loading it, batching its samples, and its log-probs without logits.
+"""The policy model: loading it, batching its samples, and its hidden states.
 
 model, tok = load_model(path, cfg)                 # on model.device, a clear error if no model
 ids, attn, targets, mask = pad_samples(samples, tok.pad_token_id)
 h = hidden_states(model, ids, attn)                # [N, L-1, H]: the body only, no LM head
-logp = sequence_logprobs(model, ids, attn, targets, temperature, rows)   # [N, L-1], no grad
+
+Log-probs come from the hidden states and the LM head without logits, micro-batch by micro-batch:
+packing.step_logprobs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import torch
 
 from papo_fast.batching import pad_ids
 from papo_fast.config import Config, ConfigError
-from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,17 +100,3 @@ def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Last hidden states of the model body at the positions that predict a token: [N, L-1, H]."""
     out = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False)
     return out.last_hidden_state[:, :-1]
-
-
-@torch.no_grad()
-def sequence_logprobs(model, ids, attn, targets, temperature: float, rows: int) -> torch.Tensor:
-    """log p(target) of every position, [N, L-1], in micro-batches of ``rows`` sequences."""
-    head = model.get_output_embeddings()
-    out = []
-    for s in range(0, ids.shape[0], rows):
-        h = hidden_states(model, ids[s : s + rows], attn[s : s + rows])
-        logp, _ = fused_linear_logprobs(
-            h, head.weight, targets[s : s + rows], bias=head.bias, temperature=temperature
-        )
-        out.append(logp.float())
-    return torch.cat(out)

@@ -314,7 +314,7 @@ class Trainer:
         lengths = [len(s.response_ids) for s in samples]
         n_correct = sum(rw.correct)
         stats = {k: float(v) for k, v in adv.stats.items()}
-        gen_tokens, all_tokens = sum(lengths), int(batch.attn.sum())
+        gen_tokens, all_tokens = sum(lengths), sum(batch.lengths)
         return {
             "step": self.step,
             "lr": lr,

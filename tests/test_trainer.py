@@ -10,7 +10,8 @@ from tiny_run import ParityVerifier, build_assets, make_config, make_trainer
 
 from papo_fast.config import ConfigError, load_config
 from papo_fast.metrics import read_metrics
-from papo_fast.policy import pad_rollout_logprobs, pad_samples, sequence_logprobs
+from papo_fast.packing import micro_batches, step_batch, step_logprobs
+from papo_fast.policy import pad_rollout_logprobs, pad_samples
 from papo_fast.rollout import Request, RolloutBackend, Sample, SamplingParams
 from papo_fast.tasks import arith
 from papo_fast.trainer import Trainer
@@ -51,7 +52,9 @@ def test_logprobs_match_a_plain_forward(assets, tmp_path):
         [Request(ids[0], 1), Request(ids[1], 2)], SamplingParams(0.7, 1.0, 10)
     )
     input_ids, attn, targets, mask = pad_samples(samples, trainer.tok.pad_token_id)
-    got = sequence_logprobs(trainer.model, input_ids, attn, targets, 0.7, rows=1)
+    batch = step_batch(samples, trainer.tok.pad_token_id)  # the trainer's path: packed
+    parts = micro_batches(batch, torch.arange(2), 1, 0, packed=True)
+    got = step_logprobs(trainer.model, batch, parts, 0.7)
     with torch.no_grad():
         logits = trainer.model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].double()
     want = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None])[..., 0]
@@ -157,10 +160,11 @@ class ShiftedLogprobBackend(RolloutBackend):
 
     def generate(self, requests, params):
         samples = self.inner.generate(requests, params)
-        ids, attn, targets, mask = pad_samples(samples, self.pad_id)
-        logp = sequence_logprobs(self.model, ids, attn, targets, self.temperature, rows=16)
+        batch = step_batch(samples, self.pad_id)
+        parts = micro_batches(batch, torch.arange(len(samples)), 16, 0, packed=False)
+        logp = step_logprobs(self.model, batch, parts, self.temperature)
         out = []
-        for s, row, m in zip(samples, logp, mask, strict=True):
+        for s, row, m in zip(samples, logp, batch.mask, strict=True):
             out.append(s._replace(logprobs=(row[m] - self.shift).tolist()))
         return out
 
