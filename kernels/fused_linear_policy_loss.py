@@ -55,9 +55,9 @@ from .policy_loss import (
     Count,
     PolicyLossOutput,
     apply_policy_loss,
+    bad_count_flags,
     check_inputs,
-    count_error,
-    valid_count,
+    raise_bad_counts,
 )
 
 _EXTRAS = [("logp", "torch.Tensor"), ("entropy", "torch.Tensor")]  # after PolicyLossOutput's
@@ -331,13 +331,9 @@ def fused_linear_policy_loss(
         hidden, targets, old_logp, advantages, ref_logp, rollout_logp = packed
     # The one host sync of the chunk plan: cu_seqlens (the layout's check), and the values of the
     # caller's tensor counts (a 0 would make the loss and its gradient 0 in silence).
-    tensor_counts = {k: v for k, v in user_counts.items() if isinstance(v, torch.Tensor)}
-    ok = [valid_count(v).to(cu_seqlens).reshape(1) for v in tensor_counts.values()]
-    cu = torch.cat([cu_seqlens, *ok]).tolist()
-    cu, ok = cu[: cu_seqlens.numel()], cu[cu_seqlens.numel() :]
-    for (name, value), good in zip(tensor_counts.items(), ok, strict=True):
-        if not good:
-            raise count_error(name, value)
+    cu = torch.cat([cu_seqlens, bad_count_flags(user_counts, cu_seqlens)]).tolist()
+    raise_bad_counts(user_counts, cu[cu_seqlens.numel() :])
+    cu = cu[: cu_seqlens.numel()]
     if (
         cu[0] != 0
         or cu[-1] != targets.numel()

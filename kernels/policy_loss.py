@@ -132,6 +132,22 @@ def count_error(name: str, value: Count) -> ValueError:
     return ValueError(f"{name} must be a positive finite number, got {shown!r}")
 
 
+def bad_count_flags(counts: dict, like: torch.Tensor) -> torch.Tensor:
+    """[k] flags in ``like``'s dtype and device, nonzero where the caller's k-th tensor count is
+    not > 0 and finite. No host sync: they are read with a sync the call makes anyway, then
+    handed to ``raise_bad_counts``."""
+    flags = [(~valid_count(v)).reshape(1) for v in counts.values() if isinstance(v, torch.Tensor)]
+    return torch.cat(flags).to(like) if flags else like.new_zeros(0)
+
+
+def raise_bad_counts(counts: dict, flags: list) -> None:
+    """The error of the first tensor count whose flag (``bad_count_flags``, read) is set."""
+    tensors = [(k, v) for k, v in counts.items() if isinstance(v, torch.Tensor)]
+    for (name, value), bad in zip(tensors, flags, strict=True):
+        if bad:
+            raise count_error(name, value)
+
+
 def check_inputs(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
 ) -> bool:
@@ -372,12 +388,8 @@ def apply_policy_loss(
     )  # fmt: skip
     nonfinite = metrics[NONFINITE_LOGP : NONFINITE_ROLLOUT + 1]  # CHECKED's slots, in order
     if check_finite:  # one host sync: non-finite inputs, and the tensor counts' values
-        tensors = {k: v for k, v in counts.items() if isinstance(v, torch.Tensor)}
-        flags = [nonfinite] + [(~valid_count(v)).to(metrics).reshape(1) for v in tensors.values()]
-        bad = torch.cat(flags).tolist()
-        for (name, value), k in zip(tensors.items(), bad[len(CHECKED) :], strict=True):
-            if k:
-                raise count_error(name, value)
+        bad = torch.cat([nonfinite, bad_count_flags(counts, metrics)]).tolist()
+        raise_bad_counts(counts, bad[len(CHECKED) :])
         for name, slot in CHECKED.items():
             if k := bad[slot - NONFINITE_LOGP]:
                 raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
