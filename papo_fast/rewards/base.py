@@ -257,6 +257,4 @@ def load_verifier(spec: str) -> Verifier:
 
 
 def load_judge(spec: str) -> Judge | None:
-    if spec == "none":
-        return None
-    return _load(spec, JUDGES, "judge", "score")
+    return _load(spec, JUDGES, "judge", "score")  # "none" is registered: no judge
