@@ -1,10 +1,11 @@
-"""The run directory: one run at a time, atomic checkpoints, and a safe way back in.
+"""Checkpoints: sharded, atomic, resumable on another number of processes, safe to read.
 
-    OUT/run.lock                   flock-ed by the process training in OUT; holds "pid N on HOST"
-    OUT/checkpoints/step_000040/   model.safetensors, config.json, tokenizer files (save_pretrained)
-                                   trainer_state.pt (optimizer, RNG states, sampler, step, config)
+    OUT/checkpoints/step_000040/   state/: model and optimizer (torch.distributed.checkpoint, a
+                                   file per rank and a .metadata index); config.json and the
+                                   tokenizer files; trainer_state.pt (RNG states, sampler, step,
+                                   config)
     OUT/checkpoints/latest         the name of the last complete checkpoint, one line
-    OUT/final/                     the trained model alone (save_pretrained), when a run finishes
+    OUT/final/                     export_model: the trained model alone (save_pretrained)
 
 Choices:
 1. **Atomic saves.** A save writes everything into a hidden temporary directory, renames it into
@@ -13,102 +14,49 @@ Choices:
    temporary directories. Re-saving a step that exists moves the old directory aside
    (``.replaced-step_N``) and removes it only once the new one is in place; after a kill between the
    two renames, the next save or latest_checkpoint moves the old one back. Old checkpoints are
-   pruned the same way: renamed out of sight first, then removed.
+   pruned the same way: renamed out of sight first, then removed. With many processes every rank
+   writes its shards into the same temporary directory (a filesystem all ranks share), and rank 0
+   does the rest once all of them are written.
 2. **Nothing executed.** Nothing in a run directory is run as code. trainer_state.pt holds tensors
    and plain types only (the torch RNG state is a uint8 tensor, the Python one a tuple of ints) and
-   is read with ``torch.load(weights_only=True)``. ``latest`` must name a ``step_NNNNNN`` directory
-   that resolves inside checkpoints/ (no ``..``, no absolute path, no symlink out of it).
-3. **One run per directory.** RunLock takes an exclusive flock on OUT/run.lock without waiting. The
-   kernel drops it when the holder exits, killed or not, so a crash never leaves a stale lock.
+   is read with ``torch.load(weights_only=True)``; so are the shards. The shards' index
+   (state/.metadata, a pickle) is read by an unpickler that builds only the checkpoint format's
+   own records, torch sizes, dtypes and layouts, and paths. ``latest`` must name a
+   ``step_NNNNNN`` directory that resolves inside checkpoints/ (no ``..``, no absolute path, no
+   symlink out of it).
+3. **Any number of processes.** The model and optimizer states are saved by parameter name,
+   each rank its own shards; a load reads whatever pieces its own layout needs, so a checkpoint of
+   N processes resumes on M, one included. The RNG states are rank 0's, restored on every rank
+   (the trainer's own draws are seeded by step and index).
 4. **Failed writes.** A failed write (a full disk, a quota) is a RunDirError that says so and where;
    the temporary directory goes, the previous checkpoint and ``latest`` stay as they were.
-5. **No overwrite.** A run never overwrites another: a new run refuses a directory that holds
-   metrics or checkpoints (check_new_run); a resume needs a checkpoint, and refuses a configuration
-   that differs from the saved one outside the keys the trainer names resumable (resume_point).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
-import fcntl
-import json
 import os
 import pickle
 import random
 import re
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+
+from papo_fast.distributed import barrier, full_state_dict, is_distributed, is_main
+from papo_fast.run_dir import RunDirError, config_changes, write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
+SHARDS = "state"  # the model and optimizer, torch.distributed.checkpoint's layout
 POINTER = "latest"
-LOCK_FILE = "run.lock"
 STEP_NAME = re.compile(r"step_\d{6,}")
 ASIDE = ".replaced-"  # prefix of a checkpoint directory being replaced (choice "Atomic saves")
-
-
-class RunDirError(ValueError):
-    """A run directory or checkpoint that cannot be used: busy, unwritable, or unsafe to read."""
-
-
-# ----------------------------------------------------------------------------- the lock
-
-
-class RunLock:
-    """Exclusive, non-blocking lock on ``out_dir/run.lock`` (choice "One run per directory")."""
-
-    def __init__(self, out_dir: str | Path):
-        self.path = Path(out_dir) / LOCK_FILE
-        self._file = None
-        self.made_dir = False  # open_run_dir created the directory for this run
-
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
-    def acquire(self) -> None:
-        """Take the lock (no-op when held); RunDirError naming the holder when another has it.
-        OSError when the directory is not writable."""
-        if self._file is not None:
-            return
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "a process that has not written its pid yet"
-            f.close()
-            raise RunDirError(
-                f"{self.path.parent} is in use by another run ({holder}, {self.path})"
-            ) from None
-        except BaseException:
-            f.close()
-            raise
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the descriptor drops the flock
-            self._file = None
-
-    def abandon(self) -> None:
-        """Release after a run that never started: a directory open_run_dir made for it goes
-        again, unless something else was written there."""
-        if self.made_dir and self._file is not None:
-            self.path.unlink(missing_ok=True)
-        self.release()
-        if self.made_dir:
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -133,21 +81,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- saving
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then os.replace it in."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def step_name(step: int) -> str:
@@ -227,10 +160,22 @@ def _write_failure(root: Path, name: str, previous: str | None, err: BaseExcepti
     return f"could not write checkpoint {name} in {root}: {why}; {kept}"
 
 
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The first rank's own error inside torch.distributed.checkpoint's CheckpointException (it
+    wraps everything, a KeyboardInterrupt included)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
 def save_checkpoint(
     root: str | Path, step: int, model, tokenizer, optimizer, extra: dict, keep: int = 2
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep the ``keep`` newest.
+    """Write checkpoint ``step`` under ``root`` atomically; keep the ``keep`` newest. Every rank
+    calls it (choice "Atomic saves").
 
     ``extra`` (merged into trainer_state.pt) must hold tensors and plain types only (choice
     "Nothing executed"). A failed write is a RunDirError that names the directory and the reason
@@ -238,46 +183,83 @@ def save_checkpoint(
     """
     root = Path(root)
     name = step_name(step)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    previous = None
+    tmp = root / f".tmp-{name}"  # one name for every rank
+    previous, main = None, is_main()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        _finish_replacement(root)
-        previous = _read_pointer(root)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}
-        torch.save(state, tmp / STATE_FILE)
-        _move_into_place(tmp, root / name)
-        write_text_atomic(root / POINTER, name + "\n")
-    except (OSError, RuntimeError, SafetensorError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if root.is_dir():
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
             _finish_replacement(root)
+            previous = _read_pointer(root)
+            for stale in root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        _save_shards(tmp / SHARDS, model, optimizer)
+        if main:
+            model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save({"step": step, "rng": rng_state(), **extra}, tmp / STATE_FILE)
+            _move_into_place(tmp, root / name)
+            write_text_atomic(root / POINTER, name + "\n")
+    except WRITE_ERRORS as caught:
+        err = _cause(caught)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if root.is_dir():
+                _finish_replacement(root)
+        if isinstance(err, KeyboardInterrupt):
+            raise err from None
         raise RunDirError(_write_failure(root, name, previous, err)) from err
-    _prune(root, keep)
+    if main:
+        _prune(root, keep)
+    barrier()
     return root / name
+
+
+@contextlib.contextmanager
+def _one_process_quietly():
+    """torch.distributed.checkpoint warns at every save and load in one process that it
+    assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _save_shards(path: Path, model, optimizer) -> None:
+    """The model and optimizer states by parameter name, each rank its shards (choice "Any
+    number of processes")."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    writer = FileSystemWriter(path, single_file_per_rank=True)
+    with _one_process_quietly():
+        save(state, storage_writer=writer, no_dist=not is_distributed())
 
 
 def export_model(path: str | Path, model, tokenizer) -> Path:
     """The model and its tokenizer as a plain Hugging Face directory at ``path`` (loadable with
-    ``AutoModelForCausalLM.from_pretrained``), written aside and renamed into place (choice
-    "Atomic saves"); a failed write is a RunDirError (choice "Failed writes")."""
+    ``AutoModelForCausalLM.from_pretrained``), written aside by rank 0 and renamed into place
+    (choice "Atomic saves"); a failed write is a RunDirError (choice "Failed writes"). Every rank
+    calls it: a sharded model's weights are gathered first."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _move_into_place(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if _disk_full(err) else f"{type(err).__name__}: {err}"
-        raise RunDirError(f"could not export the model to {path}: {why}") from err
+    weights = full_state_dict(model)
+    if is_main():
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _move_into_place(tmp, path)
+        except WRITE_ERRORS as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = _cause(err)
+            why = "the disk is full" if _disk_full(err) else f"{type(err).__name__}: {err}"
+            raise RunDirError(f"could not export the model to {path}: {why}") from err
+    barrier()
     return path
 
 
@@ -310,13 +292,22 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         raise RunDirError(f"{pointer} names {name}, but {path} holds no {STATE_FILE}")
     if state.resolve().parent != real:
         raise RunDirError(f"{state} is a link out of {path}; refusing to resume from it")
+    if not (path / SHARDS / ".metadata").is_file():
+        older = (
+            " (a checkpoint of an earlier papo_fast)"
+            if (path / "model.safetensors").exists()
+            else ""
+        )
+        raise RunDirError(
+            f"{path} holds no {SHARDS}/.metadata{older}: the model and optimizer states are not "
+            "there, so it cannot be resumed"
+        )
     return path
 
 
 # key -> (type, what it is) of what a trainer_state.pt must hold
 STATE_KEYS = {
     "step": (int, "the step"),
-    "optimizer": (dict, "the optimizer state"),
     "rng": (dict, "the RNG states"),
     "sampler": (dict, "the data position"),
     "config": (dict, "the configuration"),
@@ -324,7 +315,7 @@ STATE_KEYS = {
 
 
 def load_state(path: str | Path) -> dict:
-    """trainer_state.pt of a checkpoint (the weights load with from_pretrained(path)).
+    """trainer_state.pt of a checkpoint (the model and optimizer load with load_shards).
 
     Read with weights_only=True: a file holding anything but tensors and plain types is refused
     before any of it runs (choice "Nothing executed").
@@ -354,61 +345,84 @@ def load_state(path: str | Path) -> dict:
     return state
 
 
-# ----------------------------------------------------------------------------- the run directory
+# What the shards' index may hold (choice "Nothing executed"): the format's records and the
+# torch and pathlib types they use; every other global is refused.
+_INDEX_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {  # fmt: skip
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}
 
 
-def open_run_dir(out: Path, resume: bool) -> RunLock:
-    """Create ``out`` (train.out_dir) for a new run and lock it; RunDirError when it cannot be."""
-    if resume and not out.exists():
-        raise RunDirError(f"nothing to resume: train.out_dir {out} does not exist")
-    made = not out.exists()
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        plain = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _INDEX_CLASSES or plain:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose index is read by _IndexUnpickler (the shards are already read
+    with weights_only=True)."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _IndexUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise RunDirError(
+                f"refusing to load {path}: {err}, and loading it could run code"
+            ) from None
+        except (OSError, EOFError, ValueError) as err:
+            raise RunDirError(f"{path} cannot be read: {err}") from err
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_shards(path: str | Path, model, optimizer) -> None:
+    """The model and optimizer states of checkpoint ``path`` into ``model`` and ``optimizer``,
+    whatever the number of processes that wrote it (choice "Any number of processes"). Every
+    rank calls it."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise RunDirError(f"train.out_dir {out} exists and is not a directory") from None
-    except OSError as err:
-        raise RunDirError(f"train.out_dir {out} cannot be created: {err.strerror}") from None
-    lock = RunLock(out)
-    lock.made_dir = made
-    try:
-        lock.acquire()
-    except RunDirError as err:
+        with _one_process_quietly():
+            load(state, storage_reader=_SafeReader(path / SHARDS), no_dist=not is_distributed())
+    except CheckpointException as err:
+        for exc, _ in err.failures.values():
+            if isinstance(exc, RunDirError):  # a refused index, on any rank
+                raise exc from None
+        first = next(iter(err.failures.values()))[0]
         raise RunDirError(
-            f"train.out_dir {err}; wait for that run to end or use another train.out_dir"
+            f"the states in {path / SHARDS} cannot be loaded: {type(first).__name__}: {first}"
         ) from None
-    except OSError as err:
-        raise RunDirError(f"train.out_dir {out} is not writable: {err.strerror}") from None
-    return lock
-
-
-def check_new_run(out: Path) -> None:
-    """A new run never overwrites one: ``out`` may not hold metrics or checkpoints."""
-    metrics, ckpts = out / "metrics.jsonl", out / "checkpoints"
-    held = ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size > 0 else []
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        held.append("checkpoints/")
-    if held:
-        raise RunDirError(
-            f"train.out_dir {out} already holds a run ({', '.join(held)}); "
-            "use --resume or another train.out_dir"
-        )
-
-
-def config_changes(saved: dict, cfg) -> list[tuple[str, object, object]]:
-    """(dotted key, saved value, value in the dataclass ``cfg``) of every setting that differs,
-    in field order; a key the saved config lacks compares as its default."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        value, old = getattr(cfg, f.name), saved.get(f.name, dataclasses.MISSING)
-        if dataclasses.is_dataclass(value):
-            nested = config_changes(old if isinstance(old, dict) else {}, value)
-            out += [(f"{f.name}.{k}", a, b) for k, a, b in nested]
-            continue
-        if old is dataclasses.MISSING:
-            old = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        if json.dumps(old, sort_keys=True) != json.dumps(value, sort_keys=True):
-            out.append((f.name, old, value))
-    return out
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
 
 
 def resume_point(out: Path, cfg, resumable: frozenset[str]) -> tuple[Path, dict]:

@@ -1,6 +1,7 @@
 """The `papo-fast` command.
 
 papo-fast train CONFIG.yaml [--set section.key=value ...] [--resume]
+torchrun --nproc-per-node N -m papo_fast train CONFIG.yaml ...   # the same run on N processes
 papo-fast demo --out DIR [--seeds N] [--set section.key=value ...]
 papo-fast plot OUT.png RUN_DIR [RUN_DIR ...]      # compare the metrics of finished runs
 """
@@ -55,14 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from papo_fast.config import load_config
+            from papo_fast.distributed import end_world
             from papo_fast.metrics import plot_run
             from papo_fast.trainer import Trainer
 
             cfg = load_config(args.config, args.overrides)
-            Trainer(cfg, resume=args.resume).train()
+            trainer = Trainer(cfg, resume=args.resume)
+            try:
+                trainer.train()
+            finally:
+                end_world()
             out = Path(cfg.train.out_dir)
-            plot_run(out / "metrics.jsonl", out / "curves.png")
-            print(f"wrote {out}")
+            if trainer.world.main:  # under torchrun, rank 0 writes
+                plot_run(out / "metrics.jsonl", out / "curves.png")
+                print(f"wrote {out}")
         elif args.command == "demo":
             from papo_fast.tasks.demo import run_demo
 

@@ -19,7 +19,8 @@ import math
 import warnings
 from pathlib import Path
 
-from papo_fast.checkpoint import write_text_atomic
+from papo_fast.distributed import all_reduce
+from papo_fast.run_dir import write_text_atomic
 
 # (key, title) of the panels, in order; missing keys are skipped
 PANELS = [
@@ -33,6 +34,40 @@ PANELS = [
     ("grad_norm", "grad norm"),
 ]
 BAR_KEYS = ("reward", "accuracy", "zero_adv_frac", "proc_active_frac", "response_len")
+
+
+ROLLOUT_SUMS = ("n", "outcome", "correct", "process", "tokens", "finished", "zero_adv")
+ROLLOUT_SUMS += ("proc_active", "groups", "judge_calls", "judge_invalid")
+
+
+def rollout_metrics(samples, rewards, stats: dict) -> dict:
+    """A step's rollout and reward metrics over all ranks: each rank's sums are summed, the
+    least advantage of a correct response is the least of the ranks'.
+
+    ``rewards``: the step's compute_rewards result; ``stats``: papo_advantages' statistics."""
+    st = {k: float(v) for k, v in stats.items()}
+    n, groups = len(samples), st["num_groups"]
+    local = [
+        n, sum(rewards.outcome), sum(rewards.correct), sum(rewards.process),
+        sum(len(s.response_ids) for s in samples), sum(s.finished for s in samples),
+        round(st["zero_adv_frac"] * n), round(st["proc_active_frac"] * groups) if groups else 0,
+        groups, rewards.judge_calls, rewards.judge_invalid,
+    ]  # fmt: skip
+    tot = dict(zip(ROLLOUT_SUMS, all_reduce(local, "sum"), strict=True))
+    (adv_min,) = all_reduce([st["correct_adv_min"]], "min")
+    n, correct, nan = tot["n"], tot["correct"], float("nan")
+    return {
+        "reward": tot["outcome"] / n,
+        "accuracy": correct / n,
+        "process_mean": tot["process"] / correct if correct else nan,
+        "zero_adv_frac": tot["zero_adv"] / n,
+        "proc_active_frac": tot["proc_active"] / tot["groups"] if tot["groups"] else nan,
+        "correct_adv_min": adv_min,
+        "response_len": tot["tokens"] / n,
+        "finished_frac": tot["finished"] / n,
+        "judge_calls": int(tot["judge_calls"]),
+        "judge_invalid": int(tot["judge_invalid"]),
+    }
 
 
 class MetricsLogger:

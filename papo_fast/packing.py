@@ -69,10 +69,10 @@ def step_batch(samples, pad_id: int, device: torch.device | str = "cpu") -> Step
 
 
 def step_counts(batch: StepBatch, rows: torch.Tensor) -> dict:
-    """The global counts of one optimizer step over ``rows`` (docs/design.md, "Global counts"),
-    from the host-side lengths."""
+    """The counts of ``rows`` of one optimizer step (docs/design.md, "Global counts"), from the
+    host-side lengths; a run on many processes sums and maxes them over its ranks."""
     n = [batch.response_lengths[i] for i in rows.tolist()]
-    return {"num_tokens": sum(n), "num_seqs": len(n), "max_len": max(n)}
+    return {"num_tokens": sum(n), "num_seqs": len(n), "max_len": max(n, default=0)}
 
 
 class MicroBatch(NamedTuple):
@@ -85,6 +85,7 @@ class MicroBatch(NamedTuple):
     position_ids: torch.Tensor | None  # packed [R, W], from 0 in each sequence; padded None
     select: torch.Tensor | None  # packed [T_resp]: the positions predicting a response token
     cu_seqlens: torch.Tensor | None  # packed [B+1] of the response tokens; padded None
+    filler: bool = False  # run for the collectives only: its results are discarded (lockstep)
 
     @property
     def layout(self) -> dict:
@@ -181,12 +182,44 @@ def split_rows(
     return [*parts, rows[start:]]
 
 
+def split_further(parts: list[torch.Tensor], lengths: list[int], k: int) -> list[torch.Tensor]:
+    """``parts`` split into ``k``: the part with the most tokens (``lengths`` of the step's
+    sequences) halved, again and again; fewer than ``k`` when every part is one sequence."""
+    parts = list(parts)
+    while len(parts) < k:
+        splittable = [i for i, p in enumerate(parts) if len(p) > 1]
+        if not splittable:
+            break
+        i = max(splittable, key=lambda i: sum(lengths[j] for j in parts[i].tolist()))
+        half = len(parts[i]) // 2
+        parts[i : i + 1] = [parts[i][:half], parts[i][half:]]
+    return parts
+
+
 def micro_batches(
-    batch: StepBatch, rows: torch.Tensor, max_rows: int, max_tokens: int, packed: bool
+    batch: StepBatch,
+    rows: torch.Tensor,
+    max_rows: int,
+    max_tokens: int,
+    packed: bool,
+    count=None,
 ) -> list[MicroBatch]:
-    """``rows`` of the step as micro-batches (``split_rows``), each padded or packed."""
+    """``rows`` of the step as micro-batches (``split_rows``), each padded or packed.
+
+    ``count(n) -> k`` (k >= n) makes it exactly k micro-batches, whatever this process's share:
+    its parts split further (``split_further``), then filler micro-batches (one sequence, marked
+    ``filler``) where it has no sequence left. A run on many processes passes the maximum over
+    the ranks, so that all of them run the same number of collectives (distributed.py, choice
+    "Lockstep").
+    """
     lengths = [batch.lengths[i] for i in rows.tolist()]
-    return [micro_batch(batch, r, packed) for r in split_rows(rows, lengths, max_rows, max_tokens)]
+    parts = split_rows(rows, lengths, max_rows, max_tokens) if len(rows) else []
+    k = len(parts) if count is None else count(len(parts))
+    parts = split_further(parts, batch.lengths, k)
+    out = [micro_batch(batch, r, packed) for r in parts]
+    if len(out) < k:
+        out += [micro_batch(batch, torch.arange(1), packed)._replace(filler=True)] * (k - len(out))
+    return out
 
 
 @torch.no_grad()
@@ -200,7 +233,8 @@ def step_logprobs(model, batch: StepBatch, parts: list[MicroBatch], temperature:
             mb.hidden(model), head.weight, mb.take(batch.targets), bias=head.bias,
             temperature=temperature,
         )  # fmt: skip
-        mb.put(out, logp)
+        if not mb.filler:
+            mb.put(out, logp)
     return out
 
 

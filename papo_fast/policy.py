@@ -10,6 +10,7 @@ packing.step_logprobs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -21,11 +22,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def model_device(cfg: Config) -> torch.device:
-    """model.device, with "auto" = the GPU when there is one; a CUDA device this machine does not
+    """model.device, with "auto" = the GPU when there is one (under torchrun, the process's
+    own: cuda:LOCAL_RANK); a CUDA device this machine does not
     have is a ConfigError."""
     name = cfg.model.device
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK') or 0)}"  # one GPU per process
     device = torch.device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -38,20 +42,24 @@ def model_device(cfg: Config) -> torch.device:
     return device
 
 
-def load_model(path: str, cfg: Config, trainable: bool = True, safetensors_only: bool = False):
+def load_model(path: str, cfg: Config, trainable: bool = True, weights: bool = True):
     """A causal LM (on model.device) and its tokenizer from a local directory (a clear error when
-    it is not one). ``safetensors_only``: never unpickle weights (a checkpoint of ours). A
-    trainable model recomputes its activations in the backward with model.gradient_checkpointing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    it is not one). ``weights=False``: the architecture only, its weights to be loaded next (a
+    checkpoint's shards). A trainable model recomputes its activations in the backward with
+    model.gradient_checkpointing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not path or not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model path {path!r} is not a directory with a config.json")
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=DTYPES[cfg.model.dtype],
-        attn_implementation=cfg.model.attn_implementation,
-        use_safetensors=True if safetensors_only else None,
-    ).to(model_device(cfg))
+    options = {
+        "dtype": DTYPES[cfg.model.dtype],
+        "attn_implementation": cfg.model.attn_implementation,
+    }
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(path, **options)
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **options)
+    model = model.to(model_device(cfg))
     model.train(trainable)
     model.requires_grad_(trainable)
     if trainable and cfg.model.gradient_checkpointing:

@@ -61,11 +61,22 @@ Choices, and where this departs from a textbook GRPO loop:
     train.micro_batch_tokens > 0, micro-batches take whole sequences in the mini-batch's order up
     to that many tokens (a longer one alone); either way the loss is the same (choice "Global
     counts"): only the speed and memory change.
+14. **Many processes.** Under ``torchrun`` each rank takes a contiguous share of the step's
+    prompt groups (train.prompts_per_step must divide by the world size), samples them with the
+    seeds a one-process run gives them, scores them and computes their advantages (groups never
+    straddle ranks). The model is sharded with FSDP2 and every use of it runs inside the sharded
+    root (distributed.py); the epoch's counts and metrics are reduced over the ranks
+    (update.py), so the update is the one-process update. Evaluation splits its requests the
+    same way. Rank 0 alone writes config.json, metrics.jsonl and the progress bar; every rank
+    writes its shards of each checkpoint. A failure on one rank is not caught up by the others:
+    torchrun stops them all, and the run resumes from its last checkpoint (the finished step of
+    choice "Finished steps saved" is kept in one process only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from pathlib import Path
@@ -74,37 +85,33 @@ import torch
 
 from papo_fast import tasks  # noqa: F401  (registers the built-in task's reward names)
 from papo_fast.checkpoint import (
-    RunDirError,
-    check_new_run,
     export_model,
-    open_run_dir,
+    load_shards,
     resume_point,
     save_checkpoint,
     set_rng_state,
-    write_text_atomic,
 )
-from papo_fast.config import Config
+from papo_fast.config import Config, ConfigError
 from papo_fast.data import PromptSampler, load_prompts
+from papo_fast.distributed import (
+    PolicyRunner,
+    all_reduce,
+    barrier,
+    gather_objects,
+    init_world,
+    shard_policy,
+    sum_dicts,
+)
 from papo_fast.kernels.advantages import papo_advantages
 from papo_fast.kernels.fused_linear_policy_loss import PAPOLoss
-from papo_fast.metrics import MetricsLogger, ProgressBar, read_metrics
-from papo_fast.packing import (
-    check_packed_attention,
-    micro_batch_loss,
-    micro_batches,
-    step_batch,
-    step_counts,
-    step_logprobs,
-)
+from papo_fast.metrics import MetricsLogger, ProgressBar, read_metrics, rollout_metrics
+from papo_fast.packing import check_packed_attention, micro_batches, step_batch, step_logprobs
 from papo_fast.policy import load_model, model_device
 from papo_fast.rewards import collect_metrics, compute_rewards, load_judge, load_verifier
 from papo_fast.rollout import Request, SamplingParams, make_backend
+from papo_fast.run_dir import RunDirError, check_new_run, open_run_dir, write_text_atomic
+from papo_fast.update import StepShard, lockstep_count, ppo_epoch
 
-LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "kl", "ratio_mean")  # token means of the loss
-# What an update sums over its micro-batches: the loss metrics and entropy weighted by their
-# tokens, the loss, the tokens, and the rollout-correction weights (choice
-# "Rollout correction").
-SUMMED = (*LOSS_METRICS, "entropy", "loss", "tokens", "is_weight")
 # Settings a resumed run may change (choice "Run directory"): how long it runs, when it
 # evaluates, saves and reports, and where and in what pieces it computes the same thing. Every
 # other setting defines the run (its data, model, sampling, rewards, loss, optimizer, seed) and
@@ -143,15 +150,23 @@ class Trainer:
             torch.set_num_threads(c.train.threads)
         # Everything that can fail on bad input fails here, before any training; the run
         # directory and the checkpoint are checked before the model loads (choice "Run directory").
-        model_device(c)
+        self.world = init_world(model_device(c))
+        if c.train.prompts_per_step % self.world.size:
+            raise ConfigError(
+                f"train.prompts_per_step ({c.train.prompts_per_step}) must divide by the number "
+                f"of processes ({self.world.size}): each rank takes whole prompt groups"
+            )
         self.verifier = load_verifier(c.reward.verifier)
         self.judge = load_judge(c.reward.judge)
         self.train_data = load_prompts(c.data.train_path, c.data)
         self.eval_data = load_prompts(c.data.eval_path, c.data) if c.data.eval_path else None
         self.out = Path(c.train.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        self.lock = open_run_dir(self.out, resume)
+        self.lock = open_run_dir(self.out, resume, owner=self.world.main)
         try:
+            if not resume:
+                check_new_run(self.out)  # on every rank, before rank 0 writes anything
+            barrier()
             self._build(resume)
         except BaseException:
             self.lock.abandon()
@@ -162,21 +177,28 @@ class Trainer:
         ckpt, state = resume_point(self.out, c, RESUMABLE) if resume else (None, None)
         if resume and (self.out / "metrics.jsonl").is_file():
             read_metrics(self.out / "metrics.jsonl")  # a damaged file fails here, named
-        if not resume:
-            check_new_run(self.out)
         self.sampler = PromptSampler(len(self.train_data), c.train.seed)
         if state is not None:
             self.sampler.load_state_dict(state["sampler"])
-        if ckpt is not None:
-            self.model, self.tok = load_model(str(ckpt), c, safetensors_only=True)
-        else:
-            self.model, self.tok = load_model(c.model.path, c)
+        # A checkpoint holds the architecture; its weights come from the shards below.
+        path = str(ckpt) if ckpt is not None else c.model.path
+        self.model, self.tok = load_model(path, c, weights=ckpt is None)
         self.ref = None
         if c.loss.beta > 0:
             self.ref, _ = load_model(c.model.ref_path or c.model.path, c, trainable=False)
         for model in (self.model, self.ref) if c.model.packed else ():
             if model is not None:  # choice "Packed micro-batches"
                 check_packed_attention(model)
+        sharded = self.world.size > 1
+        # A sharded module cannot generate on its own: the HF backend samples from a plain copy.
+        sampler_model = self.model
+        if sharded and c.rollout.backend == "hf":
+            sampler_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.runner = PolicyRunner(self.model)  # choice "Many processes"
+        self.ref_runner = None if self.ref is None else PolicyRunner(self.ref)
+        for runner in (self.runner, self.ref_runner):
+            if runner is not None:
+                shard_policy(runner, self.model.device)
         # The loss, built once from the loss: section (every setting, ratio_level included).
         self.loss_fn = PAPOLoss(c.loss, temperature=c.rollout.temperature, return_entropy=True)
         self.opt = torch.optim.AdamW(
@@ -185,24 +207,29 @@ class Trainer:
             betas=c.optim.betas,
             weight_decay=c.optim.weight_decay,
         )
+        self.step = 0
+        if state is not None:
+            load_shards(ckpt, self.model, self.opt)
+            set_rng_state(state["rng"])
+            self.step = state["step"]
         self.backend = make_backend(
             c.rollout.backend,
-            self.model,
+            sampler_model,
             self.tok,
             c.rollout.batch_size,
             c.rollout.vllm.engine_options(),
+            model_path=c.model.path,
         )
+        if ckpt is not None:
+            self.backend.sync_weights(self.model)
         self.sampling = SamplingParams(
             c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens
         )
-        self.step = 0
-        if state is not None:
-            self.opt.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            self.step = state["step"]
         self.saved_step = self.step  # the last step with a checkpoint (0: the initial model)
-        write_text_atomic(self.out / "config.json", json.dumps(c.to_dict(), indent=2))
-        self.log = MetricsLogger(self.out / "metrics.jsonl", self.step if state else None)
+        self.log = None
+        if self.world.main:
+            write_text_atomic(self.out / "config.json", json.dumps(c.to_dict(), indent=2))
+            self.log = MetricsLogger(self.out / "metrics.jsonl", self.step if state else None)
 
     def close(self) -> None:
         """Free the run directory for another run (train() does it on its way out)."""
@@ -214,11 +241,12 @@ class Trainer:
         """Run to ``train.steps``; returns the last metrics. ``on_step(step, metrics)`` hook."""
         c = self.cfg.train
         self.lock.acquire()  # again, when an earlier train() freed it
-        bar = ProgressBar(c.steps, self.step, self.out.name, c.progress, bar_position)
+        shown = c.progress and self.world.main
+        bar = ProgressBar(c.steps, self.step, self.out.name, shown, bar_position)
         metrics: dict = {}
         try:
             if self.step == 0 and c.eval_every > 0 and self.eval_data is not None:
-                self.log.write({"step": 0, **self.evaluate()})
+                self._write({"step": 0, **self.evaluate()})
             while self.step < c.steps:
                 metrics = self.train_step()
                 logged = False
@@ -228,7 +256,7 @@ class Trainer:
                         last or (c.eval_every > 0 and self.step % c.eval_every == 0)
                     ):
                         metrics.update(self.evaluate())
-                    self.log.write(metrics)
+                    self._write(metrics)
                     logged = True
                     bar.update(metrics)
                     if last or (c.save_every > 0 and self.step % c.save_every == 0):
@@ -236,7 +264,8 @@ class Trainer:
                     if on_step is not None:
                         on_step(self.step, metrics)
                 except Exception as err:
-                    if self.saved_step != self.step and not isinstance(err, RunDirError):
+                    keep = self.world.size == 1 and not isinstance(err, RunDirError)
+                    if keep and self.saved_step != self.step:
                         self._keep_finished_step(metrics, logged)
                     raise
             export_model(self.out / "final", self.model, self.tok)  # the trained model alone
@@ -245,13 +274,17 @@ class Trainer:
             self.close()
         return metrics
 
+    def _write(self, metrics: dict) -> None:
+        if self.log is not None:  # rank 0
+            self.log.write(metrics)
+
     def _keep_finished_step(self, metrics: dict, logged: bool) -> None:
         """After a failure past a finished step: log what it measured, then save it (choice
         "Finished steps saved").
         A save that fails too raises its own error, the first one chained to it."""
         if not logged:
             with contextlib.suppress(Exception):  # the weights matter more than the line
-                self.log.write(metrics)
+                self._write(metrics)
         self.save()
 
     def train_step(self) -> dict:
@@ -260,13 +293,16 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
 
-        # 1. Rollout: G responses per prompt, one seed per response.
-        rows = [self.train_data[i] for i in self.sampler.take(c.train.prompts_per_step)]
+        # 1. Rollout: G responses per prompt, one seed per response; this rank's prompt groups.
+        chosen = [self.train_data[i] for i in self.sampler.take(c.train.prompts_per_step)]
+        share = self.world.share(len(chosen))
+        rows = chosen[share]
+        first = share.start * G  # the step's index of this rank's first response
         problems = [r["problem"] for r in rows for _ in range(G)]
         answers = [r["answer"] for r in rows for _ in range(G)]
         prompt_ids = self._encode([r["problem"] for r in rows])
         requests = [
-            Request(prompt_ids[k // G], request_seed(c.train.seed, self.step, k))
+            Request(prompt_ids[k // G], request_seed(c.train.seed, self.step, first + k))
             for k in range(len(problems))
         ]
         samples = self.backend.generate(requests, self.sampling)
@@ -298,89 +334,43 @@ class Trainer:
         parts = self._micro_batches(batch, torch.arange(len(samples)))
         T = c.rollout.temperature
         on_policy = c.train.mini_batches == 1  # one update from these samples: ratio == 1
-        batch = batch._replace(
-            old_logp=None if on_policy else step_logprobs(self.model, batch, parts, T),
-            ref_logp=step_logprobs(self.ref, batch, parts, T) if self.ref else None,
-            advantages=adv.advantages.to(dev),
-        )
+        old = None if on_policy else self.runner(step_logprobs, batch, parts, T)
+        ref = self.ref_runner(step_logprobs, batch, parts, T) if self.ref_runner else None
+        batch = batch._replace(old_logp=old, ref_logp=ref, advantages=adv.advantages.to(dev))
         t3 = time.perf_counter()
 
         # 4. One PPO epoch: mini_batches optimizer steps, micro-batches with global counts.
-        upd = self._update(batch)
+        shard = StepShard(first, len(chosen) * G)
+        seed = request_seed(c.train.seed, self.step, -1)
+        upd = ppo_epoch(self.runner, self.model, self.opt, self.loss_fn, batch, shard, c, seed)
         self.backend.sync_weights(self.model)
         t4 = time.perf_counter()
 
         self.step += 1
-        lengths = [len(s.response_ids) for s in samples]
-        n_correct = sum(rw.correct)
-        stats = {k: float(v) for k, v in adv.stats.items()}
-        gen_tokens, all_tokens = sum(lengths), sum(batch.lengths)
+        times = all_reduce([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0], "max")  # the slowest
+        gen, all_tokens = all_reduce(
+            [sum(len(s.response_ids) for s in samples), sum(batch.lengths)], "sum"
+        )
         return {
             "step": self.step,
             "lr": lr,
-            "reward": sum(rw.outcome) / len(samples),
-            "accuracy": n_correct / len(samples),
-            "process_mean": sum(rw.process) / n_correct if n_correct else float("nan"),
-            "zero_adv_frac": stats["zero_adv_frac"],
-            "proc_active_frac": stats["proc_active_frac"],
-            "correct_adv_min": stats["correct_adv_min"],
-            "response_len": gen_tokens / len(samples),
-            "finished_frac": sum(s.finished for s in samples) / len(samples),
-            "judge_calls": rw.judge_calls,
-            "judge_invalid": rw.judge_invalid,
-            **reward_counters,
+            **rollout_metrics(samples, rw, adv.stats),
+            **sum_dicts(gather_objects(reward_counters)),
             **upd,
-            "t_rollout": t1 - t0,
-            "t_reward": t2 - t1,
-            "t_logprobs": t3 - t2,
-            "t_update": t4 - t3,
-            "t_step": t4 - t0,
-            "rollout_tok_s": gen_tokens / max(t1 - t0, 1e-9),
-            "update_tok_s": all_tokens / max(t4 - t3, 1e-9),
+            "t_rollout": times[0],
+            "t_reward": times[1],
+            "t_logprobs": times[2],
+            "t_update": times[3],
+            "t_step": times[4],
+            "rollout_tok_s": gen / max(times[0], 1e-9),
+            "update_tok_s": all_tokens / max(times[3], 1e-9),
         }
 
     def _micro_batches(self, batch, rows):
         t, packed = self.cfg.train, self.cfg.model.packed
-        return micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens, packed)
-
-    def _update(self, batch) -> dict:
-        c = self.cfg
-        gen = torch.Generator().manual_seed(request_seed(c.train.seed, self.step, -1))
-        # Metrics stay on the device as named float64 sums, read once at the end of the step.
-        zero = torch.zeros((), dtype=torch.float64, device=batch.ids.device)
-        sums = dict.fromkeys(SUMMED, zero)
-        w_max = zero
-        norms = []
-        for minibatch in torch.randperm(len(batch.ids), generator=gen).chunk(c.train.mini_batches):
-            counts = step_counts(batch, minibatch)  # docs/design.md, "Global counts"
-            for mb in self._micro_batches(batch, minibatch):
-                out = micro_batch_loss(self.model, self.loss_fn, batch, mb, counts)
-                out.loss.backward()
-                k = out.num_tokens.double()
-                add = {key: getattr(out, key).double() * k for key in LOSS_METRICS}
-                add["entropy"] = mb.valid(out.entropy).sum().double()
-                add["loss"] = out.loss.detach().double()
-                add["tokens"] = k
-                if batch.rollout_logp is not None:  # on-policy: old_logp is the loss's own logp
-                    old = mb.take(batch.old_logp) if batch.old_logp is not None else out.logp
-                    w = mb.valid(torch.exp(old.double() - mb.take(batch.rollout_logp)))
-                    add["is_weight"] = w.sum()
-                    w_max = torch.maximum(w_max, w.max()) if w.numel() else w_max
-                sums = {key: sums[key] + add.get(key, zero) for key in SUMMED}
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            norms.append(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip))
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        total = dict(zip(SUMMED, torch.stack(list(sums.values())).tolist(), strict=True))
-        per_token = 1.0 / max(total["tokens"], 1.0)
-        res = {key: total[key] * per_token for key in (*LOSS_METRICS, "entropy")}
-        if batch.rollout_logp is not None:
-            res |= {"is_weight_mean": total["is_weight"] * per_token, "is_weight_max": float(w_max)}
-        return {
-            **res,
-            "loss": total["loss"] / c.train.mini_batches,
-            "grad_norm": float(torch.stack(norms).mean()),
-        }
+        return micro_batches(
+            batch, rows, t.micro_batch_size, t.micro_batch_tokens, packed, count=lockstep_count
+        )
 
     # ------------------------------------------------------------------------- helpers
 
@@ -402,27 +392,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out avg@k at train.eval_temperature on fixed prompts and seeds."""
-        c = self.cfg.train
+        """Held-out avg@k at train.eval_temperature on fixed prompts and seeds, each rank a
+        share of the requests."""
+        c, k = self.cfg.train, self.cfg.train.eval_k
         rows = [self.eval_data[i] for i in range(min(c.eval_prompts, len(self.eval_data)))]
         prompt_ids = self._encode([r["problem"] for r in rows])
-        reqs = [
-            Request(prompt_ids[k // c.eval_k], request_seed(c.seed, -1, k))
-            for k in range(len(rows) * c.eval_k)
-        ]
+        mine = range(len(rows) * k)[self.world.share(len(rows) * k)]
+        reqs = [Request(prompt_ids[i // k], request_seed(c.seed, -1, i)) for i in mine]
         params = SamplingParams(c.eval_temperature, 1.0, self.cfg.rollout.max_new_tokens)
         samples = self.backend.generate(reqs, params)
         texts = self.tok.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        problems = [r["problem"] for r in rows for _ in range(c.eval_k)]
-        answers = [r["answer"] for r in rows for _ in range(c.eval_k)]
-        solutions = self._solutions(rows, c.eval_k)
+        problems = [rows[i // k]["problem"] for i in mine]
+        answers = [rows[i // k]["answer"] for i in mine]
+        solutions = self._solutions(rows, k)
+        solutions = None if solutions is None else [solutions[i] for i in mine]
         rw = compute_rewards(self.verifier, self.judge, problems, texts, answers, "zero", solutions)
-        n_correct = sum(rw.correct)
-        counters = collect_metrics(self.verifier, self.judge)
+        counters = sum_dicts(gather_objects(collect_metrics(self.verifier, self.judge)))
+        lengths = sum(len(s.response_ids) for s in samples)
+        n, n_correct, process, lengths = all_reduce(
+            [len(samples), sum(rw.correct), sum(rw.process), lengths], "sum"
+        )
         return {
-            "eval_accuracy": n_correct / len(samples),
-            "eval_process_mean": sum(rw.process) / n_correct if n_correct else float("nan"),
-            "eval_response_len": sum(len(s.response_ids) for s in samples) / len(samples),
+            "eval_accuracy": n_correct / n,
+            "eval_process_mean": process / n_correct if n_correct else float("nan"),
+            "eval_response_len": lengths / n,
             **{f"eval_{k}": v for k, v in counters.items()},
         }
 

@@ -61,7 +61,28 @@ def test_saved_state_loads_as_tensors_and_plain_types(tmp_path, tiny):
     assert state["step"] == 3 and state["sampler"] == EXTRA["sampler"]
     assert state["rng"]["torch"].dtype == torch.uint8
     assert isinstance(state["rng"]["python"], tuple)
-    tiny[1].load_state_dict(state["optimizer"])
+
+
+def test_shards_load_into_a_fresh_model_and_optimizer(tmp_path, tiny):
+    path = save(tmp_path, 3, tiny)
+    model = arith.build_model(arith.build_tokenizer(), hidden_size=64, layers=1, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    checkpoint.load_shards(path, model, opt)
+    for (name, p), q in zip(model.named_parameters(), tiny[0].parameters(), strict=True):
+        assert torch.equal(p, q), name
+        assert torch.equal(opt.state[p]["exp_avg"], tiny[1].state[q]["exp_avg"]), name
+    assert opt.state[next(model.parameters())]["step"] == 1
+
+
+def test_a_shards_index_with_a_pickle_payload_is_refused(tmp_path, tiny):
+    import pickle
+
+    path = save(tmp_path, 1, tiny)
+    marker = tmp_path / "marker"
+    (path / "state" / ".metadata").write_bytes(pickle.dumps(WritesAMarker(marker)))
+    with pytest.raises(ValueError, match=r"refusing to load .*\.metadata.*could run code"):
+        checkpoint.load_shards(path, *tiny)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("where", ["dotdot", "absolute", "not_a_step_name", "symlink"])
@@ -100,7 +121,7 @@ def test_resave_killed_between_renames_keeps_a_checkpoint(tmp_path, tiny, monkey
     monkeypatch.undo()
     path = latest_checkpoint(root)
     assert path == root / "step_000001"
-    assert load_state(path)["step"] == 1 and (path / "model.safetensors").is_file()
+    assert load_state(path)["step"] == 1 and (path / "state" / ".metadata").is_file()
     save(root, 1, tiny)  # and the next save goes through
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]
 
@@ -134,15 +155,13 @@ def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, tiny, monkeyp
     assert load_state(latest_checkpoint(root))["step"] == 1
 
 
-def test_full_disk_in_save_pretrained_names_the_disk(tmp_path, tiny, monkeypatch):
-    from safetensors import SafetensorError
-
+def test_full_disk_in_the_shards_names_the_disk(tmp_path, tiny, monkeypatch):
     model, opt = tiny
 
-    def full(*args, **kwargs):  # safetensors' own words for ENOSPC
-        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+    def full(*args, **kwargs):  # a shard's write hits ENOSPC
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(model, "save_pretrained", full)
+    monkeypatch.setattr(checkpoint.FileSystemWriter, "write_data", full)
     with pytest.raises(ValueError, match=r"step_000001 in .*checkpoints: the disk is full"):
         save_checkpoint(tmp_path / "checkpoints", 1, model, None, opt, EXTRA)
     assert list((tmp_path / "checkpoints").iterdir()) == []
@@ -176,7 +195,7 @@ def test_keep_prunes_the_oldest_by_step_number(tmp_path, tiny):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from papo_fast.checkpoint import RunLock
+    from papo_fast.run_dir import RunLock
     lock = RunLock(sys.argv[1])
     lock.acquire()
     print("locked", flush=True)
@@ -186,7 +205,7 @@ HOLDER = textwrap.dedent(
 
 
 def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
-    from papo_fast.checkpoint import RunLock
+    from papo_fast.run_dir import RunLock
 
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True

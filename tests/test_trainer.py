@@ -42,7 +42,7 @@ def test_one_training_step(assets, tmp_path):
     assert "is_weight_mean" not in m  # the HF backend returns no log-probs: no correction
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, "no weight changed"
-    assert (tmp_path / "run" / "checkpoints" / "step_000001" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step_000001" / "state" / ".metadata").is_file()
 
 
 def test_logprobs_match_a_plain_forward(assets, tmp_path):

@@ -3,7 +3,10 @@
     backend = HFGenerateBackend(model, tokenizer, batch_size=256)
     samples = backend.generate([Request(prompt_ids, seed), ...], SamplingParams(temperature=1.0))
 
-``sync_weights`` is a no-op here: generate samples from the trained module itself.
+In one process generate samples from the trained module itself and ``sync_weights`` does
+nothing. A sharded module cannot generate on its own (every forward is a collective, and ranks
+stop at different lengths), so a run on many processes gives each rank's backend a plain copy of
+the model, which ``sync_weights`` refreshes from the gathered weights after each update.
 
 Choices:
 1. **Per-request seeds.** Sampling is Gumbel-max: a logits processor adds Gumbel noise drawn from
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from papo_fast.batching import pad_ids
+from papo_fast.distributed import full_state_dict
 from papo_fast.rollout.base import Request, RolloutBackend, Sample, SamplingParams
 
 
@@ -47,6 +51,15 @@ class HFGenerateBackend(RolloutBackend):
             raise ValueError("the tokenizer needs eos_token and pad_token for rollouts")
         self.model, self.batch_size = model, batch_size
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Copy the trained weights into this backend's model, unless it is the trained one."""
+        if model is self.model:
+            return
+        own = self.model.state_dict()
+        for name, t in full_state_dict(model).items():
+            own[name].copy_(t)
 
     @torch.no_grad()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Sample]:

@@ -39,6 +39,7 @@ import os
 
 import torch
 
+from papo_fast.distributed import full_state_dict
 from papo_fast.rollout.base import Request, RolloutBackend, Sample, SamplingParams
 
 SEED_MOD = 2**62  # vLLM adds the sample index to the seed; keep it inside int64
@@ -110,11 +111,12 @@ class VLLMRollout(RolloutBackend):
         self._vllm = vllm
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, **kwargs) -> VLLMRollout:
-        """An engine for the trainer's model: loaded from its path (``model.name_or_path``) in its
-        dtype, then given its current weights (a resumed run's checkpoint included)."""
+    def for_model(cls, model: torch.nn.Module, path: str | None = None, **kwargs) -> VLLMRollout:
+        """An engine for the trainer's model: loaded from ``path`` (default
+        ``model.name_or_path``) in the model's dtype, then given its current weights (a resumed
+        run's checkpoint included)."""
         dtype = str(model.dtype).removeprefix("torch.")
-        backend = cls(model.name_or_path, **{"dtype": dtype, **kwargs})
+        backend = cls(path or model.name_or_path, **{"dtype": dtype, **kwargs})
         backend.sync_weights(model)
         return backend
 
@@ -150,7 +152,7 @@ class VLLMRollout(RolloutBackend):
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Push the trainer's weights into the engine, then drop the stale prefix cache."""
-        weights = list(model.state_dict().items())
+        weights = list(full_state_dict(model).items())  # gathered when sharded
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 

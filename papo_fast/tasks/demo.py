@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from papo_fast.batching import pad_ids
-from papo_fast.checkpoint import RunLock
 from papo_fast.config import Config, config_from_dict
 from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
 from papo_fast.metrics import plot_comparison, plot_run, read_metrics
+from papo_fast.run_dir import RunLock
 from papo_fast.tasks import arith
 
 
