@@ -1,7 +1,7 @@
 """The trainer's update step on padded rows against packed sequences (papo_fast/packing.py).
 
 One update over a mini-batch: the model body's forward, the fused policy loss from the LM head and
-the backward, micro-batch by micro-batch with the mini-batch's global counts, as Trainer._update
+the backward, micro-batch by micro-batch with the mini-batch's global counts, as update.ppo_epoch
 runs it. The model is the demo's tiny Qwen2 (papo_fast.tasks.arith.build_model, random weights,
 float32); the batch has a realistic spread of lengths: prompts of 10-20 tokens and responses drawn
 log-uniformly between 8 and 200 tokens (many short, a long tail), 64 sequences in micro-batches of

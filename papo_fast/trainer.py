@@ -99,6 +99,7 @@ from papo_fast.distributed import (
     barrier,
     gather_objects,
     init_world,
+    launched_size,
     shard_policy,
     sum_dicts,
 )
@@ -150,12 +151,13 @@ class Trainer:
             torch.set_num_threads(c.train.threads)
         # Everything that can fail on bad input fails here, before any training; the run
         # directory and the checkpoint are checked before the model loads (choice "Run directory").
-        self.world = init_world(model_device(c))
-        if c.train.prompts_per_step % self.world.size:
+        device, size = model_device(c), launched_size()
+        if c.train.prompts_per_step % size:
             raise ConfigError(
                 f"train.prompts_per_step ({c.train.prompts_per_step}) must divide by the number "
-                f"of processes ({self.world.size}): each rank takes whole prompt groups"
+                f"of processes ({size}): each rank takes whole prompt groups"
             )
+        self.world = init_world(device)
         self.verifier = load_verifier(c.reward.verifier)
         self.judge = load_judge(c.reward.judge)
         self.train_data = load_prompts(c.data.train_path, c.data)

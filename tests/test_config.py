@@ -39,6 +39,7 @@ def test_defaults_and_overrides(tmp_path):
         ({"rollout": {"vllm": 1}}, [], "config.rollout.vllm must be a mapping"),
         ({}, ["rollout.vllm.gpu_memory_utilization=1.5"], "gpu_memory_utilization must be in"),
         ({}, ["rollout.vllm.max_model_len=0"], "max_model_len must be null or >= 1"),
+        ({}, ["rollout.vllm.sleep_level=3"], "sleep_level must be in"),
         ({}, ["rollout.vllm.dtype=fp8"], "rollout.vllm.dtype must be null or one of"),
         ({}, ["rollout.vllm.enforce_eager=1"], "config.rollout.vllm.enforce_eager must be bool"),
         ({}, ["rollout.vllm.engine_kwargs=[1]"], "engine_kwargs must be dict"),
@@ -72,12 +73,14 @@ def test_vllm_engine_options(tmp_path):
         "rollout:\n  backend: vllm\n  vllm:\n    gpu_memory_utilization: 0.5\n"
         "    max_model_len: 4096\n    engine_kwargs: {enable_prefix_caching: true}\n"
     )
-    cfg = load_config(path, ["rollout.vllm.enforce_eager=true", "rollout.vllm.kv_cache_gib=2"])
+    sets = ["rollout.vllm.enforce_eager=true", "rollout.vllm.kv_cache_gib=2"]
+    cfg = load_config(path, [*sets, "rollout.vllm.sleep_level=1"])
     assert cfg.rollout.vllm.engine_options() == {  # no dtype: the trainer's model.dtype
         "gpu_memory_utilization": 0.5,
         "max_model_len": 4096,
         "enforce_eager": True,
         "kv_cache_gib": 2.0,
+        "sleep_level": 1,
         "enable_prefix_caching": True,
     }
     cfg = config_from_dict({}, ["rollout.vllm.dtype=bfloat16"])

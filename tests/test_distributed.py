@@ -113,6 +113,39 @@ def test_two_ranks_match_one(runs):
     assert_weights_close(final_weights(runs / "n1"), final_weights(runs / "n2"), 1e-4)
 
 
+# Small mini-batches and a token budget: the ranks need different numbers of micro-batches, and at
+# the first step some mini-batch holds no sample of one rank (a filler micro-batch); a KL term
+# brings in the sharded reference model.
+UNEVEN = {
+    "train.prompts_per_step": 4,
+    "train.mini_batches": 16,
+    "train.micro_batch_tokens": 60,
+    "loss.beta": 0.04,
+    "train.steps": 2,
+}
+
+
+def test_uneven_micro_batches_and_a_reference_model_match_one_rank(demo_assets, tmp_path):
+    from papo_fast.trainer import request_seed
+    from papo_fast.update import StepShard, own_minibatches
+
+    n = UNEVEN["train.prompts_per_step"] * 8  # the example's group size
+    seed = request_seed(0, 0, -1)
+    empty = [
+        len(rows) == 0
+        for first in (0, n // 2)
+        for rows in own_minibatches(StepShard(first, n), n // 2, UNEVEN["train.mini_batches"], seed)
+    ]
+    assert any(empty), "no filler micro-batch at the first step: choose other settings"
+    for nproc in (1, 2):
+        train(nproc, settings(demo_assets, tmp_path / f"n{nproc}", **UNEVEN))
+    one, two = metrics(tmp_path / "n1"), metrics(tmp_path / "n2")
+    assert one[0]["kl"] >= 0 and one[0]["grad_norm"] > 0
+    for key in ("loss", "grad_norm", "kl"):
+        assert_close(one[0][key], two[0][key], 1e-5, key)
+    assert_weights_close(final_weights(tmp_path / "n1"), final_weights(tmp_path / "n2"), 1e-4)
+
+
 def test_only_rank_zero_writes_the_run_files(runs):
     out = runs / "n2"
     names = {p.name for p in out.iterdir()}

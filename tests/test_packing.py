@@ -17,6 +17,7 @@ from papo_fast.packing import (
     micro_batch,
     micro_batch_loss,
     micro_batches,
+    split_further,
     split_rows,
     step_batch,
     step_counts,
@@ -245,6 +246,43 @@ def test_split_rows_by_rows_or_by_tokens():
     assert [p.tolist() for p in by_tokens] == [[4], [0], [3, 1, 2]]
     with pytest.raises(ValueError, match="lengths"):
         split_rows(order, lengths[:3], max_rows=2, max_tokens=16)
+
+
+def test_split_further_halves_the_heaviest_part_until_k():
+    lengths = [5, 30, 7, 7, 2, 9]  # tokens of sequences 0..5
+    parts = [torch.tensor([0, 1]), torch.tensor([2, 3, 4, 5])]  # 35 and 25 tokens
+    split = split_further(parts, lengths, 4)
+    # [0, 1] (35) splits first; then [2, 3, 4, 5] (25) is the heaviest that can split
+    assert [p.tolist() for p in split] == [[0], [1], [2, 3], [4, 5]]
+    alone = split_further([torch.tensor([0]), torch.tensor([1])], lengths, 5)
+    assert [p.tolist() for p in alone] == [[0], [1]]  # single sequences: no further
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lockstep_micro_batches_add_fillers_that_change_nothing(tok, packed):
+    """A rank with fewer micro-batches than the others splits further, then runs fillers: the
+    log-probs and the summed loss and gradients are those of its own micro-batches."""
+    model, model64, batch, batch64, rows = loss_setup(tok)
+    counts = step_counts(batch, rows)
+    mine = rows[:2]
+    parts = micro_batches(batch, mine, 6, 0, packed, count=lambda n: n + 3)
+    assert len(parts) == 4 and [mb.filler for mb in parts] == [False, False, True, True]
+    assert [mb.rows.tolist() for mb in parts[:2]] == [[0], [1]]
+    plain = micro_batches(batch, mine, 1, 0, packed)  # the same real parts, no fillers
+    want = step_logprobs(model, batch, plain, TEMPERATURE)
+    assert torch.equal(step_logprobs(model, batch, parts, TEMPERATURE), want)
+    none = micro_batches(batch, rows[:0], 6, 0, packed, count=lambda n: 2)  # no sample here
+    assert len(none) == 2 and all(mb.filler for mb in none)
+
+    def summed(parts):
+        model.zero_grad(set_to_none=True)
+        loss_fn = PAPOLoss(PolicyLossConfig(), temperature=TEMPERATURE)
+        for mb in parts:  # as update.ppo_epoch runs them
+            out = micro_batch_loss(model, loss_fn, batch, mb, counts)
+            (out.loss * 0 if mb.filler else out.loss).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+    assert torch.equal(summed(parts), summed(plain))
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -11,7 +11,9 @@ import pytest
 import torch
 from tiny_run import build_assets, make_config, make_trainer
 
+from papo_fast.config import ConfigError
 from papo_fast.metrics import read_metrics
+from papo_fast.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,3 +220,13 @@ def test_full_disk_at_the_final_save_is_one_clear_error(assets, tmp_path, monkey
         trainer.train()
     assert len(calls) == 1  # a failed save is not tried again on the way out
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_prompts_that_do_not_split_over_the_processes_are_refused(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    cfg = make_config(assets, tmp_path / "run", prompts_per_step=3, mini_batches=1)
+    with pytest.raises(
+        ConfigError, match=r"prompts_per_step \(3\) must divide by the number of processes \(2\)"
+    ):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()

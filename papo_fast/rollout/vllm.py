@@ -29,12 +29,18 @@ Choices:
    ``kv_cache_gib``), the model's head_dim must be >= 32, and the tests and benchmark set
    VLLM_CPU_OMP_THREADS_BIND=nobind so that the engine does not pin OpenMP threads to cores that
    other processes share.
-6. **EOS kept.** A response ends with EOS (kept in ``response_ids``, as the HF backend does, so the
+6. **Sleep mode.** With ``sleep_level`` 1 or 2 the engine sleeps between rollouts, so that it and
+   the training share one GPU: after each ``generate`` it frees its KV cache and offloads its
+   weights to the CPU (level 1) or drops them (level 2); ``sync_weights`` wakes it, then loads the
+   new weights. Level 2 keeps no copy, so a ``generate`` after a level-2 sleep without a
+   ``sync_weights`` in between is refused. vLLM offers sleep mode on CUDA GPUs only.
+7. **EOS kept.** A response ends with EOS (kept in ``response_ids``, as the HF backend does, so the
    policy learns to stop; ``finished=True``) or at max_new_tokens (``finished=False``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -73,6 +79,8 @@ class VLLMRollout(RolloutBackend):
         kv_cache_gib: on the CPU, the KV-cache size (sets VLLM_CPU_KVCACHE_SPACE when given).
         enforce_eager: no CUDA graphs / torch.compile (faster start, slower decoding).
         seed: the engine's seed (requests carry their own).
+        sleep_level: 0 (always awake), 1 or 2: vLLM's sleep level between rollouts (choice
+            "Sleep mode").
         **engine_kwargs: passed to ``vllm.LLM`` (tensor_parallel_size, enable_prefix_caching...).
     """
 
@@ -85,8 +93,14 @@ class VLLMRollout(RolloutBackend):
         kv_cache_gib: float | None = None,
         enforce_eager: bool = False,
         seed: int = 0,
+        sleep_level: int = 0,
         **engine_kwargs,
     ):
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level!r}")
+        self.sleep_level, self._asleep, self._weights_dropped = sleep_level, False, False
+        if sleep_level:
+            engine_kwargs["enable_sleep_mode"] = True
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # choice "Colocated engine"
         if kv_cache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
@@ -137,7 +151,8 @@ class VLLMRollout(RolloutBackend):
         runs = group_requests(requests)
         prompts = [TokensPrompt(prompt_token_ids=list(requests[s].prompt_ids)) for s, _ in runs]
         sps = [self._params(params, n, requests[s].seed % SEED_MOD) for s, n in runs]
-        outs = self.llm.generate(prompts, sps, use_tqdm=False)
+        with self._awake():
+            outs = self.llm.generate(prompts, sps, use_tqdm=False)
         samples: list[Sample] = []
         for (start, n), out in zip(runs, outs, strict=True):
             if len(out.outputs) != n:
@@ -153,8 +168,29 @@ class VLLMRollout(RolloutBackend):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Push the trainer's weights into the engine, then drop the stale prefix cache."""
         weights = list(full_state_dict(model).items())  # gathered when sharded
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
+        self._weights_dropped = False
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    @contextlib.contextmanager
+    def _awake(self):
+        """The engine awake for a rollout, asleep again after it (choice "Sleep mode")."""
+        if self._weights_dropped:
+            raise RuntimeError(
+                "the vLLM engine dropped its weights in a level-2 sleep: call sync_weights "
+                "before generating again"
+            )
+        self._wake()
+        yield
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep, self._weights_dropped = True, self.sleep_level == 2
 
     def close(self) -> None:
         """Free the engine (its KV cache and weights)."""
