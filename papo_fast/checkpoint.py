@@ -63,10 +63,12 @@ ASIDE = ".replaced-"  # prefix of a checkpoint directory being replaced (choice 
 
 
 def rng_state() -> dict:
-    """torch (uint8 tensor), Python (a tuple of ints) and CUDA (uint8 tensors) RNG states."""
+    """torch (uint8 tensor), Python (a tuple of ints) and, when this process uses CUDA, its
+    current GPU's (uint8 tensor) RNG states. Only the process's own GPU: touching every GPU would
+    open a context on each from every rank."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -76,8 +78,8 @@ def set_rng_state(state: dict) -> None:
         random.setstate(state["python"])
     except (TypeError, ValueError, RuntimeError) as err:
         raise RunDirError(f"the checkpoint's RNG state cannot be restored: {err}") from err
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- saving

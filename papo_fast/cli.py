@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 trainer.train()
             finally:
+                trainer.backend.close()  # an engine's own process groups go first
                 end_world()
             out = Path(cfg.train.out_dir)
             if trainer.world.main:  # under torchrun, rank 0 writes

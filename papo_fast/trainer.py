@@ -41,7 +41,7 @@ Choices, and where this departs from a textbook GRPO loop:
     of held-out evaluation with an ``eval_`` prefix (rewards/base.py, choice "Counters"). With
     data.solution_field, the reference solutions reach a judge whose ``score`` takes
     ``solutions=`` (the rubric judge does; rewards/base.py, choice "Reference solutions").
-11. **Run directory.** The run directory (checkpoint.py) is locked from construction until
+11. **Run directory.** The run directory (run_dir.py) is locked from construction until
     train() returns or raises (or close()): one run per train.out_dir. A new run refuses a
     directory that holds metrics or checkpoints; a resume needs a checkpoint and refuses changed
     settings that define the run (all but RESUMABLE), so config.json never lies. All of it, and

@@ -79,7 +79,7 @@ def test_vllm_engine_options(tmp_path):
         "gpu_memory_utilization": 0.5,
         "max_model_len": 4096,
         "enforce_eager": True,
-        "kv_cache_gib": 2.0,
+        "kv_cache_gib": 2,
         "sleep_level": 1,
         "enable_prefix_caching": True,
     }
@@ -129,7 +129,8 @@ def test_vllm_engine_options(tmp_path):
         ("rollout.temperature=0", "config.rollout.temperature must be > 0, got 0.0"),
         ("rollout.top_p=0", "config.rollout.top_p must be in (0, 1], got 0.0"),
         ("rollout.max_new_tokens=0", "config.rollout.max_new_tokens must be >= 1, got 0"),
-        ("rollout.vllm.kv_cache_gib=0", "config.rollout.vllm.kv_cache_gib must be null or > 0"),
+        ("rollout.vllm.kv_cache_gib=0", "config.rollout.vllm.kv_cache_gib must be null or >= 1"),
+        ("rollout.vllm.kv_cache_gib=1.5", "kv_cache_gib must be"),
     ],
 )
 def test_numeric_rules(override, message):
@@ -151,7 +152,6 @@ def test_numeric_rules(override, message):
         "loss.is_cap",
         "rollout.temperature",
         "train.eval_temperature",
-        "rollout.vllm.kv_cache_gib",
     ],
 )
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan", "-Infinity", "1e400"])

@@ -4,24 +4,21 @@ The runs use the demo's model (its architecture, untrained) and the example conf
 verifier that gives an untrained model a signal (tiny_run.ParityVerifier), for 3 steps.
 """
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from launch import EXAMPLE, as_sets, assert_close, command, environment, metrics, train
 from safetensors.torch import load_file
 
 from papo_fast.tasks import arith
 from papo_fast.tasks.demo import WarmupConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
 STEPS = 3
 
 
@@ -37,52 +34,24 @@ def demo_assets(tmp_path_factory):
 
 
 def settings(assets, out, **extra):
-    values = {
-        "model.path": assets / "model",
-        "data.train_path": assets / "train.jsonl",
-        "data.eval_path": "",
-        "reward.verifier": "tiny_run:ParityVerifier",
-        "train.out_dir": out,
-        "train.steps": STEPS,
-        "train.save_every": 1,
-        "train.progress": "false",
-        "train.threads": 1,
-        **extra,
-    }
-    return [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
-
-
-def command(nproc: int, args: list[str]) -> list[str]:
-    head = [sys.executable, "-m"]
-    if nproc > 1:
-        head += ["torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        head += ["-m"]
-    return [*head, "papo_fast", "train", str(ROOT / "examples" / "arith_papo.yaml"), *args]
-
-
-def environment() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
-
-
-def train(nproc: int, args: list[str]) -> None:
-    run = subprocess.run(
-        command(nproc, args), env=environment(), capture_output=True, text=True, timeout=900
+    return as_sets(
+        {
+            "model.path": assets / "model",
+            "data.train_path": assets / "train.jsonl",
+            "data.eval_path": "",
+            "reward.verifier": "tiny_run:ParityVerifier",
+            "train.out_dir": out,
+            "train.steps": STEPS,
+            "train.save_every": 1,
+            "train.progress": "false",
+            "train.threads": 1,
+            **extra,
+        }
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
-
-
-def assert_close(a: float, b: float, rel: float, what: str) -> None:
-    assert abs(a - b) <= rel * max(abs(a), abs(b)), f"{what}: {a} vs {b} (rel {rel})"
 
 
 def assert_weights_close(a: dict, b: dict, rel: float) -> None:
@@ -161,7 +130,7 @@ def test_a_two_rank_checkpoint_resumes_on_one(runs, demo_assets, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(runs / "n2", out)
     args = settings(demo_assets, out)
-    cfg = load_config(str(ROOT / "examples" / "arith_papo.yaml"), args[1::2])
+    cfg = load_config(str(EXAMPLE), args[1::2])
     trainer = Trainer(cfg, resume=True)
     try:
         assert trainer.step == STEPS

@@ -194,6 +194,37 @@ def test_demo_training_steps_with_vllm(tiny, tmp_path):
     trainer.backend.close()
 
 
+def test_vllm_rollouts_on_two_ranks_match_one(tiny, tmp_path):
+    """torchrun with 2 processes, one colocated engine each, weights pushed from the sharded
+    model after every update: the same run as one process with one engine."""
+    from launch import as_sets, assert_close, metrics, train
+
+    arith.write_jsonl(arith.make_split(0, 32, 2, 4), tmp_path / "train.jsonl")
+    for n in (1, 2):
+        values = {
+            "model.path": tiny[0],
+            "data.train_path": tmp_path / "train.jsonl",
+            "data.eval_path": "",
+            "reward.verifier": "tiny_run:ParityVerifier",
+            "rollout.backend": "vllm",
+            "rollout.vllm.kv_cache_gib": 1,
+            "rollout.vllm.enforce_eager": "true",
+            "train.steps": 2,
+            "train.prompts_per_step": 4,
+            "train.out_dir": tmp_path / f"n{n}",
+            "train.progress": "false",
+            "train.threads": 1,
+        }
+        run = train(n, as_sets(values))
+        assert "Traceback" not in run.stderr  # the engines shut down before the process group
+    one, two = metrics(tmp_path / "n1"), metrics(tmp_path / "n2")
+    for a, b in zip(one, two, strict=True):
+        assert a["response_len"] == b["response_len"] and a["accuracy"] == b["accuracy"]
+        assert abs(b["is_weight_mean"] - 1) < 1e-3  # each rank's engine has the new weights
+    for key in ("loss", "grad_norm"):
+        assert_close(one[0][key], two[0][key], 1e-5, key)
+
+
 # ----------------------------------------------------------------------------- judge server
 
 

@@ -51,3 +51,6 @@ class RolloutBackend(ABC):
 
     def sync_weights(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
         """Called after every optimizer step with the trained model; nothing by default."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Free what the backend holds (an engine); nothing by default."""

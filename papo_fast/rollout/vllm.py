@@ -76,7 +76,7 @@ class VLLMRollout(RolloutBackend):
         max_model_len: prompt + response limit (default: the model's).
         gpu_memory_utilization: share of the GPU the engine may take (weights + KV cache);
             leave room for training. Ignored on the CPU.
-        kv_cache_gib: on the CPU, the KV-cache size (sets VLLM_CPU_KVCACHE_SPACE when given).
+        kv_cache_gib: on the CPU, the KV-cache size in whole GiB (sets VLLM_CPU_KVCACHE_SPACE).
         enforce_eager: no CUDA graphs / torch.compile (faster start, slower decoding).
         seed: the engine's seed (requests carry their own).
         sleep_level: 0 (always awake), 1 or 2: vLLM's sleep level between rollouts (choice
@@ -90,7 +90,7 @@ class VLLMRollout(RolloutBackend):
         dtype: str = "auto",
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.4,
-        kv_cache_gib: float | None = None,
+        kv_cache_gib: int | None = None,
         enforce_eager: bool = False,
         seed: int = 0,
         sleep_level: int = 0,
@@ -193,5 +193,9 @@ class VLLMRollout(RolloutBackend):
             self._asleep, self._weights_dropped = True, self.sleep_level == 2
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights)."""
-        del self.llm
+        """Shut the engine down (KV cache, weights, and the process groups it made inside a
+        torchrun world, while that world still exists) and free it."""
+        llm = self.__dict__.pop("llm", None)
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if client is not None:
+            client.shutdown()
