@@ -62,7 +62,7 @@ def train(config: Path, out: Path, procs: int, threads: int) -> None:
     cmd = [*launcher, "papo_fast", "train", str(config), *(a for s in sets for a in ("--set", s))]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-6000:]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

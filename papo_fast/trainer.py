@@ -333,11 +333,13 @@ class Trainer:
         # sampler's when it reports them (choice "Rollout correction").
         dev = self.model.device
         batch = step_batch(samples, self.tok.pad_token_id, dev)
-        parts = self._micro_batches(batch, torch.arange(len(samples)))
         T = c.rollout.temperature
         on_policy = c.train.mini_batches == 1  # one update from these samples: ratio == 1
-        old = None if on_policy else self.runner(step_logprobs, batch, parts, T)
-        ref = self.ref_runner(step_logprobs, batch, parts, T) if self.ref_runner else None
+        old = ref = None
+        if not on_policy or self.ref_runner is not None:
+            parts = self._micro_batches(batch, torch.arange(len(samples)))
+            old = None if on_policy else self.runner(step_logprobs, batch, parts, T)
+            ref = self.ref_runner(step_logprobs, batch, parts, T) if self.ref_runner else None
         batch = batch._replace(old_logp=old, ref_logp=ref, advantages=adv.advantages.to(dev))
         t3 = time.perf_counter()
 
