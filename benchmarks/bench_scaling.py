@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-SIZES = [(64, 2, 16, 8, 48, 5), (256, 4, 16, 8, 48, 5)]  # (hidden, layers, prompts, G, max tokens, steps)
+# (hidden, layers, prompts, G, max tokens, steps): the demo's model, and a 4x wider, deeper one
+SIZES = [(64, 2, 16, 8, 48, 5), (256, 4, 16, 8, 48, 5)]
 SMOKE_SIZES = [(64, 1, 2, 4, 8, 2)]
 VARIANTS = {"1proc-1thread": (1, 1), "1proc-2threads": (1, 2), "2procs-1thread": (2, 1)}
 PHASES = ("t_step", "t_rollout", "t_logprobs", "t_update")
