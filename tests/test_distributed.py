@@ -84,12 +84,15 @@ def test_two_ranks_match_one(runs):
 
 # Small mini-batches and a token budget: the ranks need different numbers of micro-batches, and at
 # the first step some mini-batch holds no sample of one rank (a filler micro-batch); a KL term
-# brings in the sharded reference model.
+# brings in the sharded reference model; padded micro-batches and gradient checkpointing, the
+# settings the other runs leave at their defaults.
 UNEVEN = {
     "train.prompts_per_step": 4,
     "train.mini_batches": 16,
     "train.micro_batch_tokens": 60,
     "loss.beta": 0.04,
+    "model.packed": "false",
+    "model.gradient_checkpointing": "true",
     "train.steps": 2,
 }
 
