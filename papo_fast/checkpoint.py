@@ -349,19 +349,9 @@ def load_state(path: str | Path) -> dict:
 
 # What the shards' index may hold (choice "Nothing executed"): the format's records and the
 # torch and pathlib types they use; every other global is refused.
-_INDEX_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name)
-    for name in (
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {  # fmt: skip
+_INDEX_RECORDS = "Metadata MetadataIndex StorageMeta TensorProperties TensorStorageMetadata"
+_INDEX_RECORDS += " BytesStorageMetadata ChunkStorageMetadata _MEM_FORMAT_ENCODING"
+_INDEX_CLASSES = {("torch.distributed.checkpoint.metadata", n) for n in _INDEX_RECORDS.split()} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),
