@@ -30,6 +30,7 @@ def demo_assets(tmp_path_factory):
     tok.save_pretrained(root / "model")
     arith.build_model(tok, wc.hidden_size, wc.layers, wc.seed).save_pretrained(root / "model")
     arith.write_jsonl(arith.make_split(0, 64, *wc.train_ops), root / "train.jsonl")
+    arith.write_jsonl(arith.make_split(1, 8, *wc.heldout_ops), root / "heldout.jsonl")
     return root
 
 
@@ -85,8 +86,10 @@ def test_two_ranks_match_one(runs):
 # Small mini-batches and a token budget: the ranks need different numbers of micro-batches, and at
 # the first step some mini-batch holds no sample of one rank (a filler micro-batch); a KL term
 # brings in the sharded reference model; padded micro-batches and gradient checkpointing, the
-# settings the other runs leave at their defaults.
+# settings the other runs leave at their defaults; and held-out evaluation, each rank a share.
 UNEVEN = {
+    "train.eval_prompts": 5,  # 10 requests: 5 a rank
+    "train.eval_k": 2,
     "train.prompts_per_step": 4,
     "train.mini_batches": 16,
     "train.micro_batch_tokens": 60,
@@ -109,9 +112,16 @@ def test_uneven_micro_batches_and_a_reference_model_match_one_rank(demo_assets, 
         for rows in own_minibatches(StepShard(first, n), n // 2, UNEVEN["train.mini_batches"], seed)
     ]
     assert any(empty), "no filler micro-batch at the first step: choose other settings"
+    heldout = {"data.eval_path": demo_assets / "heldout.jsonl"}
     for nproc in (1, 2):
-        train(nproc, settings(demo_assets, tmp_path / f"n{nproc}", **UNEVEN))
+        train(nproc, settings(demo_assets, tmp_path / f"n{nproc}", **UNEVEN, **heldout))
     one, two = metrics(tmp_path / "n1"), metrics(tmp_path / "n2")
+    for a, b in zip(one, two, strict=True):  # step 0 (before training) and the last step
+        if "eval_accuracy" in a:
+            assert a["eval_accuracy"] == b["eval_accuracy"], a["step"]
+            assert a["eval_response_len"] == b["eval_response_len"], a["step"]
+    assert "eval_accuracy" in two[-1]
+    one, two = [m for m in one if m["step"] > 0], [m for m in two if m["step"] > 0]
     assert one[0]["kl"] >= 0 and one[0]["grad_norm"] > 0
     for key in ("loss", "grad_norm", "kl"):
         assert_close(one[0][key], two[0][key], 1e-5, key)
