@@ -1,0 +1,227 @@
+"""PAPOTrainer (papo_fast.integrations.trl) against TRL 1.16 itself, on the arithmetic task's tiny
+model: PAPO's advantages from TRL's reward table, the fused loss's gradient against TRL's own loss,
+and two processes (accelerate, gloo) against one. The runs are tests/trl_run.py's."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", minversion="1.16")
+
+import trl_run  # noqa: E402
+from helpers import assert_close_to_ref  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+
+from papo_fast.kernels.advantages import papo_advantages_ref  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _record(t):
+    """Keep every batch TRL's trainer returns from _generate_and_score_completions."""
+    seen, inner = [], t._generate_and_score_completions
+
+    def generate_and_score(inputs):
+        out = inner(inputs)
+        seen.append(out)
+        return out
+
+    t._generate_and_score_completions = generate_and_score
+    return seen
+
+
+def test_advantages_equal_papo_advantages_of_the_reward_table(tmp_path, one_thread):
+    judged = []  # the (token sum, outcome) of every response the process reward was called on
+
+    def process(prompts, completions, completion_ids, **kwargs):
+        judged.extend((sum(ids), trl_run.outcome_reward(None, None, [ids])[0])
+                      for ids in completion_ids)  # fmt: skip
+        return trl_run.process_reward(prompts, completions, completion_ids)
+
+    t = trl_run.trainer(str(tmp_path), "grpo", fused=False, process=process)
+    seen = _record(t)
+    t.train()
+    assert len(seen) == 2
+    for step, out in enumerate(seen):
+        sums = (out["completion_ids"] * out["completion_mask"]).sum(1).tolist()
+        outcome = torch.tensor([float(s % 2 == 0) for s in sums])
+        proc = [None if s % 4 == 0 else (s % 3) / 2 for s in sums]
+        # the module's rule for None: a correct response without a score leaves C
+        correct = (outcome == 1) & torch.tensor([p is not None for p in proc])
+        process_t = torch.tensor([0.0 if p is None else p for p in proc])
+        kw = dict(group_ids=torch.arange(len(sums)) // trl_run.GROUP, correct=correct)
+        ref64 = papo_advantages_ref(outcome, process_t, **kw)
+        ref32 = papo_advantages_ref(outcome, process_t, dtype=torch.float32, **kw)
+        assert_close_to_ref(out["advantages"], ref64.advantages, ref32.advantages,
+                            msg=f"step {step}")  # fmt: skip
+        assert t.state.log_history[step]["papo/proc_active_frac"] == pytest.approx(
+            float(ref64.stats["proc_active_frac"])
+        )
+        zero = float((ref64.advantages == 0).double().mean())
+        assert t.state.log_history[step]["papo/zero_adv_frac"] == pytest.approx(zero)
+    # The judge saw the correct responses only, and all of them.
+    assert judged and all(o == 1.0 for _, o in judged)
+    sums = [s for out in seen for s in (out["completion_ids"] * out["completion_mask"]).sum(1)]
+    assert len(judged) == sum(int(s) % 2 == 0 for s in sums)
+
+
+def test_outcome_none_is_an_error_naming_the_function_and_the_row(tmp_path):
+    def spotty_outcome(prompts, completions, completion_ids, **kwargs):
+        return [None if i == 5 else 1.0 for i in range(len(completions))]
+
+    t = trl_run.trainer(str(tmp_path), "grpo", fused=False, outcome=spotty_outcome, steps=1)
+    with pytest.raises(ValueError, match=r"'spotty_outcome' returned None .* row 5 "):
+        t.train()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"reward_weights": [1.0, 1.0, 0.0]}, "reward_weights"),
+        ({"scale_rewards": "batch"}, "scale_rewards='batch'"),
+        ({"scale_rewards": "none"}, "scale_by_std=True"),
+    ],
+)
+def test_trl_settings_papo_replaces_are_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        trl_run.trainer(str(tmp_path), "grpo", fused=False, **settings)
+
+
+@pytest.mark.parametrize(
+    "loss_type, settings, message",
+    [
+        ("sapo", {}, "supports loss_type in .* got 'sapo'"),
+        ("luspo", {"importance_sampling_level": "sequence"}, "got 'luspo'"),
+        ("grpo", {"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
+        ("grpo", {"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ("grpo", {"delta": 2.0}, "delta=2.0"),
+    ],
+)
+def test_fused_loss_refuses_what_it_cannot_match(tmp_path, loss_type, settings, message):
+    with pytest.raises(ValueError, match=message):
+        trl_run.trainer(str(tmp_path), loss_type, fused=True, **settings)
+
+
+def _batch(t, seed: int) -> dict:
+    """One generation batch scored by the trainer, with old log-probs 0.3-sized noise away from
+    the current ones, so that both clip sides and the unclipped region all occur."""
+    _training(t)
+    inputs = t._generate_and_score_completions(next(iter(t.get_train_dataloader())))
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logp, _, _ = t._get_per_token_logps_and_entropies(
+            t.model, ids, mask, inputs["completion_ids"].shape[1]
+        )
+    g = torch.Generator().manual_seed(seed)
+    inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    return inputs
+
+
+def _training(t) -> None:
+    """The state the training loop gives a micro-batch's loss: train mode, its accumulation."""
+    t.model.train()
+    t.current_gradient_accumulation_steps = t.args.gradient_accumulation_steps
+
+
+def _trl_loss_ref(t, inputs) -> torch.Tensor:
+    """TRL 1.16's ``_compute_loss`` for the four loss types (beta = 0, token-level ratios, no
+    masks or bonus), written out in the model's dtype with log-probs from the model's own logits:
+    the float64 reference. (TRL's own log-probs accumulate in float32 whatever the model's dtype,
+    so TRL run on a float64 model is no float64 reference.)"""
+    ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+    keep = ids.shape[1]
+    full = torch.cat([inputs["prompt_ids"], ids], 1)
+    attention = torch.cat([inputs["prompt_mask"], mask], 1)
+    logits = t.model(input_ids=full, attention_mask=attention).logits[:, -keep - 1 : -1]
+    logp = torch.log_softmax(logits / t.temperature, -1).gather(-1, ids[..., None])[..., 0]
+    ratio = torch.exp(logp - inputs["old_per_token_logps"])
+    adv = inputs["advantages"][:, None]
+    clipped = torch.clamp(ratio, 1 - t.epsilon_low, 1 + t.epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv) * mask  # [B, C]
+    accumulation, b = t.current_gradient_accumulation_steps, ids.shape[0]
+    if t.loss_type == "grpo":
+        return (loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if t.loss_type == "bnpo":
+        return loss.sum() / mask.sum().clamp(min=1.0) / accumulation
+    if t.loss_type == "dr_grpo":
+        return loss.sum() / (b * t.max_completion_length) / accumulation
+    tokens = inputs["num_items_in_batch"].clamp(min=1.0) / t.accelerator.num_processes
+    return loss.sum() / (tokens * accumulation / t.args.steps_per_generation)  # dapo
+
+
+def _grads(t, inputs, loss: str) -> dict[str, torch.Tensor]:
+    """Parameter gradients of the "fused" loss (PAPOTrainer's), TRL's own ("trl") or "ref"."""
+    _training(t)
+    t.model.zero_grad(set_to_none=True)
+    if loss == "fused":
+        value = t.compute_loss(t.model, inputs)
+    elif loss == "trl":
+        value = GRPOTrainer.compute_loss(t, t.model, inputs)
+    else:
+        value = _trl_loss_ref(t, inputs)
+    value.backward()
+    return {k: p.grad.detach().clone() for k, p in t.model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_fused_loss_gradient_equals_trl_loss_gradient(tmp_path, loss_type, one_thread):
+    # two accumulation steps: every count of the mapping carries them
+    settings = {"gradient_accumulation_steps": 2}
+    t32 = trl_run.trainer(str(tmp_path), loss_type, fused=True, **settings)
+    t64 = trl_run.trainer(str(tmp_path), loss_type, fused=True, dtype=torch.float64, **settings)
+    inputs = _batch(t32, seed=1)
+    inputs64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in inputs.items()}  # fmt: skip
+    ref64, fused64 = _grads(t64, inputs64, "ref"), _grads(t64, inputs64, "fused")
+    trl32, fused32 = _grads(t32, inputs, "trl"), _grads(t32, inputs, "fused")
+    for name in ref64:
+        assert ref64[name].abs().max() > 0, name  # a gradient that is all 0 would prove nothing
+        # float64 against float64: the same loss by two routes (F64_ATOL in helpers.py)
+        assert_close_to_ref(fused64[name], ref64[name], ref64[name], msg=f"{name} float64")
+        # float32: within twice TRL's own float32 error (plus a few float32 ulps of the scale)
+        assert_close_to_ref(fused32[name], ref64[name], trl32[name], msg=f"{name} float32")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+VARIANTS = ("grpo:trl", "dapo:fused")
+
+
+def test_two_processes_equal_one_process(tmp_path, one_thread):
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(TESTS / "trl_run.py"), str(tmp_path),
+        *VARIANTS,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    for variant in VARIANTS:
+        loss_type, kind = variant.split(":")
+        ranks = [torch.load(tmp_path / f"{loss_type}-{kind}-rank{r}.pt") for r in (0, 1)]
+        # accelerate without --cpu and without a GPU falls back to one process: refuse that
+        assert [r["world"] for r in ranks] == [2, 2], variant
+        one = {}
+        for dtype in (torch.float32, torch.float64):
+            t = trl_run.trainer(str(tmp_path / "one"), loss_type, kind == "fused", dtype=dtype)
+            t.train()
+            one[dtype] = trl_run.final_params(t)
+        for name, p0 in ranks[0]["params"].items():
+            assert torch.equal(p0, ranks[1]["params"][name]), f"{variant} {name}: ranks differ"
+            # The same data, the same sums of gradients in another order (each rank's half, then
+            # DDP's mean): within twice the one-process float32 run's own error.
+            assert_close_to_ref(p0, one[torch.float64][name], one[torch.float32][name],
+                                msg=f"{variant} {name}")  # fmt: skip
