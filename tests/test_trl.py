@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("trl", minversion="1.16")
+trl = pytest.importorskip("trl")
+if not trl.__version__.startswith("1.16."):  # the release line the integration supports
+    pytest.skip(f"papo_fast.integrations.trl supports trl 1.16.x, found {trl.__version__}",
+                allow_module_level=True)  # fmt: skip
 
 import trl_run  # noqa: E402
 from helpers import assert_close_to_ref  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 from papo_fast.kernels.advantages import papo_advantages_ref  # noqa: E402
+from papo_fast.rewards import AnswerLineVerifier, compute_rewards  # noqa: E402
+from papo_fast.tasks.arith import ArithRubricJudge, full_trace, parse_problem  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -72,6 +77,61 @@ def test_advantages_equal_papo_advantages_of_the_reward_table(tmp_path, one_thre
     assert len(judged) == sum(int(s) % 2 == 0 for s in sums)
 
 
+def _arith_rollout(prompts, trainer):
+    """Response k of a group: the full trace (k = 0, 3: rubric 1), the answer alone (k = 1:
+    rubric 0.5), a wrong answer (k = 2: not judged)."""
+    tok = trainer.processing_class
+    first = trainer.accelerator.process_index * len(prompts)
+    completion_ids = []
+    for i, prompt in enumerate(prompts):
+        p = parse_problem(prompt)
+        k = (first + i) % trainer.num_generations
+        text = [full_trace(p), f"Answer: {p.answer}", f"Answer: {p.answer + 1}", full_trace(p)][k]
+        completion_ids.append(tok.encode(text) + [tok.eos_token_id])
+    return {"prompt_ids": [tok.encode(p) for p in prompts], "completion_ids": completion_ids,
+            "logprobs": None}  # fmt: skip
+
+
+class _RecordingJudge(ArithRubricJudge):
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def score(self, problems, responses, answers):
+        self.seen += responses
+        return super().score(problems, responses, answers)
+
+
+def test_papo_fast_verifier_and_judge_as_rewards(tmp_path, one_thread):
+    judge = _RecordingJudge()
+    t = trl_run.trainer(
+        str(tmp_path), "grpo", fused=False, outcome=AnswerLineVerifier(), process=judge,
+        rollout_func=_arith_rollout, max_completion_length=64, steps=1,
+    )  # fmt: skip
+    seen = _record(t)
+    t.train()
+    (out,) = seen
+
+    def decode(ids, mask):
+        return t.processing_class.decode(ids[mask.bool()], skip_special_tokens=True)
+
+    texts = [decode(*x) for x in zip(out["completion_ids"], out["completion_mask"], strict=True)]
+    prompts = [decode(*x) for x in zip(out["prompt_ids"], out["prompt_mask"], strict=True)]
+    answers = [str(parse_problem(x).answer) for x in prompts]
+    expected = compute_rewards(AnswerLineVerifier(), ArithRubricJudge(), prompts, texts, answers)
+    # the judge saw exactly the correct responses
+    assert sorted(judge.seen) == sorted(
+        x for x, c in zip(texts, expected.correct, strict=True) if c
+    )
+    assert sorted(set(expected.process)) == [0.0, 0.5, 1.0]
+    kw = dict(group_ids=torch.arange(len(texts)) // trl_run.GROUP,
+              correct=torch.tensor(expected.correct))  # fmt: skip
+    outcome, process = torch.tensor(expected.outcome), torch.tensor(expected.process)
+    ref64 = papo_advantages_ref(outcome, process, **kw)
+    ref32 = papo_advantages_ref(outcome, process, dtype=torch.float32, **kw)
+    assert_close_to_ref(out["advantages"], ref64.advantages, ref32.advantages)
+    assert t.state.log_history[0]["rewards/correct/mean"] == pytest.approx(0.75)
+
+
 def test_outcome_none_is_an_error_naming_the_function_and_the_row(tmp_path):
     def spotty_outcome(prompts, completions, completion_ids, **kwargs):
         return [None if i == 5 else 1.0 for i in range(len(completions))]
@@ -102,6 +162,7 @@ def test_trl_settings_papo_replaces_are_refused(tmp_path, settings, message):
         ("grpo", {"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
         ("grpo", {"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ("grpo", {"delta": 2.0}, "delta=2.0"),
+        ("grpo", {"beta": 0.1}, "use_bias_correction_kl"),
     ],
 )
 def test_fused_loss_refuses_what_it_cannot_match(tmp_path, loss_type, settings, message):
@@ -122,6 +183,13 @@ def _batch(t, seed: int) -> dict:
         )
     g = torch.Generator().manual_seed(seed)
     inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    ratio, adv = torch.exp(logp - inputs["old_per_token_logps"]), inputs["advantages"][:, None]
+    valid = inputs["completion_mask"].bool()
+    assert ((ratio < 1 - t.epsilon_low) & (adv < 0) & valid).any()  # clipped below
+    assert ((ratio > 1 + t.epsilon_high) & (adv > 0) & valid).any()  # clipped above
+    if "ref_per_token_logps" in inputs:  # the reference is the initial policy: move it away too
+        ref = inputs["ref_per_token_logps"]
+        inputs["ref_per_token_logps"] = ref + 0.3 * torch.randn(ref.shape, generator=g)
     return inputs
 
 
@@ -132,10 +200,11 @@ def _training(t) -> None:
 
 
 def _trl_loss_ref(t, inputs) -> torch.Tensor:
-    """TRL 1.16's ``_compute_loss`` for the four loss types (beta = 0, token-level ratios, no
-    masks or bonus), written out in the model's dtype with log-probs from the model's own logits:
-    the float64 reference. (TRL's own log-probs accumulate in float32 whatever the model's dtype,
-    so TRL run on a float64 model is no float64 reference.)"""
+    """TRL 1.16's ``_compute_loss`` for the four loss types (token-level ratios, k3 KL without
+    the bias correction, no masks or bonus), written out in the model's dtype with log-probs
+    from the model's own logits: the float64 reference. (TRL's own log-probs accumulate in
+    float32 whatever the model's dtype, so TRL run on a float64 model is no float64 reference.)
+    """
     ids, mask = inputs["completion_ids"], inputs["completion_mask"]
     keep = ids.shape[1]
     full = torch.cat([inputs["prompt_ids"], ids], 1)
@@ -145,7 +214,11 @@ def _trl_loss_ref(t, inputs) -> torch.Tensor:
     ratio = torch.exp(logp - inputs["old_per_token_logps"])
     adv = inputs["advantages"][:, None]
     clipped = torch.clamp(ratio, 1 - t.epsilon_low, 1 + t.epsilon_high)
-    loss = -torch.min(ratio * adv, clipped * adv) * mask  # [B, C]
+    loss = -torch.min(ratio * adv, clipped * adv)
+    if t.beta != 0.0:  # k3 against the reference, unweighted (use_bias_correction_kl=False)
+        delta = inputs["ref_per_token_logps"] - logp
+        loss = loss + t.beta * (torch.exp(delta) - delta - 1)
+    loss = loss * mask  # [B, C]
     accumulation, b = t.current_gradient_accumulation_steps, ids.shape[0]
     if t.loss_type == "grpo":
         return (loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
@@ -171,12 +244,23 @@ def _grads(t, inputs, loss: str) -> dict[str, torch.Tensor]:
     return {k: p.grad.detach().clone() for k, p in t.model.named_parameters()}
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_fused_loss_gradient_equals_trl_loss_gradient(tmp_path, loss_type, one_thread):
+@pytest.mark.parametrize(
+    "loss_type, extra",
+    [
+        ("grpo", {}),
+        ("bnpo", {}),
+        ("dr_grpo", {}),
+        ("dapo", {}),
+        ("grpo", {"beta": 0.1, "use_bias_correction_kl": False}),
+    ],
+)
+def test_fused_loss_gradient_equals_trl_loss_gradient(tmp_path, loss_type, extra, one_thread):
     # two accumulation steps: every count of the mapping carries them
-    settings = {"gradient_accumulation_steps": 2}
+    settings = {"gradient_accumulation_steps": 2, **extra}
     t32 = trl_run.trainer(str(tmp_path), loss_type, fused=True, **settings)
-    t64 = trl_run.trainer(str(tmp_path), loss_type, fused=True, dtype=torch.float64, **settings)
+    t64 = trl_run.trainer(
+        str(tmp_path / "64"), loss_type, fused=True, dtype=torch.float64, **settings
+    )
     inputs = _batch(t32, seed=1)
     inputs64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
                 for k, v in inputs.items()}  # fmt: skip

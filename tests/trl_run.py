@@ -61,21 +61,26 @@ def dataset() -> Dataset:
 
 def trainer(out: str, loss_type: str, fused: bool, processes: int = 1, dtype=torch.float32,
             steps: int = 2, outcome=outcome_reward, process=process_reward,
-            **settings) -> PAPOTrainer:  # fmt: skip
+            rollout_func=None, **settings) -> PAPOTrainer:  # fmt: skip
     """The run's trainer: plain SGD and no gradient clipping, so that the parameters after two
     steps are a sum of gradients whose float error the test can bound."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=64, layers=1).to(dtype)
+    if settings.get("beta", 0.0) != 0.0:  # TRL loads its reference model from the policy's path
+        model.save_pretrained(f"{out}/policy")
+        model = f"{out}/policy"
+        settings["model_init_kwargs"] = {"dtype": dtype}
+    settings = {"max_completion_length": 8, **settings}
     args = GRPOConfig(
         output_dir=out, per_device_train_batch_size=BATCH // processes, num_generations=GROUP,
-        max_completion_length=8, max_steps=steps, use_cpu=True, report_to="none",
+        max_steps=steps, use_cpu=True, report_to="none",
         save_strategy="no", logging_steps=1, learning_rate=0.5, optim="sgd", max_grad_norm=0.0,
         seed=0, bf16=False, loss_type=loss_type, shuffle_dataset=False, **settings,
     )  # fmt: skip
     return PAPOTrainer(
         model, outcome, process, args=args, train_dataset=dataset(),
-        processing_class=tok, rollout_func=rollout, fused_loss=fused,
+        processing_class=tok, rollout_func=rollout_func or rollout, fused_loss=fused,
     )  # fmt: skip
 
 

@@ -51,7 +51,7 @@ from trl.trainer.utils import is_async_callable
 from papo_fast.config import AdvantageConfig
 from papo_fast.integrations.trl_loss import FusedPolicyLoss
 from papo_fast.kernels.advantages import MODES, papo_advantages
-from papo_fast.rewards.base import Judge, Outcome, Verifier, compute_rewards
+from papo_fast.rewards.base import Outcome, Verifier, compute_rewards
 
 # The overridden methods are TRL internals: the tested release line only.
 SUPPORTED_TRL = "1.16."
@@ -91,12 +91,12 @@ class PAPORewards:
 
     def __init__(self, outcome, process, answer_key="answer", solution_key=None, on_invalid="zero"):
         for name, f, kind in (
-            ("outcome_reward", outcome, Verifier),
-            ("process_reward", process, Judge),
+            ("outcome_reward", outcome, "verify"),
+            ("process_reward", process, "score"),
         ):
-            if not (isinstance(f, kind) or callable(f)):
-                raise TypeError(f"{name} must be a {kind.__name__} or a callable, got {f!r}")
-            if is_async_callable(f):
+            if not (_has(f, kind) or callable(f)):
+                raise TypeError(f"{name} must have {kind}() or be a callable, got {f!r}")
+            if not _has(f, kind) and is_async_callable(f):
                 raise TypeError(
                     f"{name} must be synchronous: the process score waits for the outcome"
                 )
@@ -119,7 +119,7 @@ class PAPORewards:
         return kwargs[key]
 
     def outcome(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
-        if isinstance(self.outcome_fn, Verifier):
+        if _has(self.outcome_fn, "verify"):
             answers = self._answers(kwargs, self.answer_key)
             outs = list(self.outcome_fn.verify(
                 [_text(p) for p in prompts], [_text(c) for c in completions], answers
@@ -143,7 +143,7 @@ class PAPORewards:
 
     def process(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         outs = self._outcomes_of(completions)
-        if isinstance(self.process_fn, Judge):
+        if _has(self.process_fn, "score"):
             solutions = self._answers(kwargs, self.solution_key)
             return compute_rewards(
                 _Known(outs), self.process_fn, [_text(p) for p in prompts],
@@ -168,6 +168,11 @@ class PAPORewards:
 
     def correct(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         return [float(o.correct) for o in self._outcomes_of(completions)]
+
+
+def _has(f, method: str) -> bool:
+    """A papo_fast Verifier (``verify``) or Judge (``score``), subclass or duck-typed."""
+    return callable(getattr(f, method, None))
 
 
 def _name(f) -> str:
