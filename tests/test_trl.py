@@ -22,6 +22,7 @@ import trl_run  # noqa: E402
 from helpers import assert_close_to_ref  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
+from papo_fast.integrations.trl import PAPORewards  # noqa: E402
 from papo_fast.kernels.advantages import papo_advantages_ref  # noqa: E402
 from papo_fast.rewards import AnswerLineVerifier, compute_rewards  # noqa: E402
 from papo_fast.tasks.arith import ArithRubricJudge, full_trace, parse_problem  # noqa: E402
@@ -137,8 +138,27 @@ def test_outcome_none_is_an_error_naming_the_function_and_the_row(tmp_path):
         return [None if i == 5 else 1.0 for i in range(len(completions))]
 
     t = trl_run.trainer(str(tmp_path), "grpo", fused=False, outcome=spotty_outcome, steps=1)
-    with pytest.raises(ValueError, match=r"'spotty_outcome' returned None .* row 5 "):
+    with pytest.raises(
+        ValueError, match=r"'spotty_outcome' returned None .* row 5 .*process 0, its row 5"
+    ):
         t.train()
+
+
+async def _async_reward(prompts, completions, completion_ids, **kwargs):
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "rewards, message",
+    [
+        ((42, trl_run.process_reward), "outcome_reward must have verify.. or be a callable"),
+        ((trl_run.outcome_reward, "judge"), "process_reward must have score.. or be a callable"),
+        ((_async_reward, trl_run.process_reward), "outcome_reward must be synchronous"),
+    ],
+)
+def test_rewards_that_are_neither_functions_nor_verifiers_are_refused(rewards, message):
+    with pytest.raises(TypeError, match=message):
+        PAPORewards(*rewards)
 
 
 @pytest.mark.parametrize(

@@ -179,17 +179,23 @@ def _name(f) -> str:
     return getattr(f, "__name__", type(f).__name__)
 
 
-def table_advantages(table: torch.Tensor, group_size: int, cfg: AdvantageConfig, names: dict):
+def table_advantages(
+    table: torch.Tensor, group_size: int, rows_per_process: int, cfg: AdvantageConfig, names: dict
+):
     """PAPO advantages of the gathered reward table [N, 3] (COLUMNS), groups of ``group_size``
-    consecutive rows. Returns papo_advantages' output and the share of correct responses whose
-    process score is missing (choice "None")."""
+    consecutive rows, ``rows_per_process`` rows from each process in turn. Returns
+    papo_advantages' output and the share of correct responses whose process score is missing
+    (choice "None")."""
     outcome, process, correct = table.double().unbind(1)
     bad = torch.isnan(outcome)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
-        raise ValueError(f"outcome reward {names['outcome']!r} returned None (or NaN) for row "
-                         f"{row} of the gathered batch ({int(bad.sum())} such rows); an outcome "
-                         "reward must score every response")  # fmt: skip
+        rank, local = divmod(row, rows_per_process)
+        raise ValueError(
+            f"outcome reward {names['outcome']!r} returned None (or NaN) for row {row} of the "
+            f"gathered batch (process {rank}, its row {local}; {int(bad.sum())} such rows): an "
+            "outcome reward must score every response"
+        )
     if table.shape[0] % group_size:
         raise ValueError(f"{table.shape[0]} responses do not split into groups of {group_size}")
     correct = correct > 0.5
@@ -273,9 +279,9 @@ class PAPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        adv, not_judged = table_advantages(self._papo_table, group, self.advantage,
+        n = output["advantages"].numel()  # this process's rows
+        adv, not_judged = table_advantages(self._papo_table, group, n, self.advantage,
                                            self.papo_rewards.names)  # fmt: skip
-        n = output["advantages"].numel()
         rank = self.accelerator.process_index
         output["advantages"] = adv.advantages[rank * n : (rank + 1) * n].to(output["advantages"])
         logged = self._logs["advantages"]  # TRL's own advantages of this batch: replaced
