@@ -29,6 +29,7 @@ setup(
         "papo_fast.rollout",
         "papo_fast.rewards",
         "papo_fast.tasks",
+        "papo_fast.integrations",
         "papo_fast.kernels",
     ],
     package_dir={"papo_fast": "papo_fast", "papo_fast.kernels": "kernels"},
@@ -59,6 +60,22 @@ setup(
         "gpu": ["flash-attn>=2.6", "vllm>=0.11"],
         # papo_fast.integrations.trl: PAPOTrainer overrides TRL internals: the tested release.
         "trl": ["trl>=1.16,<1.17", "accelerate>=1.15"],
+        # papo_fast.integrations.verl: the tested verl release (its trainer hooks are internals);
+        # what verl's default v1 trainer imports beyond verl's own requirements (its "verl-core"
+        # extra, which also pulls CUDA-only packages); the judge's and verifier's extras.
+        "verl": [
+            "verl==0.9.1",
+            "TransferQueue>=0.1.10",
+            "cachetools",
+            "fastapi",
+            "uvicorn",
+            "httpx>=0.27",
+            "math-verify>=0.7",
+        ],
     },
-    entry_points={"console_scripts": ["papo-fast = papo_fast.cli:main"]},
+    entry_points={
+        "console_scripts": ["papo-fast = papo_fast.cli:main"],
+        # verl imports every plugin of this group when it is imported (VERL_USE_EXTERNAL_PLUGINS)
+        "verl.plugins": ["papo_fast = papo_fast.integrations.verl"],
+    },
 )

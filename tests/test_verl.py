@@ -1,0 +1,437 @@
+"""papo_fast inside verl 0.9.1, through verl's own registries and data paths (CPU).
+
+Runs in its own virtual environment (.ci/run's verl group); elsewhere the module is skipped.
+- the plugin loads through the ``verl.plugins`` entry point in a fresh process;
+- ``papo`` (via ``get_adv_estimator_fn``) on verl-shaped batches: string uids, shuffled rows,
+  each reward on its response's last valid token: ``orm`` mode against verl's ``grpo``, every
+  mode against ``papo_advantages``;
+- the ``papo_fast`` policy loss (via ``get_policy_loss_fn``) against verl's ``vanilla``, loss and
+  gradient, for each aggregation, with two data-parallel ranks emulated by verl's
+  ``global_batch_info``;
+- the trainer glue: the legacy ``compute_advantage`` patch, and the v1 ``papo_sync`` trainer's
+  ``_compute_advantage`` against a real TransferQueue (local Ray);
+- ``compute_score``, made and loaded as verl loads a custom reward function.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl")
+
+from helpers import F64_ATOL, assert_close, assert_close_to_ref, ref_error  # noqa: E402
+from omegaconf import OmegaConf, open_dict  # noqa: E402
+from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn  # noqa: E402
+from verl.workers.config import ActorConfig  # noqa: E402
+
+from papo_fast.integrations import verl as papo_verl  # noqa: E402
+from papo_fast.integrations.verl_fields import fields_from_rows, handing_over  # noqa: E402
+from papo_fast.integrations.verl_reward import make_compute_score  # noqa: E402
+from papo_fast.kernels.advantages import MODES, papo_advantages  # noqa: E402
+from papo_fast.rewards.base import Judge  # noqa: E402
+
+pytestmark = pytest.mark.verl
+
+P, G, L = 24, 8, 13  # prompts, responses per prompt, padded response length
+
+
+def verl_batch(seed: int = 0, shaped: bool = False) -> dict:
+    """A verl-shaped batch: uid strings, rows shuffled, right-padded response masks, the outcome
+    on each response's last valid token, the correctness and rubric score compute_score gives."""
+    g = torch.Generator().manual_seed(seed)
+    n = P * G
+    uids = np.repeat(np.array([str(uuid.UUID(int=seed * 1000 + i + 1)) for i in range(P)]), G)
+    perm = torch.randperm(n, generator=g).numpy()
+    uids = uids[perm].astype(object)
+    lengths = torch.randint(1, L + 1, (n,), generator=g)
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).float()  # [B, L]
+    correct = torch.rand(n, generator=g) < 0.5
+    outcome = correct.float()
+    if shaped:  # an overlong-style penalty on top of the binary reward
+        outcome = outcome - 0.3 * torch.rand(n, generator=g)
+    tiers = torch.tensor([0.0, 0.5, 1.0])
+    process = torch.where(correct, tiers[torch.randint(0, 3, (n,), generator=g)], 0.0)
+    rewards = torch.zeros(n, L)
+    rewards[torch.arange(n), lengths - 1] = outcome
+    return dict(uids=uids, mask=mask, rewards=rewards, outcome=outcome, correct=correct,
+                process=process)  # fmt: skip
+
+
+def algorithm(**papo) -> object:
+    return OmegaConf.create({"adv_estimator": "papo", "norm_adv_by_std_in_grpo": True,
+                             "papo": papo})  # fmt: skip
+
+
+def handed(b: dict):
+    infos = [{"score": float(o), "acc": float(c), "papo_process": float(p)}
+             for o, c, p in zip(b["outcome"], b["correct"], b["process"], strict=True)]  # fmt: skip
+    return handing_over(fields_from_rows(b["uids"], infos))
+
+
+# ----------------------------------------------------------------------------- plugin
+
+
+def test_plugin_loads_through_entry_point_in_a_fresh_process():
+    probe = (
+        "from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY as A, "
+        "POLICY_LOSS_REGISTRY as L\n"
+        "from verl.trainer.ppo.v1 import trainer_base as t\n"
+        "print('papo' in A, 'papo_fast' in L, 'papo_sync' in t.TRAINER_REGISTRY)\n"
+    )
+    env = dict(os.environ)
+    env.pop("VERL_USE_EXTERNAL_MODULES", None)
+    env.pop("VERL_USE_EXTERNAL_PLUGINS", None)
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-3:] == ["True", "True", "True"]
+    # the same process with verl's plugin discovery off: nothing of ours is registered, so it
+    # was the entry point that loaded the plugin above
+    env["VERL_USE_EXTERNAL_PLUGINS"] = "none"
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-3:] == ["False", "False", "False"]
+
+
+# ----------------------------------------------------------------------------- estimator
+
+
+@pytest.mark.parametrize("shaped", [False, True], ids=["binary", "shaped"])
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_papo_orm_mode_matches_verl_grpo(shaped, scale_by_std):
+    b = verl_batch(seed=1, shaped=shaped)
+    cfg = OmegaConf.create({"adv_estimator": "papo", "norm_adv_by_std_in_grpo": scale_by_std,
+                            "papo": {"mode": "orm"}})  # fmt: skip
+    ours, returns = get_adv_estimator_fn("papo")(
+        token_level_rewards=b["rewards"], response_mask=b["mask"], index=b["uids"], config=cfg
+    )
+    grpo = get_adv_estimator_fn("grpo")
+    kw = dict(response_mask=b["mask"], index=b["uids"], norm_adv_by_std_in_grpo=scale_by_std)
+    theirs, _ = grpo(token_level_rewards=b["rewards"], **kw)
+    theirs64, _ = grpo(token_level_rewards=b["rewards"].double(), response_mask=b["mask"].double(),
+                       index=b["uids"], norm_adv_by_std_in_grpo=scale_by_std)  # fmt: skip
+    assert ours.dtype == theirs.dtype and torch.equal(ours, returns)
+    assert torch.equal(ours[b["mask"] == 0], torch.zeros_like(ours[b["mask"] == 0]))
+    # Not bitwise: papo_advantages sums in float64 and rounds once, verl's grpo rounds each
+    # float32 step; both are held to float64 (verl's own formula), ours within twice verl's
+    # float32 error plus 4 float32 ulps of the advantages' scale.
+    assert_close_to_ref(ours, theirs64, theirs, msg="papo orm vs grpo")
+    assert ref_error(ours, theirs64) <= ref_error(theirs, theirs64)  # never less accurate
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_papo_estimator_equals_papo_advantages(mode):
+    b = verl_batch(seed=2)
+    with handed(b) as fields:
+        adv, _ = get_adv_estimator_fn("papo")(
+            token_level_rewards=b["rewards"], response_mask=b["mask"], index=b["uids"],
+            config=algorithm(mode=mode, lam=0.7),
+        )  # fmt: skip
+    _, gid = np.unique(b["uids"].astype(str), return_inverse=True)
+    want = papo_advantages(b["outcome"], b["process"], group_ids=torch.from_numpy(gid),
+                           correct=b["correct"], mode=mode, lam=0.7)  # fmt: skip
+    assert torch.equal(adv, want.advantages[:, None] * b["mask"])
+    assert fields.stats["num_groups"] == P  # the statistics reach the trainer's metrics
+
+
+def test_papo_estimator_without_process_score_names_the_fix():
+    b = verl_batch(seed=3)
+    with pytest.raises(ValueError, match="papo_process.*papo_sync"):
+        get_adv_estimator_fn("papo")(token_level_rewards=b["rewards"], response_mask=b["mask"],
+                                     index=b["uids"], config=algorithm(mode="papo"))  # fmt: skip
+
+
+def test_papo_estimator_refuses_rows_other_than_those_read():
+    b = verl_batch(seed=4)
+    with handed(b), pytest.raises(ValueError, match="reordered or filtered"):
+        get_adv_estimator_fn("papo")(token_level_rewards=b["rewards"], response_mask=b["mask"],
+                                     index=b["uids"][::-1].copy(), config=algorithm())  # fmt: skip
+
+
+def test_papo_settings_name_the_bad_key():
+    b = verl_batch(seed=5)
+    for bad, match in [({"lamda": 1.0}, r"algorithm\.papo\.lamda"),
+                       ({"mode": "grpo"}, r"algorithm\.papo\.mode")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            get_adv_estimator_fn("papo")(token_level_rewards=b["rewards"],
+                                         response_mask=b["mask"], index=b["uids"],
+                                         config=algorithm(**bad))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+
+def loss_batch(seed: int = 0, b: int = 12, dtype=torch.float64) -> dict:
+    """Per-token advantages broadcast from per-response values, as verl passes them; log-ratios
+    spread across both clip edges and past the dual clip (ratio > 3 for A < 0)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, L + 1, (b,), generator=g)
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    logp = -3 * torch.rand(b, L, generator=g, dtype=torch.float64)
+    old = logp + 0.6 * torch.randn(b, L, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, 1, generator=g, dtype=torch.float64) * mask
+    weights = 2 * torch.rand(b, L, generator=g, dtype=torch.float64)
+    return dict(logp=logp.to(dtype), old=old.to(dtype), adv=adv.to(dtype), mask=mask,
+                weights=weights.to(dtype))  # fmt: skip
+
+
+def run_loss(name: str, d: dict, agg: str, info: dict, weighted: bool):
+    cfg = ActorConfig(strategy="fsdp", rollout_n=G, ppo_micro_batch_size_per_gpu=2,
+                      clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode=agg)  # fmt: skip
+    cfg.global_batch_info.update(info)
+    logp = d["logp"].clone().requires_grad_()
+    loss, metrics = get_policy_loss_fn(name)(
+        old_log_prob=d["old"], log_prob=logp, advantages=d["adv"], response_mask=d["mask"],
+        loss_agg_mode=agg, config=cfg, rollout_is_weights=d["weights"] if weighted else None,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.detach(), grad, metrics
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "rollout_is_weights"])
+@pytest.mark.parametrize("agg", papo_verl.VERL_AGGS)
+def test_policy_loss_matches_verl_vanilla_on_two_ranks(agg, weighted):
+    full = loss_batch(seed=7)
+    shards = [{k: v[r::2] for k, v in full.items()} for r in range(2)]  # rank r's rows
+    info = {"dp_size": 2, "batch_num_tokens": int(full["mask"].sum()),
+            "global_batch_size": int((full["mask"].sum(-1) > 0).sum()),
+            "loss_scale_factor": None}  # fmt: skip
+    grads64 = []
+    for shard in shards:
+        f32 = {k: v.float() if v.is_floating_point() else v for k, v in shard.items()}
+        ours = run_loss("papo_fast", f32, agg, info, weighted)
+        theirs = run_loss("vanilla", f32, agg, info, weighted)
+        theirs64 = run_loss("vanilla", shard, agg, info, weighted)
+        assert ours[0].dtype == torch.float32
+        # err(ours vs verl's float64) <= 2 * err(verl's float32 vs its float64) + 4 float32 ulps
+        # of the result's scale: the derived rule of tests/helpers.py
+        assert_close_to_ref(ours[0], theirs64[0], theirs[0], msg=f"{agg} loss")
+        assert_close_to_ref(ours[1], theirs64[1], theirs[1], msg=f"{agg} grad")
+        if not weighted:  # weights fold into A (choice 4): the fractions then count A*w = 0 too
+            for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"):
+                assert ours[2][key] == pytest.approx(theirs[2][key], abs=1e-6), key
+        grads64.append(run_loss("papo_fast", shard, agg, info, weighted)[1])
+    # verl's data parallelism averages the ranks' gradients: that is the one-rank gradient
+    # (float64 against float64: F64_ATOL says why)
+    alone = {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None,
+             "loss_scale_factor": None}  # fmt: skip
+    one = run_loss("papo_fast", full, agg, alone, weighted)[1]
+    avg = torch.zeros_like(one)
+    avg[0::2], avg[1::2] = grads64[0] / 2, grads64[1] / 2
+    assert_close(avg, one, atol=F64_ATOL, msg=f"{agg}: 2 ranks vs 1")
+
+
+def test_policy_loss_needs_global_counts_on_two_ranks():
+    d = loss_batch(seed=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="batch_num_tokens is required"):
+        run_loss("papo_fast", d, "token-mean", {"dp_size": 2}, False)
+
+
+# ----------------------------------------------------------------------------- trainer glue
+
+
+def test_legacy_patch_hands_non_tensor_batch_to_papo(monkeypatch):
+    from verl import DataProto
+    from verl.trainer.ppo import ray_trainer
+
+    from papo_fast.integrations.verl_trainer import patch_legacy_trainer
+
+    monkeypatch.setattr(ray_trainer, "compute_advantage", ray_trainer.compute_advantage)
+    b = verl_batch(seed=9)
+
+    def data():  # as RayPPOTrainer.fit has it: compute_score's dict merged into non_tensor_batch
+        return DataProto.from_dict(
+            tensors={"token_level_rewards": b["rewards"], "response_mask": b["mask"]},
+            non_tensors={"uid": b["uids"], "papo_process": b["process"].numpy(),
+                         "acc": b["correct"].float().numpy()},
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match="papo_process"):  # verl alone hands over nothing
+        ray_trainer.compute_advantage(data(), adv_estimator="papo", config=algorithm())
+    patch_legacy_trainer()
+    patch_legacy_trainer()  # idempotent
+    assert ray_trainer.compute_advantage.__wrapped__.__module__ == "verl.trainer.ppo.ray_trainer"
+    out = ray_trainer.compute_advantage(data(), adv_estimator="papo", config=algorithm(lam=0.5))
+    _, gid = np.unique(b["uids"].astype(str), return_inverse=True)
+    want = papo_advantages(b["outcome"], b["process"], group_ids=torch.from_numpy(gid),
+                           correct=b["correct"], lam=0.5)  # fmt: skip
+    assert torch.equal(out.batch["advantages"], want.advantages[:, None] * b["mask"])
+    # other estimators pass through the wrapper unchanged
+    grpo = ray_trainer.compute_advantage(data(), adv_estimator="grpo", config=algorithm())
+    ref, _ = get_adv_estimator_fn("grpo")(token_level_rewards=b["rewards"],
+                                          response_mask=b["mask"], index=b["uids"])  # fmt: skip
+    assert torch.equal(grpo.batch["advantages"], ref)
+
+
+# ----------------------------------------------------------------------------- compute_score
+
+
+class CountingJudge(Judge):
+    """Scores 0.5 when the response shows its work ("because"), else 1; counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, problems, responses, answers):
+        self.calls += len(responses)
+        assert all(p == "What is 2 + 3?" for p in problems)
+        return [0.5 if "because" in r else 1.0 for r in responses]
+
+
+def test_compute_score_returns_outcome_correctness_and_process():
+    judge = CountingJudge()
+    score = make_compute_score("answer_line", judge)
+    info = {"question": "What is 2 + 3?"}
+    assert score("arith", "5 because 2 + 3\nAnswer: 5", "5", info) == {
+        "score": 1.0, "acc": 1.0, "papo_process": 0.5}  # fmt: skip
+    assert score("arith", "Answer: 5", "5", info)["papo_process"] == 1.0
+    assert judge.calls == 2
+    # a wrong response: process 0, the judge is not asked
+    assert score("arith", "Answer: 6", "5", info) == {"score": 0.0, "acc": 0.0, "papo_process": 0.0}
+    assert judge.calls == 2
+    with pytest.raises(ValueError, match="extra_info has no 'question'"):
+        score("arith", "Answer: 5", "5", {"prompt": "What is 2 + 3?"})
+
+
+def test_compute_score_loads_as_verl_custom_reward_function():
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    config = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://papo_fast.integrations.verl_reward", "name": "compute_score",
+        "reward_kwargs": {"verifier": "answer_line", "judge": "none"}}}})  # fmt: skip
+    fn = get_custom_reward_fn(config)
+    out = fn(data_source="arith", solution_str="Answer: 7", ground_truth="7", extra_info={})
+    assert out == {"score": 1.0, "acc": 1.0, "papo_process": 0.0}
+
+
+# ----------------------------------------------------------------------------- v1 trainer
+
+
+def v1_trainer(**algo):
+    """verl's own papo_sync trainer, built by verl's __init__ from verl's generated default
+    config (nothing of it needs a GPU before fit())."""
+    import verl
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    path = os.path.join(
+        os.path.dirname(verl.__file__), "trainer/config/_generated_ppo_trainer.yaml"
+    )
+    cfg = OmegaConf.load(path)
+    cfg.trainer.v1.trainer_mode = "papo_sync"
+    cfg.algorithm.adv_estimator = "papo"
+    cfg.actor_rollout_ref.rollout.n = 4
+    with open_dict(cfg):
+        cfg.algorithm.papo = algo
+    return get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)
+
+
+def test_papo_sync_runs_verl_sync_code_paths():
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    trainer = v1_trainer()
+    # verl compares trainer_mode with "sync": any other name builds the async replay buffer
+    assert trainer.trainer_mode == "sync"
+    assert type(trainer.replay_buffer) is ReplayBuffer
+    assert not isinstance(trainer.replay_buffer, ReplayBufferAsync)
+
+
+@pytest.fixture(scope="module")
+def transfer_queue():
+    """A local Ray and TransferQueue (controller and one storage unit, one logical CPU each)."""
+    import ray
+    import transfer_queue as tq
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    yield tq
+    tq.close()
+    ray.shutdown()
+
+
+def agent_loop_rows(b: dict, n: int) -> tuple[list[str], list[dict]]:
+    """The first n rows of ``b`` as verl's v1 agent loop puts them in TransferQueue: keys
+    uid_session_index, ragged response fields, compute_score's dict in extra_fields."""
+    keys, rows, sessions = [], [], {}
+    for i in range(n):
+        uid, length = b["uids"][i], int(b["mask"][i].sum())
+        sessions[uid] = sessions.get(uid, -1) + 1
+        keys.append(f"{uid}_{sessions[uid]}_0")
+        info = {"score": float(b["outcome"][i]), "acc": float(b["correct"][i]),
+                "papo_process": float(b["process"][i])}  # fmt: skip
+        rows.append({"uid": uid, "responses": torch.ones(length, dtype=torch.int64),
+                     "response_mask": torch.ones(length, dtype=torch.int64),
+                     "rm_scores": b["rewards"][i, :length].clone(),
+                     "extra_fields": {"reward_extra_info": info}})  # fmt: skip
+    return keys, rows
+
+
+def test_papo_sync_hands_the_process_score_through_transfer_queue(transfer_queue):
+    from verl.trainer.ppo.v1 import PPOTrainerSync
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    tq = transfer_queue
+    b = verl_batch(seed=11)
+    n = 64  # rows of 8 groups at most, in verl_batch's shuffled order: ragged groups
+    keys, rows = agent_loop_rows(b, n)
+    meta = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(rows))
+    trainer = v1_trainer(mode="papo", lam=0.8)
+    with pytest.raises(ValueError, match="papo_process"):  # verl's own sync trainer: no hand-over
+        PPOTrainerSync._compute_advantage(trainer, meta, {})
+    metrics = {}
+    trainer._compute_advantage(meta, metrics)
+    got = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
+    got = got["advantages"].to_padded_tensor(padding=0.0)  # [n, L'] nested -> padded
+    _, gid = np.unique(b["uids"][:n].astype(str), return_inverse=True)
+    want = papo_advantages(b["outcome"][:n], b["process"][:n], group_ids=torch.from_numpy(gid),
+                           correct=b["correct"][:n], lam=0.8)  # fmt: skip
+    mask = b["mask"][:n, : got.shape[1]]
+    assert torch.equal(got, want.advantages[:, None] * mask)
+    assert metrics["papo/num_groups"] == len(set(b["uids"][:n]))
+    assert metrics["papo/proc_active_frac"] == pytest.approx(float(want.stats["proc_active_frac"]))
+
+
+# ----------------------------------------------------------------------------- example config
+
+
+def test_example_config_composes_and_validates_with_verl():
+    """examples/verl_papo_qwen2.5.yaml as verl's main_ppo reads it (hydra over verl's own
+    ppo_trainer defaults), checked by verl's validate_config, its trainer and reward function
+    built by verl's loaders. Training itself (8 GPUs, a judge server) is not run."""
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.utils.config import validate_config
+
+    examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+    with initialize_config_dir(config_dir=os.path.abspath(examples), version_base=None):
+        cfg = compose(config_name="verl_papo_qwen2.5")
+    validate_config(
+        cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg)
+    )
+    assert (cfg.data.train_batch_size, cfg.actor_rollout_ref.rollout.n) == (128, 8)
+    actor = cfg.actor_rollout_ref.actor
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.use_kl_loss) == (0.2, 0.28, False)
+    assert cfg.data.train_batch_size // actor.ppo_mini_batch_size == 4
+    assert get_policy_loss_fn(actor.policy_loss.loss_mode) is get_policy_loss_fn("papo_fast")
+    trainer = get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)
+    assert trainer.trainer_mode == "sync"
+    assert papo_verl.PAPOSettings.from_algorithm(cfg.algorithm)[0].mode == "papo"
+    assert callable(get_custom_reward_fn(cfg))
+
+
+def test_papo_sync_refuses_multi_output_sessions():
+    from types import SimpleNamespace
+
+    trainer = v1_trainer()
+    meta = SimpleNamespace(keys=["a_0_0", "a_1_0", "a_1_1"], partition_id="train")
+    with pytest.raises(ValueError, match="'a_1_1' is not a session's only output"):
+        trainer._compute_advantage(meta, {})
