@@ -435,3 +435,47 @@ def test_papo_sync_refuses_multi_output_sessions():
     meta = SimpleNamespace(keys=["a_0_0", "a_1_0", "a_1_1"], partition_id="train")
     with pytest.raises(ValueError, match="'a_1_1' is not a session's only output"):
         trainer._compute_advantage(meta, {})
+
+
+class ByteTokenizer:
+    """decode() is all verl's naive reward manager asks of a tokenizer: one byte a token id."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(int(i) for i in ids).decode()
+
+
+def test_verl_reward_manager_carries_compute_score_fields():
+    """verl's own naive reward manager (what the v1 agent loop runs per response) on our
+    compute_score: its reward_extra_info, which the agent loop stores in extra_fields, is what
+    papo_sync reads."""
+    import asyncio
+
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+
+    judge = CountingJudge()
+    texts = ["5 because 2 + 3\nAnswer: 5", "Answer: 5", "Answer: 4"]
+
+    def row(text: str) -> DataProto:
+        ids = torch.tensor([list(text.encode()) + [0, 0]])  # right padding after the response
+        prompt = torch.ones(1, 3, dtype=torch.int64)
+        attention = torch.cat([prompt, (ids != 0).long()], dim=1)
+        return DataProto.from_dict(
+            tensors={"prompts": prompt, "responses": ids, "attention_mask": attention},
+            non_tensors={"data_source": np.array(["arith"], dtype=object),
+                         "reward_model": np.array([{"ground_truth": "5"}], dtype=object),
+                         "extra_info": np.array([{"question": "What is 2 + 3?"}], dtype=object)},
+        )  # fmt: skip
+
+    async def score_all():
+        cls = get_reward_manager_cls("naive")
+        manager = cls(None, ByteTokenizer(), make_compute_score("answer_line", judge))
+        return [await manager.run_single(row(t)) for t in texts]
+
+    results = asyncio.run(score_all())
+    assert [r["reward_score"] for r in results] == [1.0, 1.0, 0.0]
+    infos = [r["reward_extra_info"] for r in results]
+    fields = fields_from_rows(["u", "u", "u"], infos)
+    assert fields.process.tolist() == [0.5, 1.0, 0.0]
+    assert fields.correct.tolist() == [True, True, False]
+    assert judge.calls == 2
