@@ -276,3 +276,20 @@ def test_verl_reward_manager_carries_compute_score_fields():
     assert fields.process.tolist() == [0.5, 1.0, 0.0]
     assert fields.correct.tolist() == [True, True, False]
     assert judge.calls == 2
+
+
+def test_legacy_patch_applies_through_verl_external_modules():
+    """The legacy trainer runs in a Ray actor: the patch reaches it as verl's own external-module
+    switch, applied when that process imports verl."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from verl.trainer.ppo import ray_trainer\n"
+        "print(getattr(ray_trainer.compute_advantage, 'papo_fast_patched', False))\n"
+    )
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="papo_fast.integrations.verl_legacy")
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "True"

@@ -5,6 +5,8 @@ registered in verl's own registries when verl loads its plugins (entry point gro
     algorithm.adv_estimator=papo  +algorithm.papo.mode=papo  +algorithm.papo.lam=1.0
     actor_rollout_ref.actor.policy_loss.loss_mode=papo_fast
     trainer.v1.trainer_mode=papo_sync      # hands the process score to the estimator
+    # the legacy trainer (trainer.use_v1=False) instead of papo_sync:
+    #   VERL_USE_EXTERNAL_MODULES=papo_fast.integrations.verl_legacy
 
 Importing this module also registers the v1 trainer mode ``papo_sync`` (verl_trainer.py) when
 verl's v1 trainer can be imported. The reward side is verl_reward.py.
@@ -148,7 +150,8 @@ def compute_papo_advantage(
         raise ValueError(
             f"algorithm.papo.mode={settings.mode!r} needs the process score of each response: "
             f"return it from compute_score as {'papo_process'!r} and run "
-            "trainer.v1.trainer_mode=papo_sync (legacy trainer: patch_legacy_trainer())"
+            "trainer.v1.trainer_mode=papo_sync (legacy trainer: "
+            "VERL_USE_EXTERNAL_MODULES=papo_fast.integrations.verl_legacy)"
         )
     with torch.no_grad():
         out = papo_advantages(
