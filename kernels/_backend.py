@@ -93,3 +93,9 @@ def none_grads(forward, differentiable: int = 1) -> tuple[None, ...]:
     """The None gradients an autograd.Function's backward returns for the inputs of ``forward``
     after its first ``differentiable`` ones, counted from its signature (ctx excluded)."""
     return (None,) * (len(inspect.signature(forward).parameters) - 1 - differentiable)
+
+
+def at_offset(t: torch.Tensor, aligned: bool) -> torch.Tensor:
+    """t, or a copy of it starting one element past a 16-byte boundary, as a caller's slice may
+    (Triton specializes a kernel on whether each pointer is 16-byte aligned)."""
+    return t if aligned else torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)

@@ -40,6 +40,7 @@ from ._backend import (
 )
 from .advantages_triton import (
     MIN_CORRECT,
+    MODES,
     N_CORRECT,
     N_WRONG,
     NUM_ADV_STATS,
@@ -47,17 +48,9 @@ from .advantages_triton import (
     SUM_CORRECT,
     SUM_WRONG,
     ZERO_ADV,
+    kernel_rewards,
     papo_advantages_triton,
 )
-
-# mode -> (outcome reward: None | "outcome" | "product", process members: None | "correct" | "all")
-MODES: dict[str, tuple[str | None, str | None]] = {
-    "papo": ("outcome", "correct"),
-    "orm": ("outcome", None),
-    "prm": (None, "all"),
-    "mult": ("product", None),
-    "fullnorm": ("outcome", "all"),
-}
 
 
 class AdvantagesOutput(NamedTuple):
@@ -303,15 +296,7 @@ def papo_advantages(
             group_ids, n, for_kernel=which == "triton"
         )
 
-    out_r = None
-    if out_kind == "product":  # in float64: a float32 / float16 product may overflow, an int wrap
-        out_r = outcome.double() * process.double()
-    elif out_kind is not None:
-        out_r = outcome if outcome.is_floating_point() else outcome.float()
-    proc_r = None
-    if proc_kind is not None:
-        proc_r = process if process.is_floating_point() else process.float()
-    proc_all = proc_kind == "all"
+    out_r, proc_r, proc_all = kernel_rewards(mode, outcome, process)
     lam = 1.0 if mode == "prm" else float(lam)
     correct = correct.contiguous()
     if which == "triton" and n > 0:

@@ -13,7 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import Slot
+from ._backend import Slot, at_offset
+
+# mode -> (outcome reward: None | "outcome" | "product", process members: None | "correct" | "all")
+MODES: dict[str, tuple[str | None, str | None]] = {
+    "papo": ("outcome", "correct"),
+    "orm": ("outcome", None),
+    "prm": (None, "all"),
+    "mult": ("product", None),
+    "fullnorm": ("outcome", "all"),
+}
 
 # The statistics' sums, float64: the kernel writes one row per program (summed, MIN_CORRECT by
 # min), the PyTorch path one vector.
@@ -148,6 +157,33 @@ def _papo_adv_kernel(
     tl.store(row + SUM_WRONG, sum_w)
 
 
+def kernel_rewards(
+    mode: str, outcome: torch.Tensor, process: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """What ``mode`` normalizes (MODES): (outcome part | None, process part | None, whether the
+    process part is normalized over all members). Floats stay in their dtype, integers become
+    float32; the "mult" product is formed in float64 (in float32 or float16 it may overflow, in an
+    integer dtype wrap)."""
+    out_kind, proc_kind = MODES[mode]
+    out_r = None
+    if out_kind == "product":
+        out_r = outcome.double() * process.double()
+    elif out_kind is not None:
+        out_r = outcome if outcome.is_floating_point() else outcome.float()
+    proc_r = None
+    if proc_kind is not None:
+        proc_r = process if process.is_floating_point() else process.float()
+    return out_r, proc_r, proc_kind == "all"
+
+
+def adv_launch_config(n: int, num_programs: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for n responses over num_programs group slots: BLOCK covers the mean
+    group in one tile (groups of ~8 are the norm; larger ones loop over BLOCK-wide tiles), from
+    16 to 1024, with 1 warp up to 128 and 4 above."""
+    block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
+    return block, 1 if block <= 128 else 4
+
+
 def papo_advantages_triton(
     out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_std
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,16 +198,46 @@ def papo_advantages_triton(
         torch.empty(n, dtype=torch.float32, device=correct.device) for _ in range(3)
     )
     partials = torch.empty(num_programs, NUM_ADV_STATS, dtype=torch.float64, device=correct.device)
-    # groups of ~8 are the norm; larger groups loop over BLOCK-wide tiles
-    block = min(max(triton.next_power_of_2(triton.cdiv(n, max(num_programs, 1))), 16), 1024)
+    block, num_warps = adv_launch_config(n, num_programs)
     _papo_adv_kernel[(num_programs,)](
         out_r, proc_r, correct, perm, offsets,
         adv, adv_out, adv_proc, partials,
         lam, eps,
         BLOCK=block, OUT_PART=out_r is not None, PROC_PART=proc_r is not None,
         PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, NUM_STATS=NUM_ADV_STATS,
-        num_warps=1 if block <= 128 else 4,
+        num_warps=num_warps,
     )  # fmt: skip
     stats = partials.sum(0)
     stats[MIN_CORRECT] = partials[:, MIN_CORRECT].amin()
     return adv, adv_out, adv_proc, stats
+
+
+# ----------------------------------------------------------------------------- launch space
+# Every input papo_advantages can hand the launcher, for the ahead-of-time compile check
+# (benchmarks/compile_check.py): each dimension's values, the heaviest (most registers) last.
+# Group sizes are the first size of each (BLOCK, num_warps) that adv_launch_config picks; with
+# group ids there is one program slot per response, so those launches always get its smallest.
+LAUNCH_SPACE = {
+    "mode": tuple(MODES),
+    "dtype": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "group_ids": (True, False),
+    "group_size": tuple({adv_launch_config(g, 1): g for g in range(4096, 0, -1)}.values())[::-1],
+    "num_groups": (1, 3),
+    "scale_by_std": (False, True),
+    "aligned": (False, True),
+}
+HEAVY_DIMS = ("mode", "dtype")  # compiled in every combination, the other dimensions heaviest
+
+
+def example_launch(mode, dtype, group_ids, group_size, num_groups, scale_by_std, aligned) -> None:
+    """The launch papo_advantages makes at one point of LAUNCH_SPACE, on CPU tensors (the compile
+    check records it instead of running it); not aligned: the caller's tensors are slices."""
+    n = group_size * num_groups
+    outcome, process = (at_offset(torch.ones(n, dtype=dtype), aligned) for _ in range(2))
+    correct = at_offset(torch.ones(n, dtype=torch.bool), aligned)
+    if group_ids:  # papo_advantages sorts the ids: a perm, and one offsets slot per response
+        perm, offsets = torch.arange(n), torch.full((n + 1,), n)
+    else:
+        perm, offsets = None, at_offset(torch.arange(0, n + 1, group_size), aligned)
+    out_r, proc_r, proc_all = kernel_rewards(mode, outcome, process)
+    papo_advantages_triton(out_r, proc_r, correct, perm, offsets, 1.0, 1e-6, proc_all, scale_by_std)

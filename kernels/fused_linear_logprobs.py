@@ -118,8 +118,7 @@ def _grad_logits_kernel(
 
 
 def launch_grid(n_rows: int) -> tuple[int]:
-    """One program per token row, on grid dimension 0 (up to 2^31 - 1; dims 1 and 2 stop at
-    65,535, so a long packed sequence never goes there)."""
+    """One program per token row, on grid dimension 0 (to 2^31 - 1; dims 1 and 2 stop at 65,535)."""
     return (n_rows,)
 
 
@@ -130,25 +129,38 @@ def launch_grid(n_rows: int) -> tuple[int]:
 
 def _stats_triton(z: torch.Tensor, targets: torch.Tensor, entropy: bool):
     rows, n_vocab = z.shape
-    lse = torch.empty(rows, device=z.device, dtype=torch.float32)
-    logp = torch.empty_like(lse)
+    lse, logp = (torch.empty(rows, device=z.device, dtype=torch.float32) for _ in range(2))
     ent = torch.empty_like(lse) if entropy else lse  # dummy pointer when ENTROPY is off
-    if rows == 0:
-        return lse, logp, (ent if entropy else None)
-    _lse_fwd_kernel[launch_grid(rows)](
-        z, targets, lse, logp, ent, n_vocab, z.stride(0), ENTROPY=entropy, num_warps=8
-    )
+    if rows > 0:
+        _lse_fwd_kernel[launch_grid(rows)](
+            z, targets, lse, logp, ent, n_vocab, z.stride(0), ENTROPY=entropy, num_warps=8
+        )
     return lse, logp, (ent if entropy else None)
 
 
 def _grad_triton(z: torch.Tensor, targets, lse, coef) -> torch.Tensor:
     rows, n_vocab = z.shape
-    if rows == 0:
-        return z
-    _grad_logits_kernel[launch_grid(rows)](
-        z, targets, lse, coef.float().contiguous(), n_vocab, z.stride(0), num_warps=8
-    )
+    if rows > 0:
+        _grad_logits_kernel[launch_grid(rows)](
+            z, targets, lse, coef.float().contiguous(), n_vocab, z.stride(0), num_warps=8
+        )
     return z
+
+
+# For benchmarks/compile_check.py (heaviest last): widths at each BLOCK_V step, a real vocabulary (a
+# multiple of 16). Vectors are read only from the logits chunk, a fresh (aligned) buffer.
+_WIDTHS = {_lse_fwd_kernel.values["BLOCK_V"]({"n_vocab": v}): v for v in range(4096, 0, -1)}
+LAUNCH_SPACE = {
+    "dtype": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "vocab": (*sorted(_WIDTHS.values()), 152064),
+    "entropy": (False, True),
+}
+
+
+def example_launch(dtype, vocab, entropy) -> None:
+    """Both launches at one point of LAUNCH_SPACE, on CPU tensors (the check records them)."""
+    z, t = torch.zeros(2, vocab, dtype=dtype), torch.zeros(2, dtype=torch.long)
+    _grad_triton(z, t, _stats_triton(z, t, entropy)[0], torch.ones(2))
 
 
 # ----------------------------------------------------------------------------- PyTorch

@@ -50,7 +50,12 @@ from .policy_loss_torch import (
     advantages_per_token,
     policy_loss_torch,
 )
-from .policy_loss_triton import finalize_triton, policy_loss_triton, reduce_partials
+from .policy_loss_triton import (
+    finalize_triton,
+    needs_seq_counts,
+    policy_loss_triton,
+    reduce_partials,
+)
 
 Count = int | float | torch.Tensor
 
@@ -267,9 +272,8 @@ class PolicyLossFunction(torch.autograd.Function):
         dtype = compute_dtype(logp)
         inputs = (logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg)
         if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
-            need_counts = num_seqs is None or (cfg.agg.endswith("norm") and max_len is None)
             grad, partials, seq_counts = policy_loss_triton(
-                *inputs, adv_per_token, need_seq_counts=cfg.agg != "token-mean" and need_counts
+                *inputs, adv_per_token, need_seq_counts=needs_seq_counts(cfg, num_seqs, max_len)
             )
             if not any(isinstance(c, torch.Tensor) for c in counts):
                 loss, inv_denom, metrics = finalize_triton(

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .loss_config import KLS
+from ._backend import at_offset, compute_dtype
+from .loss_config import AGGS, KLS, RATIO_LEVELS, PolicyLossConfig
 from .policy_loss_torch import (
     CLIP_HIGH,
     CLIP_LOW,
@@ -296,6 +297,14 @@ def _policy_loss_finalize_kernel(
 # rollout_logp and per-token advantages when given (b each), the mask (1) in the padded layout, and
 # writes the gradient (b); backward reads and writes it once more (2b). Per-sequence advantages,
 # cu_seqlens and the stats are O(B). ~10 FLOPs a token: memory-bound everywhere.
+def needs_seq_counts(cfg, num_seqs, max_len) -> bool:
+    """Whether the denominator needs this call's own per-sequence counts: N_seqs (and L_max for
+    the Dr. GRPO norm) when the caller gave none."""
+    if cfg.agg == "token-mean":
+        return False
+    return num_seqs is None or (cfg.agg.endswith("norm") and max_len is None)
+
+
 def policy_loss_triton(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
     need_seq_counts=True,
@@ -386,3 +395,51 @@ def finalize_triton(
         HAS_COUNTS=counts is not None, NUM_STATS=NUM_STATS, BLOCK=256,
     )  # fmt: skip
     return loss, inv_denom, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Every input policy_loss can hand the two launchers, for the ahead-of-time compile check
+# (benchmarks/compile_check.py): each dimension's values, the heaviest (most registers) last. Token
+# counts are the first of each _block size, and a multiple of 16 (Triton specializes on it).
+LAUNCH_SPACE = {
+    "dtype": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "kl": (None, *KLS),
+    "agg": tuple(sorted(AGGS, key=lambda a: a == "seq-mean-token-mean")),
+    "packed": (False, True),
+    "tokens": (*tuple({_block(t): t for t in range(4096, 0, -1)}.values())[::-1], 4096),
+    "seqs": (1, 5, 16),
+    "old": (False, True),
+    "adv_per_token": (False, True),
+    "ratio_level": RATIO_LEVELS,
+    "dual": (False, True),
+    "rollout": (False, True),
+    "mask": (torch.float32, torch.int64, torch.bool),
+    "cu_seqlens": (torch.int64, torch.int32),
+    "counts": ("given", "local"),
+    "aligned": (False, True),
+}
+HEAVY_DIMS = ("dtype", "kl", "agg")  # compiled in every combination, the other dimensions heaviest
+
+
+def example_launch(
+    dtype, kl, agg, packed, tokens, seqs, old, adv_per_token, ratio_level, dual, rollout, mask,
+    cu_seqlens, counts, aligned,
+) -> None:  # fmt: skip
+    """The launches policy_loss makes at one point of LAUNCH_SPACE, on CPU tensors (the compile
+    check records them instead of running them); not aligned: the caller's tensors are slices."""
+    cfg = PolicyLossConfig(
+        beta=0.0 if kl is None else 0.1, kl=kl or "k3", ratio_level=ratio_level, agg=agg,
+        dual_clip=3.0 if dual else None,
+    )  # fmt: skip
+    length = -(-tokens // seqs)
+    shape = (tokens,) if packed else (seqs, length)
+    given = lambda on, s=shape, d=dtype: at_offset(torch.zeros(s, dtype=d), aligned) if on else None
+    logp, adv = given(True), given(True, shape if adv_per_token else (seqs,))
+    cu = torch.linspace(0, tokens, seqs + 1).to(cu_seqlens)
+    m, cu = (None, given(True, cu.shape, cu_seqlens)) if packed else (given(True, d=mask), None)
+    num = (None,) * 3 if counts == "local" else (tokens, seqs, length)
+    _, partials, seq_counts = policy_loss_triton(
+        logp, given(old), adv, m, cu, given(kl is not None), given(rollout), cfg, adv_per_token,
+        needs_seq_counts(cfg, *num[1:]),
+    )  # fmt: skip
+    finalize_triton(partials, seq_counts, cfg, *num, compute_dtype(logp))
