@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch. On a CUDA machine: make TORCH_SPEC='torch==2.13.0' with your CUDA index configured.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test layout bench bench-smoke lint format clean
+.PHONY: demo test layout compile-check bench bench-smoke lint format clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(VENV)/.installed
 # no file over 450 lines. Part of `make test` too.
 layout: $(VENV)/.installed
 	$(BIN)/pytest -q tests/test_layout.py
+
+# Every Triton kernel compiled for sm_80, sm_90 and sm_100 (no GPU needed) at the launches its
+# launcher can make: fails on a compile error, spills over budget, shared memory or registers over
+# the architecture's limits. One worker process per core.
+compile-check: $(VENV)/.installed
+	$(BIN)/python benchmarks/compile_check.py
 
 bench: $(VENV)/.installed
 	$(BIN)/pytest benchmarks/ --benchmark-only
