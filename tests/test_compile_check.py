@@ -77,19 +77,28 @@ MODULES = {
 
 
 @pytest.fixture(scope="module")
-def check_run(tmp_path_factory) -> subprocess.CompletedProcess:
-    """One run of the check over the modules above, for sm_90 only, without TRITON_INTERPRET."""
+def module_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("kernel_modules")
     head = "import torch\nimport triton\nimport triton.language as tl\n"
     for name, body in MODULES.items():
         (folder / f"{name}.py").write_text(head + textwrap.dedent(body))
+    return folder
+
+
+def _run_check(folder: Path, modules, timeout: float) -> subprocess.CompletedProcess:
+    """The check over ``modules`` (in ``folder``), for sm_90 only, without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
-    modules = [arg for name in MODULES for arg in ("--module", name)]
-    cmd = [sys.executable, str(SCRIPT), "--arch", "90", "--jobs", "1", "--timeout", "120"]
+    args = [arg for name in modules for arg in ("--module", name)]
+    cmd = [sys.executable, str(SCRIPT), "--arch", "90", "--jobs", "1", "--timeout", str(timeout)]
     return subprocess.run(
-        cmd + modules, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+        cmd + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
     )
+
+
+@pytest.fixture(scope="module")
+def check_run(module_dir) -> subprocess.CompletedProcess:
+    return _run_check(module_dir, MODULES, timeout=120)
 
 
 def _failures(run: subprocess.CompletedProcess, kernel: str) -> list[str]:
@@ -132,6 +141,15 @@ def test_compile_check_tables_what_it_compiled(check_run):
     }
     (hog,) = [r for r in rows if r.startswith("| _shared_hog_kernel")]
     assert "| sm_90 | 2 |" in hog  # both BLOCK_K values compiled
+
+
+def test_compile_check_stops_a_compile_past_its_time_limit(module_dir):
+    """A compile still running at the limit (here 0.2 s: the worker is still importing) is
+    killed and reported; a hung ptxas ends the same way."""
+    run = _run_check(module_dir, ["cc_big_tile"], timeout=0.2)
+    assert run.returncode == 1
+    failures = _failures(run, "_shared_hog_kernel")
+    assert len(failures) == 2 and all("timed out after 0.2 s" in f for f in failures), run.stderr
 
 
 def _load_check():
