@@ -7,7 +7,7 @@ Runs in its own virtual environment (.ci/run's verl group); elsewhere the module
   real TransferQueue (local Ray), refuses multi-output sessions;
 - ``compute_score``: made, loaded as verl loads a custom reward function, run by verl's naive
   reward manager (whose reward_extra_info the v1 agent loop stores);
-- examples/verl_papo_qwen2.5.yaml through hydra and verl's config checks.
+- examples/verl/papo_qwen2.5.yaml through hydra and verl's config checks.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def test_papo_sync_hands_the_process_score_through_transfer_queue(transfer_queue
 
 
 def test_example_config_composes_and_validates_with_verl():
-    """examples/verl_papo_qwen2.5.yaml as verl's main_ppo reads it (hydra over verl's own
+    """examples/verl/papo_qwen2.5.yaml as verl's main_ppo reads it (hydra over verl's own
     ppo_trainer defaults), checked by verl's validate_config, its trainer and reward function
     built by verl's loaders. Training itself (8 GPUs, a judge server) is not run."""
     from hydra import compose, initialize_config_dir
@@ -208,9 +208,9 @@ def test_example_config_composes_and_validates_with_verl():
     from verl.trainer.ppo.v1 import get_trainer_cls
     from verl.utils.config import validate_config
 
-    examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+    examples = os.path.join(os.path.dirname(__file__), "..", "examples", "verl")
     with initialize_config_dir(config_dir=os.path.abspath(examples), version_base=None):
-        cfg = compose(config_name="verl_papo_qwen2.5")
+        cfg = compose(config_name="papo_qwen2.5")
     validate_config(
         cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg)
     )
