@@ -1,7 +1,8 @@
 """Shared benchmark plumbing.
 
 Each suite defines ``SIZES`` (what `pytest benchmarks/ --benchmark-only` times) and ``SMOKE_SIZES``
-(what CI runs with --benchmark-disable: every benchmark body once, small, so the suites never rot).
+(what CI runs with --benchmark-disable: every benchmark body once, small, so the suites never rot;
+--smoke-sizes times them).
 A test that takes a ``size`` argument is parametrized over the one that fits the run.
 """
 
@@ -26,10 +27,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--smoke-sizes", action="store_true",
+        help="time SMOKE_SIZES instead of SIZES (benchmarks/gpu_check.py's CPU rehearsal)",
+    )  # fmt: skip
+
+
 def pytest_generate_tests(metafunc):
     if "size" not in metafunc.fixturenames:
         return
     smoke = metafunc.config.getoption("benchmark_disable", False)
+    smoke = smoke or metafunc.config.getoption("smoke_sizes", False)
     sizes = metafunc.module.SMOKE_SIZES if smoke else metafunc.module.SIZES
     metafunc.parametrize("size", sizes, ids=[str(s) for s in sizes])
 

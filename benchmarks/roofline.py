@@ -162,7 +162,8 @@ def policy_loss(tokens: int, length: int = 1024, block: int = 1024) -> Roofline:
         Step("backward: grad * scale (read the saved gradient, write it scaled)",
              tokens * 4, tokens * 4, flops=tokens),
     ]  # fmt: skip
-    return Roofline("policy_loss fwd+bwd", f"{tokens // 1024}k tokens", minimum, ours)
+    label = f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+    return Roofline("policy_loss fwd+bwd", f"{label} tokens", minimum, ours)
 
 
 # ----------------------------------------------------------------------------- fused linear
