@@ -339,15 +339,19 @@ def kernel_modules(names: list[str]) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="e.g. 80,90,100")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser.add_argument("--jobs", type=int, default=cores or 1, help="worker processes")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per compile")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--module", action="append", default=[], help="only these modules")
     args = parser.parse_args(argv)
-    archs = [int(a) for a in args.arch.split(",")]
-    unknown = sorted(set(archs) - set(SHARED_LIMIT))
+    archs = [int(a) if a.strip().isdigit() else a for a in args.arch.split(",")]
+    unknown = [a for a in archs if a not in SHARED_LIMIT]
     if unknown:
-        parser.error(f"--arch {unknown}: the limits are known for {sorted(SHARED_LIMIT)}")
+        parser.error(f"--arch {args.arch!r}: {unknown} unknown, the limits are known for "
+                     f"{sorted(SHARED_LIMIT)} (sm_80, sm_90, sm_100)")  # fmt: skip
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     cache = tempfile.mkdtemp(prefix="compile_check_")
     os.environ["TRITON_CACHE_DIR"] = cache  # fresh, so that ptxas runs (workers inherit it)
     t0 = time.monotonic()
