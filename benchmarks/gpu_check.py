@@ -30,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -141,9 +142,10 @@ class Run:
 
 
 def _checked(res: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
-    if res.returncode != 0:
-        tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
-        raise RuntimeError(f"{what} exited {res.returncode}: " + " | ".join(tail))
+    if res.returncode != 0:  # the lines that name an error, else the last ones
+        lines = [x.strip() for x in (res.stdout + res.stderr).splitlines() if x.strip()]
+        errors = [x for x in lines if "error" in x.lower()][:4] or lines[-4:]
+        raise RuntimeError(f"{what} exited {res.returncode}: " + " / ".join(errors))
     return res
 
 
@@ -154,20 +156,20 @@ def install(run: Run, limit: float) -> str:
     py, done = sys.executable, []
     wheels = sorted(run.args.wheels.glob("*.whl")) if run.args.wheels.is_dir() else []
     if wheels:
-        site = run.out.resolve() / "site"
+        site = tempfile.mkdtemp(prefix="gpu_check_site_")  # not under --out: results only there
         _checked(run.sh([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                          "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
                          *map(str, wheels)], limit), "pip install of the wheels")  # fmt: skip
-        run.env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(site), run.env.get("PYTHONPATH")])
-        )
+        run.env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, run.env.get("PYTHONPATH")]))
         done.append(f"{len(wheels)} wheel(s) from {run.args.wheels}")
     _checked(run.sh([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                      "--no-index", "-e", "."], limit), "pip install -e .")  # fmt: skip
     done.append("papo_fast (editable)")
-    probe = ("import importlib, json, sys\nv = {}\nfor m in sys.argv[1:]:\n    try:\n"
-             "        v[m] = getattr(importlib.import_module(m), '__version__', 'present')\n"
-             "    except Exception as e:\n        v[m] = None\nprint(json.dumps(v))")  # fmt: skip
+    probe = ("import importlib, importlib.metadata as md, json, sys\nv = {}\n"
+             "for m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)\n"
+             "        v[m] = md.version(m.replace('_', '-'))\n"
+             "    except md.PackageNotFoundError:\n        v[m] = 'unversioned'\n"
+             "    except Exception:\n        v[m] = None\nprint(json.dumps(v))")  # fmt: skip
     versions = json.loads(_checked(run.sh([py, "-c", probe, *MODULES], limit), "probe").stdout)
     run.results["env"]["modules"] = {k: str(v) if v else None for k, v in versions.items()}
     missing = [m for m, v in versions.items() if v is None]
@@ -307,6 +309,12 @@ def _t(s: float | None) -> str:
     return f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} µs"
 
 
+def _cell(text: str, width: int = 160) -> str:
+    """Text for a table cell: one line, no column separators."""
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def markdown(res: dict) -> str:
     env = res["env"]
     ref = env.get("references") or {}
@@ -316,7 +324,7 @@ def markdown(res: dict) -> str:
         f"copy {ref.get('copy_tb_s', 0):.3g} TB/s; matmul {ref.get('matmul_tflop_s', 0):.3g} "
         f"TFLOP/s ({ref.get('matmul_dtype', '-')}). Wall time {res.get('wall_s', 0):.0f} s.", "",
         "## Stages", "", "| stage | status | seconds | detail |", "|---|---|---:|---|",
-        *(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['detail'][:120]} |"
+        *(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {_cell(s['detail'])} |"
           for s in res["stages"]),
         "", "## Benchmarks (minimum over rounds)", "",
         "| suite | size | variant | min | median | rounds |", "|---|---|---|---:|---:|---:|",
@@ -352,7 +360,7 @@ def main(argv=None) -> int:
     run.finish()
     bad = [s["name"] for s in run.results["stages"] if s["status"] in ("failed", "timeout")]
     print(f"[gpu_check] wrote {args.out}/results.json and results.md; "
-          f"{'problems in: ' + ', '.join(bad) if bad else 'every stage ran'}")  # fmt: skip
+          f"{'failed or timed out: ' + ', '.join(bad) if bad else 'no stage failed'}")  # fmt: skip
     return 1 if bad else 0
 
 

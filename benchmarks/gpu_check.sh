@@ -8,8 +8,11 @@
 #                           [--skip STAGE,...]
 #
 # --dry-run rehearses the whole pipeline on the CPU on tiny sizes (same stages, same outputs).
+# Wheels for what the GPU machine's image lacks (liger-kernel, pure Python) go in .whl/:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
 # PYTHON names the interpreter (default python3: on the GPU machine, the one that holds torch).
-# Exit status 0 when every stage ran, 1 when one failed or timed out, 2 on bad arguments.
+# Exit status 0 when no stage failed or timed out (skipped ones included), 1 otherwise, 2 on bad
+# arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

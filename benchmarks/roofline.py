@@ -249,7 +249,7 @@ def _fmt_s(x: float) -> str:
 
 
 def markdown(hw: Hardware = H200) -> str:
-    head = ("| op | size | bytes min | bytes ours | FLOPs | floor min | floor ours | passes |\n"
+    head = ("| op | size | bytes min | bytes ours | FLOPs | floor min | floor ours | steps |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     lines = [head]
     for r in rooflines():
