@@ -10,15 +10,16 @@ that finds no time is recorded as skipped, never silently dropped):
                  then the versions of every module the later stages import
     references   the device's copy bandwidth and bf16 matrix-product rate, measured
     cuda_tests   the tests marked ``cuda`` (junit XML kept)
-    benchmarks   bench_advantages / bench_policy_loss / bench_fused_linear against their
-                 baselines (pytest-benchmark JSON kept), joined with benchmarks/roofline.py
     memory       fused_linear_policy_loss's peak against liger's and against its formula
                  (benchmarks/memory_fused_linear.py)
+    benchmarks   bench_advantages / bench_policy_loss / bench_fused_linear against their
+                 baselines (pytest-benchmark JSON kept, one per suite), joined with
+                 benchmarks/roofline.py; last, as the one stage that can use any time left
 
 ``--dry-run`` rehearses the same pipeline on the CPU on tiny inputs (the suites' SMOKE_SIZES,
 the memory check at a small size): the same stages, the same files, the same JSON and markdown
 shape; its figures mean nothing. Files written: results.json, results.md, gpu_check.log,
-bench.json, cuda_tests.xml.
+cuda_tests.xml and one JSON per suite (bench_advantages.json, ...).
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ import roofline  # beside this file: a script's folder is on sys.path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SCHEMA = 1
-STAGES = ("install", "references", "cuda_tests", "benchmarks", "memory")
+STAGES = ("install", "references", "cuda_tests", "memory", "benchmarks")
 SUITES = ("bench_advantages.py", "bench_policy_loss.py", "bench_fused_linear.py")
 MODULES = ("torch", "triton", "numpy", "pytest", "pytest_benchmark", "liger_kernel", "papo_fast")
 # seconds per stage (GPU run); the sum is above the budget on purpose: a stage that ends early
 # leaves its time to the next ones
-LIMITS = {"install": 90, "references": 60, "cuda_tests": 150, "benchmarks": 300, "memory": 150}
+LIMITS = {"install": 90, "references": 60, "cuda_tests": 150, "memory": 120, "benchmarks": 330}
 MEMORY_SIZE = {"cuda": (16, 1024, 4096, 151936), "cpu": (2, 32, 256, 2048)}
 
 
@@ -237,20 +238,36 @@ def cuda_tests(run: Run, limit: float) -> str:
 
 
 def benchmarks(run: Run, limit: float) -> str:
-    out = run.out / "bench.json"
-    cmd = [sys.executable, "-m", "pytest", *(f"benchmarks/{s}" for s in SUITES), "-q",
-           "--benchmark-only", "-p", "no:cacheprovider", f"--benchmark-json={out}"]  # fmt: skip
-    if run.args.dry_run:
-        cmd.append("--smoke-sizes")
-    if run.args.quick or run.args.dry_run:
-        cmd.append("--benchmark-max-time=0.05")
-    res = run.sh(cmd, limit)
-    if not out.exists():
-        _checked(res, "pytest benchmarks")
-    rows = [bench_row(b) for b in json.loads(out.read_text())["benchmarks"]]
+    """Each suite in its own pytest run and JSON file: a suite stopped at the time limit loses
+    its own figures only. The stage fails when one suite failed or ran out of time."""
+    end, rows, problems = time.monotonic() + limit, [], []
+    for suite in SUITES:
+        left = end - time.monotonic()
+        if left < 5:
+            problems.append(f"{suite}: no time left")
+            continue
+        out = run.out / suite.replace(".py", ".json")
+        cmd = [sys.executable, "-m", "pytest", f"benchmarks/{suite}", "-q", "--benchmark-only",
+               "-p", "no:cacheprovider", f"--benchmark-json={out}"]  # fmt: skip
+        if run.args.dry_run:
+            cmd.append("--smoke-sizes")
+        if run.args.quick or run.args.dry_run:
+            cmd.append("--benchmark-max-time=0.05")
+        try:
+            res = run.sh(cmd, left)
+        except subprocess.TimeoutExpired:
+            problems.append(f"{suite}: stopped after {left:.0f} s")
+            continue
+        if out.exists():  # the rows are kept even when one benchmark of the suite failed
+            rows += [bench_row(b) for b in json.loads(out.read_text())["benchmarks"]]
+        try:
+            _checked(res, suite)
+        except RuntimeError as err:
+            problems.append(str(err))
     run.results["benchmarks"] = rows
     run.results["rooflines"] = roofline_rows(rows)
-    _checked(res, "pytest benchmarks")  # the rows are kept even when a benchmark failed
+    if problems:
+        raise RuntimeError("; ".join(problems))
     return f"{len(rows)} benchmarks"
 
 
