@@ -137,7 +137,9 @@ def advantages(num_groups: int, group: int = 8) -> Roofline:
 
 # ----------------------------------------------------------------------------- policy_loss
 
-NUM_STATS = 16  # policy_loss_triton's row of float32 sums per program (policy_loss_torch.py)
+# policy_loss_triton's row of float32 sums per program (policy_loss_torch.py's slots): 16 wide,
+# the first 14 written by the token pass, all 16 read by the finalize kernel
+NUM_STATS, NUM_METRICS = 16, 14
 
 
 def policy_loss(tokens: int, length: int = 1024, block: int = 1024) -> Roofline:
@@ -153,7 +155,7 @@ def policy_loss(tokens: int, length: int = 1024, block: int = 1024) -> Roofline:
     ours = [
         # token-mean without caller counts needs no per-sequence counts: no seq-stats launch
         Step("_policy_loss_fwd_kernel: logp, old, mask, adv; grad, partials",
-             tokens * 9 + b * 4, tokens * 4 + programs * NUM_STATS * 4, flops=tokens * 12),
+             tokens * 9 + b * 4, tokens * 4 + programs * NUM_METRICS * 4, flops=tokens * 12),
         Step("_policy_loss_finalize_kernel: the rows, read twice for min / max",
              programs * NUM_STATS * 4 + programs * 8, 0),
         Step("num_nonfinite = metrics[...].sum()", 0, 0),

@@ -28,13 +28,13 @@ def roofline():
 def test_policy_loss_bytes_match_a_hand_count(roofline):
     # 1M tokens in rows of 1024: 1024 sequences, 1024 programs of 1024 tokens.
     # Forward kernel: reads logp 4 + old_logp 4 + mask 1 per token and 4 per sequence (the
-    # advantage), writes the gradient 4 per token and a row of 16 float32 sums per program.
+    # advantage), writes the gradient 4 per token and 14 float32 sums in its row of 16 per program.
     # Finalize: reads the rows (64 B) and their min / max slots again (8 B). Backward: reads the
     # saved gradient and writes it scaled, 8 per token. So 21 per token, 13 of them the minimum.
     n, b, programs = 1 << 20, 1024, 1024
     r = roofline.policy_loss(n)
     assert r.total("minimum", "bytes") == 13 * n + 4 * b
-    assert r.total("ours", "bytes") == 21 * n + 4 * b + programs * (64 + 64 + 8)
+    assert r.total("ours", "bytes") == 21 * n + 4 * b + programs * (56 + 64 + 8)
     assert r.floor_s("minimum") == pytest.approx((13 * n + 4 * b) / 4.8e12)
 
 
@@ -81,3 +81,10 @@ def test_markdown_has_a_row_per_gpu_size(roofline):
     table = roofline.markdown().splitlines()
     assert len(table) == 2 + 3 + 3 + 1  # header, separator, then the sizes of the three suites
     assert all(line.count("|") == 9 for line in table)
+
+
+def test_stat_row_widths_are_the_kernels(roofline):
+    from papo_fast.kernels import policy_loss_torch
+
+    assert roofline.NUM_STATS == policy_loss_torch.NUM_STATS
+    assert roofline.NUM_METRICS == policy_loss_torch.NUM_METRICS
