@@ -142,11 +142,15 @@ class Run:
         self.log.close()
 
 
+def _error_lines(res: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a command's output that name an error, else its last ones."""
+    lines = [x.strip() for x in (res.stdout + res.stderr).splitlines() if x.strip()] or ["-"]
+    return [x for x in lines if "error" in x.lower()][:4] or lines[-4:]
+
+
 def _checked(res: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
-    if res.returncode != 0:  # the lines that name an error, else the last ones
-        lines = [x.strip() for x in (res.stdout + res.stderr).splitlines() if x.strip()]
-        errors = [x for x in lines if "error" in x.lower()][:4] or lines[-4:]
-        raise RuntimeError(f"{what} exited {res.returncode}: " + " / ".join(errors))
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} exited {res.returncode}: " + " / ".join(_error_lines(res)))
     return res
 
 
