@@ -4,7 +4,10 @@ allocations, and a measurement, against liger-kernel's LigerFusedLinearGRPOLoss.
 The formula (``ours_timeline``) replays every tensor the op allocates and frees, in order, with
 its size: the persistent fp32 gradients, the chunk's logits buffer, the per-chunk temporaries of
 the path that runs (CUDA: Triton kernels in place and cuBLAS products with an fp32 output; CPU:
-the PyTorch path and its temporaries), the bf16 casts of the backward. O(T) and O(rows) vectors
+the PyTorch path and its temporaries, and the scratch its BLAS takes from torch's allocator in
+half-precision products, probed on the machine: ``cpu_blas_scratch``), the bf16 casts of the
+backward. grad_weight_dtype="weight" (``grad_weight_bytes`` = b): the buffer in the weight's dtype,
+the products adding into it in place, no cast in the backward. O(T) and O(rows) vectors
 (log-probs, logsumexp, targets, masks) are counted where they are allocated. Its peak is the
 step's peak above its inputs, the returned gradients included (they are allocated in the step).
 
@@ -58,15 +61,26 @@ def chunk_rows(tokens: int, vocab: int, cuda: bool) -> int:
 
 
 def ours_timeline(
-    B: int, L: int, H: int, V: int, b: int, cuda: bool, grad_weight_bytes: int = 4
-) -> Timeline:
+    B: int, L: int, H: int, V: int, b: int, cuda: bool, grad_weight_bytes: int = 4,
+    scratch: dict[str, int] | None = None,
+) -> Timeline:  # fmt: skip
     """fused_linear_policy_loss on [B, L] tokens, all valid (the benchmark's inputs), b bytes per
     element (2: bf16, 4: fp32), then .backward(). Math is fp32 (acc = 4 bytes).
 
-    grad_weight_bytes: 4, the fp32 accumulation the code does; 2 prices an accumulation in the
-    weight's bf16 (not offered: the CUDA products would add into a bf16 buffer, and the backward
-    would have no cast to make)."""
+    grad_weight_bytes: 4, the default fp32 accumulation; b, grad_weight_dtype="weight": the
+    products add into the weight's dtype in place (cuBLAS or the CPU's addmm_, no temporary), and
+    the backward returns that buffer (no cast).
+
+    scratch: bytes the CPU BLAS takes from torch's allocator inside each half-precision product
+    of a chunk (``cpu_blas_scratch``, probed), by product: "logits", "grad_hidden",
+    "grad_weight"; None: none (CUDA; fp32)."""
     T, acc = B * L, 4
+    scratch = scratch or {}
+
+    def product(name: str) -> None:  # the BLAS's own buffer, alive during the product only
+        tl.alloc(f"BLAS scratch of the {name} product", scratch.get(name, 0))
+        tl.free(f"BLAS scratch of the {name} product")
+
     rows = chunk_rows(T, V, cuda)
     r = min(T, (rows // L) * L if rows >= L else L)  # greedy chunks of whole sequences
     tl = Timeline()
@@ -82,13 +96,19 @@ def ours_timeline(
         n = min(r, T - c)
         tl.alloc("chunk vectors: lse, logp, grad_logp, coef [rows] fp32", 4 * acc * n)
         if not cuda and b != acc:  # the PyTorch path's math in fp32, products in the inputs' dtype
+            product("logits")
             tl.alloc("fp32 copy of the logits (CPU path)", acc * n * V)
             tl.alloc("gradient cast to the weight's dtype", b * n * V)
             tl.alloc("g @ W product before its copy into fp32", b * n * H)
+            product("grad_hidden")
             tl.free("g @ W product before its copy into fp32")
-            tl.alloc("g.T @ h product before its add into fp32", b * V * H)
-            tl.alloc("its fp32 cast inside add_", acc * V * H)  # type promotion
-            tl.free("g.T @ h product before its add into fp32", "its fp32 cast inside add_")
+            if grad_weight_bytes == b:
+                product("grad_weight")  # addmm_ into grad_weight directly
+            else:
+                tl.alloc("g.T @ h product before its add into fp32", b * V * H)
+                product("grad_weight")
+                tl.alloc("its fp32 cast inside add_", acc * V * H)  # type promotion
+                tl.free("g.T @ h product before its add into fp32", "its fp32 cast inside add_")
             tl.free("gradient cast to the weight's dtype", "fp32 copy of the logits (CPU path)")
         tl.free("chunk vectors: lse, logp, grad_logp, coef [rows] fp32")
     tl.free("logits buffer [rows, V]")
@@ -118,13 +138,16 @@ def make_inputs(size, dtype, device):
     return hidden, weight, targets, mask, old_logp, advantages
 
 
-def run_step(variant: str, inputs) -> None:
+def run_step(variant: str, inputs, grad_weight_dtype: str = "float32") -> None:
     hidden, weight, targets, mask, old_logp, advantages = inputs
     hidden.grad = weight.grad = None
     if variant == "ours":
         from papo_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss
 
-        res = fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask=mask)
+        res = fused_linear_policy_loss(
+            hidden, weight, targets, old_logp, advantages, mask=mask,
+            grad_weight_dtype=grad_weight_dtype,
+        )  # fmt: skip
         res.loss.backward()
         return
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -137,6 +160,34 @@ def run_step(variant: str, inputs) -> None:
         hidden, weight, targets, mask.long(), advantages, old_per_token_logps=old_logp
     )
     loss.backward()
+
+
+def cpu_blas_scratch(B, L, H, V, b: int, grad_weight_bytes: int = 4) -> dict[str, int]:
+    """``ours_timeline``'s scratch on this CPU: each product of a chunk of the CPU path, alone,
+    its peak allocation less its output. Probed, not derived: the CPU BLAS's half-precision
+    products (oneDNN) take a scratchpad from torch's allocator whose size depends on the
+    instruction set and the thread count (hundreds of KiB here); fp32 products take none."""
+    import torch
+
+    if b == 4:
+        return {}
+    dt = {2: torch.bfloat16}[b]
+    n = min(B * L, (chunk_rows(B * L, V, False) // L) * L or L)  # the chunk's rows, as replayed
+    gen = torch.Generator().manual_seed(0)
+    h, w, g = (torch.randn(*s, generator=gen).to(dt) for s in ((n, H), (V, H), (n, V)))
+    buf, gw = torch.empty(n, V, dtype=dt), torch.zeros(V, H, dtype=dt)
+    ops = {  # each as the CPU path calls it, and the bytes of the output it allocates
+        "logits": (lambda: torch.mm(h, w.t(), out=buf), 0),
+        "grad_hidden": (lambda: g @ w, b * n * H),
+        "grad_weight": (lambda: gw.addmm_(g.t(), h), 0)
+        if grad_weight_bytes == b
+        else (lambda: g.t() @ h, b * V * H),
+    }
+    out = {}
+    for name, (op, out_bytes) in ops.items():
+        op()  # warm-up
+        out[name] = max(0, _profiled_peak(op) - out_bytes)
+    return out
 
 
 def _profiled_peak(fn) -> int:
@@ -162,23 +213,27 @@ def _profiled_peak(fn) -> int:
     return peak
 
 
-def measure_peak(variant: str, size, dtype_name: str = "bf16", device: str = "cpu") -> int:
-    """The step's peak allocated bytes above its inputs (the returned gradients included)."""
+def measure_peak(
+    variant: str, size, dtype_name: str = "bf16", device: str = "cpu", grad_weight_dtype="float32"
+) -> int:
+    """The step's peak allocated bytes above its inputs (the returned gradients included);
+    ``grad_weight_dtype`` is fused_linear_policy_loss's (ours only)."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     inputs = make_inputs(size, dtype, torch.device(device))
-    run_step(variant, inputs)  # warm-up: compiles, caches, lazily created state
+    step = lambda: run_step(variant, inputs, grad_weight_dtype)  # noqa: E731
+    step()  # warm-up: compiles, caches, lazily created state
     if device == "cuda":
         inputs[0].grad = inputs[1].grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_step(variant, inputs)
+        step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     inputs[0].grad = inputs[1].grad = None
-    return _profiled_peak(lambda: run_step(variant, inputs))
+    return _profiled_peak(step)
 
 
 def report(size, dtype_name: str, device: str, measure: bool = True) -> dict:
@@ -187,13 +242,21 @@ def report(size, dtype_name: str, device: str, measure: bool = True) -> dict:
     b = {"bf16": 2, "fp32": 4}[dtype_name]
     B, L, H, V = size
     out = {"size": {"B": B, "L": L, "H": H, "V": V}, "dtype": dtype_name, "device": device}
+    on_cpu = measure and device == "cpu"  # the CPU formula then counts this CPU's BLAS scratch
     for path in ("cuda", "cpu"):
-        tl = ours_timeline(*size, b, cuda=path == "cuda")
+        scratch = cpu_blas_scratch(*size, b) if on_cpu and path == "cpu" else None
+        tl = ours_timeline(*size, b, cuda=path == "cuda", scratch=scratch)
         out[f"formula_{path}_bytes"] = tl.peak
         out[f"formula_{path}_at_peak"] = tl.at_peak
-    out["formula_cuda_bf16_grad_weight_bytes"] = ours_timeline(*size, b, True, b).peak
+    # grad_weight_dtype="weight": grad_weight summed in the weight's dtype
+    out["formula_cuda_weight_dtype_grad_bytes"] = ours_timeline(*size, b, True, b).peak
+    scratch = cpu_blas_scratch(*size, b, b) if on_cpu else None
+    out["formula_cpu_weight_dtype_grad_bytes"] = ours_timeline(*size, b, False, b, scratch).peak
     if measure:
         out["measured_ours_bytes"] = measure_peak("ours", size, dtype_name, device)
+        out["measured_ours_weight_dtype_grad_bytes"] = measure_peak(
+            "ours", size, dtype_name, device, grad_weight_dtype="weight"
+        )
         out["measured_liger_bytes"] = measure_peak("liger", size, dtype_name, device)
     return out
 
@@ -214,7 +277,7 @@ def main(argv=None) -> int:
     print(f"size B, L, H, V = {size}, {args.dtype}")
     for key, value in res.items():
         if key.endswith("_bytes"):
-            print(f"  {key:24s} {value / 2**20:10.2f} MiB")
+            print(f"  {key:38s} {value / 2**20:10.2f} MiB")
     path = "cuda" if args.formula_only else args.device
     for name, nbytes in res[f"formula_{path}_at_peak"].items():
         print(f"    live at the {path} formula's peak: {name:55s} {nbytes / 2**20:9.2f} MiB")

@@ -28,7 +28,8 @@ Choices:
    the kernels see final logits.
 3. **fp32 math.** Math and accumulators are fp32 (fp64 for fp64 inputs); the products run in the
    inputs' dtype, as the materialized bf16 formula does. grad_weight and grad_bias accumulate in
-   fp32.
+   fp32; grad_weight in the weight's dtype on request (``w_acc``: half its memory, one rounding
+   per chunk; fused_linear_policy_loss's grad_weight_dtype).
 4. **Products in cuBLAS.** The GPU path keeps the products in cuBLAS and moves only the
    elementwise softmax work into Triton (one read of the chunk for the statistics, one read-write
    for the gradient). A tl.dot kernel that fuses the product was not measured: no GPU was
@@ -227,8 +228,7 @@ def chunk_stats(z: torch.Tensor, targets: torch.Tensor, entropy: bool, backend: 
     if backend == "triton":
         lse, logp, ent = _stats_triton(z, targets, entropy)
         return lse, logp, ent, z
-    lse, logp, ent, state = _stats_torch(z, targets, entropy)
-    return lse, logp, ent, state
+    return _stats_torch(z, targets, entropy)
 
 
 def chunk_grad(state, targets, lse, coef, backend: str) -> torch.Tensor:
@@ -338,7 +338,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, entropy, backend, rows):
+    def forward(ctx, hidden, weight, bias, targets, temperature, entropy, backend, rows, w_acc):
         T = hidden.shape[0]
         acc = compute_dtype(hidden)
         lse = torch.empty(T, device=hidden.device, dtype=acc)
@@ -353,7 +353,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 ent[s:e] = ent_c
             del z, state  # an fp32 copy of half-precision logits is freed before the next
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.backend, ctx.rows = temperature, backend, rows
+        ctx.temperature, ctx.backend, ctx.rows, ctx.w_acc = temperature, backend, rows, w_acc
         if entropy:
             ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -364,7 +364,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = compute_dtype(hidden)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        grad_w = weight.new_zeros(weight.shape, dtype=ctx.w_acc) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
         coef = grad_logp.to(acc) / ctx.temperature
         T, rows = hidden.shape[0], ctx.rows
@@ -420,9 +420,8 @@ def fused_linear_logprobs(
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     t1 = targets.reshape(-1).long()  # one index dtype (int32 ids are common) for every path
     rows = chunk_rows(h2.shape[0], weight.shape[0], hidden.device)
-    logp, ent = FusedLinearLogprobsFunction.apply(
-        h2, weight.contiguous(), bias, t1, float(temperature), return_entropy, backend, rows
-    )
+    args = float(temperature), return_entropy, backend, rows, compute_dtype(h2)
+    logp, ent = FusedLinearLogprobsFunction.apply(h2, weight.contiguous(), bias, t1, *args)
     return logp.view(lead), (ent.view(lead) if ent is not None else None)
 
 

@@ -16,7 +16,7 @@ during the forward pass (liger-kernel's trick): for each chunk of WHOLE sequence
                                    in place in the chunk's buffer (the forward's exp is reused)
     grad_hidden[chunk] = grad_logits @ W;  grad_W += grad_logits.T @ h;  grad_b += sum(grad_logits)
 
-and the backward only scales the stored fp32 gradients by grad_output (the loss is linear in it).
+and the backward only scales the stored gradients by grad_output (the loss is linear in it).
 The loss formula is ``policy_loss``'s; nothing here restates it.
 
 Chunks hold whole sequences, so the sequence-level ratio (GSPO) and 1/|y_i| are exact inside
@@ -25,9 +25,8 @@ recomputes the logits: one more product, the same numbers) only when one sequenc
 the chunk's row budget of tokens: its logits alone would break the memory bound, and policy_loss
 cannot split a sequence.
 
-The padded layout is packed first (its valid tokens gathered, cu_seqlens from the mask): padding
-gets no logits, so a batch with a quarter of padding costs a quarter less. policy_loss gives both
-layouts the same numbers, so this is exact.
+The padded layout is packed first (valid tokens gathered, cu_seqlens from the mask): padding gets
+no logits, a quarter of padding costs a quarter less, and policy_loss's numbers are the same.
 
 Metrics are combined across chunks exactly: fractions and means weighted by each chunk's valid
 tokens, min/max over the chunks that hold any. logp and entropy come back detached.
@@ -35,6 +34,7 @@ tokens, min/max over the chunks that hold any. logp and entropy come back detach
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -68,8 +68,7 @@ FusedPolicyLossOutput.__doc__ = """PolicyLossOutput's fields, then ``logp`` and 
 
 ``loss`` is differentiable w.r.t. hidden, weight and bias; the metrics are over the whole batch.
 ``logp``: like targets, float32 (float64 for float64 inputs), detached. ``entropy``: the same, or
-None unless asked for. ``PolicyLossOutput(*result[: len(PolicyLossOutput._fields)])`` drops the
-two extras.
+None unless asked for. ``PolicyLossOutput(*result[: len(PolicyLossOutput._fields)])`` drops them.
 """
 FusedPolicyLoss = FusedPolicyLossOutput  # the old name, kept for one release
 
@@ -139,25 +138,23 @@ def _combine(metrics: list[torch.Tensor]) -> torch.Tensor:
 class FusedLinearPolicyLossFunction(torch.autograd.Function):
     """hidden [T, H], weight [V, H], bias [V] | None -> (loss, metrics [9], logp [T], entropy).
 
-    The forward does all three products and saves grad_hidden, grad_weight, grad_bias (fp32).
+    The forward does the three products; saves grad_hidden, grad_bias (fp32), grad_weight (w_acc).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch, temperature, entropy, backend, need):
+    def forward(ctx, hidden, weight, bias, batch, temperature, entropy, backend, need, w_acc):
         need_h, need_w, need_b = need
         acc = compute_dtype(hidden)
-        T = hidden.shape[0]
-        targets = batch.targets
-        logp = torch.empty(T, device=hidden.device, dtype=acc)
+        logp = hidden.new_empty(hidden.shape[0], dtype=acc)
         ent = torch.empty_like(logp) if entropy else None
         grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if need_h else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        grad_w = weight.new_zeros(weight.shape, dtype=w_acc) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
         losses, metrics = [], []
         buf = logits_buffer(max(c[3] - c[2] for c in batch.chunks), weight)
         for chunk in batch.chunks:
             t0, t1 = chunk[2], chunk[3]
-            h, t = hidden[t0:t1], targets[t0:t1]
+            h, t = hidden[t0:t1], batch.targets[t0:t1]
             z = chunk_logits(h, weight, bias, 1.0 / temperature, buf)
             lse, logp[t0:t1], ent_c, state = chunk_stats(z, t, entropy, backend)
             if entropy:
@@ -182,8 +179,8 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        # Scaled in place: a copy would double the [V, H] buffer at the peak. So a second backward
-        # through the same graph (retain_graph=True) cannot reuse them.
+        # Scaled in place: a copy would double the [V, H] buffer at the peak (a grad_weight summed
+        # in the weight's dtype is returned as it is). So a second backward cannot reuse them.
         if ctx.scaled:
             raise RuntimeError("fused_linear_policy_loss supports one backward per forward")
         ctx.scaled = True
@@ -214,10 +211,16 @@ def _raise_non_finite(batch: _Batch, seq_counts: torch.Tensor) -> None:
     )
 
 
+def _checked_grad_weight_dtype(value) -> str:
+    if value not in ("float32", "weight"):  # grad_weight's accumulator: fp32, or the weight's dtype
+        raise ValueError(f"grad_weight_dtype must be 'float32' or 'weight', got {value!r}")
+    return value
+
+
 def _plan_chunks(cu: list[int], rows: int):
     """Greedy chunks of whole sequences of at most ``rows`` tokens (one sequence at least; empty
     sequences ride along); None when a sequence is longer than 4 x rows (the two-pass path)."""
-    if max(y - x for x, y in zip(cu[:-1], cu[1:], strict=True)) > 4 * rows:
+    if max(y - x for x, y in pairwise(cu)) > 4 * rows:
         return None
     chunks, s0, n = [], 0, len(cu) - 1
     for s in range(n):  # sequence s is tokens [cu[s], cu[s + 1])
@@ -248,9 +251,7 @@ def _pack(mask, hidden, targets, old_logp, advantages, ref_logp, rollout_logp, p
 
 def _unpack(x: torch.Tensor | None, idx: torch.Tensor, shape) -> torch.Tensor | None:
     """[T_valid] -> padded ``shape``, 0 at the padding."""
-    if x is None:
-        return None
-    return x.new_zeros(shape.numel()).index_copy_(0, idx, x).view(shape)
+    return None if x is None else x.new_zeros(shape.numel()).index_copy_(0, idx, x).view(shape)
 
 
 def fused_linear_policy_loss(
@@ -273,6 +274,7 @@ def fused_linear_policy_loss(
     config: PolicyLossConfig | None = None,
     check_finite: bool = True,
     backend: str = "auto",
+    grad_weight_dtype: str = "float32",
     **settings,
 ) -> FusedPolicyLossOutput:
     """``policy_loss`` of the log-probs of ``hidden @ weight.T + bias``, without the logits.
@@ -291,6 +293,9 @@ def fused_linear_policy_loss(
             global counts (None: this call's own), and the finiteness check.
         config: the loss settings (PolicyLossConfig); None: its defaults.
         backend: "auto" (Triton softmax kernels on CUDA, PyTorch on CPU), "torch" or "triton".
+        grad_weight_dtype: "float32": grad_weight summed over the chunks in fp32 (fp64 for fp64);
+            "weight": in the weight's dtype, half the [V, H] buffer for bf16 / fp16, one rounding
+            per chunk (BENCHMARKS.md, "Peak memory"). grad_hidden and grad_bias stay fp32.
         **settings: PolicyLossConfig's fields by name (``agg="seq-mean-token-sum"``), replacing
             config's.
 
@@ -303,6 +308,7 @@ def fused_linear_policy_loss(
         TypeError: a setting that PolicyLossConfig does not have, or a config of another type.
     """
     cfg = PolicyLossConfig.resolve(config, settings)
+    _checked_grad_weight_dtype(grad_weight_dtype)
     tensors = isinstance(mask, torch.Tensor) and isinstance(targets, torch.Tensor)
     if tensors and mask.shape == targets.shape:  # padding may hold any id (e.g. -100): no logits
         targets = targets.masked_fill(mask == 0, 0)
@@ -313,6 +319,7 @@ def fused_linear_policy_loss(
             f"hidden must be [B, L, H] with mask or [T, H] with cu_seqlens, got {shape}"
         )
     acc = compute_dtype(hidden)
+    w_acc = weight.dtype if grad_weight_dtype == "weight" else acc
     user_counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     # policy_loss's checks on the whole batch before any product; logp is a zero-stride stand-in
     # (no memory, no pass). Finiteness is counted in the chunks' own passes. The advantages are
@@ -334,11 +341,7 @@ def fused_linear_policy_loss(
     cu = torch.cat([cu_seqlens, bad_count_flags(user_counts, cu_seqlens)]).tolist()
     raise_bad_counts(user_counts, cu[cu_seqlens.numel() :])
     cu = cu[: cu_seqlens.numel()]
-    if (
-        cu[0] != 0
-        or cu[-1] != targets.numel()
-        or any(x > y for x, y in zip(cu[:-1], cu[1:], strict=True))
-    ):
+    if cu[0] != 0 or cu[-1] != targets.numel() or any(x > y for x, y in pairwise(cu)):
         raise ValueError(f"cu_seqlens must rise from 0 to len(targets) = {targets.numel()}")
     rows = chunk_rows(max(hidden.shape[0], 1), weight.shape[0], hidden.device)
     chunks = _plan_chunks(cu, rows)
@@ -346,7 +349,7 @@ def fused_linear_policy_loss(
 
     if chunks is None:  # two passes: logp, policy_loss, then the logprobs backward
         logp, ent = FusedLinearLogprobsFunction.apply(
-            h2, weight, bias, t1, float(temperature), return_entropy, backend, rows
+            h2, weight, bias, t1, float(temperature), return_entropy, backend, rows, w_acc
         )
         res = apply_policy_loss(
             logp, old_logp, advantages, None, cu_seqlens, ref_logp, rollout_logp, cfg,
@@ -357,18 +360,17 @@ def fused_linear_policy_loss(
         grad_on = torch.is_grad_enabled()
         need = tuple(grad_on and t is not None and t.requires_grad for t in (h2, weight, bias))
         seq_counts = cu_seqlens[1:] - cu_seqlens[:-1]
-        local = {  # policy_loss's own defaults, over the whole batch; at least 1, as a batch
-            "num_tokens": seq_counts.sum(),  # with no valid token has a 0 loss either way
-            "num_seqs": (seq_counts > 0).sum(),
-            "max_len": seq_counts.max(),
-        }
+        # policy_loss's own defaults, over the whole batch; at least 1, as a batch with no valid
+        # token has a 0 loss either way
+        tokens, seqs, longest = seq_counts.sum(), (seq_counts > 0).sum(), seq_counts.max()
+        local = {"num_tokens": tokens, "num_seqs": seqs, "max_len": longest}
         counts = {k: local[k].clamp(min=1) if v is None else v for k, v in user_counts.items()}
         batch = _Batch(
             t1, old_logp, advantages, cu_seqlens, ref_logp, rollout_logp, per_token_adv, cfg,
             counts, backend, chunks,
         )  # fmt: skip
         loss, metrics, logp, ent = FusedLinearPolicyLossFunction.apply(
-            h2, weight, bias, batch, float(temperature), return_entropy, backend, need
+            h2, weight, bias, batch, float(temperature), return_entropy, backend, need, w_acc
         )
         if check_finite and bool(metrics[_NONFINITE] > 0):  # one sync for the whole batch
             _raise_non_finite(batch, seq_counts)
@@ -386,7 +388,8 @@ class PAPOLoss(torch.nn.Module):
 
     Args:
         config: the loss settings (PolicyLossConfig); None: its defaults, the paper's recipe.
-        temperature, return_entropy, check_finite, backend: as in ``fused_linear_policy_loss``.
+        temperature, return_entropy, check_finite, backend, grad_weight_dtype: as in
+            ``fused_linear_policy_loss``.
         **settings: PolicyLossConfig's fields by name, replacing config's.
 
     Example:
@@ -404,12 +407,14 @@ class PAPOLoss(torch.nn.Module):
         return_entropy: bool = False,
         check_finite: bool = True,
         backend: str = "auto",
+        grad_weight_dtype: str = "float32",
         **settings,
     ) -> None:
         super().__init__()
         self.config = PolicyLossConfig.resolve(config, settings)
         self.temperature, self.return_entropy = temperature, return_entropy
         self.check_finite, self.backend = check_finite, backend
+        self.grad_weight_dtype = _checked_grad_weight_dtype(grad_weight_dtype)
 
     def forward(
         self,
@@ -434,11 +439,12 @@ class PAPOLoss(torch.nn.Module):
             cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
             num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, config=self.config,
             check_finite=self.check_finite, backend=self.backend,
+            grad_weight_dtype=self.grad_weight_dtype,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"{self.config}, temperature={self.temperature}, "
             f"return_entropy={self.return_entropy}, check_finite={self.check_finite}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, grad_weight_dtype={self.grad_weight_dtype!r}"
         )
