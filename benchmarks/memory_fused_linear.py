@@ -150,16 +150,10 @@ def run_step(variant: str, inputs, grad_weight_dtype: str = "float32") -> None:
         )  # fmt: skip
         res.loss.backward()
         return
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the suites beside this file
+    from bench_fused_linear import liger  # the suite's own call: the same settings
 
-    loss_fn = LigerFusedLinearGRPOLoss(
-        beta=0.0, compiled=hidden.is_cuda, use_ref_model=False, epsilon_low=0.2,
-        epsilon_high=0.28, loss_type="dapo",
-    )  # fmt: skip
-    loss, _ = loss_fn(
-        hidden, weight, targets, mask.long(), advantages, old_per_token_logps=old_logp
-    )
-    loss.backward()
+    liger(hidden, weight, targets, mask, old_logp, advantages)
 
 
 def cpu_blas_scratch(B, L, H, V, b: int, grad_weight_bytes: int = 4) -> dict[str, int]:
