@@ -43,7 +43,6 @@ import torch.distributed as dist
 class World(NamedTuple):
     rank: int
     size: int
-    local_rank: int
 
     @property
     def main(self) -> bool:
@@ -70,21 +69,25 @@ def launched_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK; 0 for one process)."""
+    return _env_int("LOCAL_RANK", 0)
+
+
 def init_world(device: torch.device) -> World:
     """The process group of this run (choice "One process is N = 1"): nccl when the model is on a
     GPU, gloo on the CPU; none for one process."""
-    local = _env_int("LOCAL_RANK", 0)
     if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), local)
+        return World(dist.get_rank(), dist.get_world_size())
     size = launched_size()
     if size == 1:
-        return World(0, 1, 0)
+        return World(0, 1)
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={size}, but this torch build has no torch.distributed")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), local)
+    return World(dist.get_rank(), dist.get_world_size())
 
 
 def end_world() -> None:
@@ -110,20 +113,20 @@ def _comm_device() -> torch.device:
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     """``values`` summed (``op="sum"``), maxed or mined over the ranks, in float64; NaN is
-    ignored by "max" and "min" unless every rank has it. The identity in one process."""
+    ignored by "max" and "min" unless every rank has it (NaN enters as the op's identity, -inf
+    or +inf, and that identity comes back as NaN: the reduced values are finite or NaN). The
+    identity in one process."""
     if not is_distributed() or not values:
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    if op in ("max", "min"):
-        nan = torch.isnan(t)
-        t = t.masked_fill(nan, -float("inf") if op == "max" else float("inf"))
-        count = nan.double()
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
     reduce = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    if op == "sum":
+        dist.all_reduce(t, op=reduce)
+        return t.cpu().tolist()
+    none = -float("inf") if op == "max" else float("inf")
+    t = t.masked_fill(t.isnan(), none)
     dist.all_reduce(t, op=reduce)
-    if op in ("max", "min"):
-        t = t.masked_fill(count == dist.get_world_size(), float("nan"))
-    return t.cpu().tolist()
+    return t.masked_fill(t == none, float("nan")).cpu().tolist()
 
 
 def barrier() -> None:

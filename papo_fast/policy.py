@@ -10,13 +10,13 @@ packing.step_logprobs.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from papo_fast.batching import pad_ids
 from papo_fast.config import Config, ConfigError
+from papo_fast.distributed import launched_size, local_rank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,8 +28,8 @@ def model_device(cfg: Config) -> torch.device:
     name = cfg.model.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE") or 1) > 1:
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK') or 0)}"  # one GPU per process
+    if name == "cuda" and launched_size() > 1:
+        name = f"cuda:{local_rank()}"  # one GPU per process
     device = torch.device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

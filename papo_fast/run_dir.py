@@ -108,8 +108,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 class NoLock:
     """What the processes of a run other than rank 0 hold: rank 0 holds the directory's lock."""
 
-    made_dir = False
-
     def acquire(self) -> None:
         pass
 

@@ -166,19 +166,18 @@ class FusedPolicyLoss:
         mode = "train" if t.model.training else "eval"
         ntok = mask.sum().to(torch.float32)
 
-        def global_mean(local_mean: torch.Tensor) -> float:  # token-weighted over processes
-            pair = torch.stack([local_mean.float() * ntok, ntok])
-            total = t.accelerator.reduce(pair, reduction="sum")
-            return (total[0] / total[1].clamp(min=1.0)).item()
-
         entropy = (out.entropy * mask).sum() / ntok.clamp(min=1.0)
+        means = {"entropy": entropy, "kl": out.kl} if t.beta != 0.0 else {"entropy": entropy}
+        means |= {
+            "clip_ratio/low_mean": out.clip_frac_low,
+            "clip_ratio/high_mean": out.clip_frac_high,
+            "clip_ratio/region_mean": out.clip_frac_low + out.clip_frac_high,
+        }
+        # token-weighted over the processes: one reduction and one read from the device for all
+        local = torch.stack([m.detach().float() * ntok for m in means.values()] + [ntok])
+        total = t.accelerator.reduce(local, reduction="sum")
+        values = (total[:-1] / total[-1].clamp(min=1.0)).tolist()
         metrics = t._metrics[mode]
-        metrics["entropy"].append(global_mean(entropy))
-        if t.beta != 0.0:
-            metrics["kl"].append(global_mean(out.kl))
-        metrics["clip_ratio/low_mean"].append(global_mean(out.clip_frac_low))
-        metrics["clip_ratio/high_mean"].append(global_mean(out.clip_frac_high))
-        metrics["clip_ratio/region_mean"].append(
-            global_mean(out.clip_frac_low + out.clip_frac_high)
-        )
+        for name, value in zip(means, values, strict=True):
+            metrics[name].append(value)
         return out.loss

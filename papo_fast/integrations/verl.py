@@ -240,13 +240,13 @@ def compute_policy_loss_papo_fast(
         advantages = advantages * w  # choice 4
     out = policy_loss(log_prob, old_log_prob, advantages, mask=response_mask, config=cfg, **counts)
     mask = response_mask.bool()
-    with torch.no_grad():
-        ppo_kl = (old_log_prob - log_prob)[mask].float().mean() if mask.any() else out.kl
-    metrics = {
-        "actor/pg_clipfrac": (out.clip_frac_low + out.clip_frac_high).item(),
-        "actor/ppo_kl": ppo_kl.item(),
-        "actor/pg_clipfrac_lower": out.dual_clip_frac.item(),
-    }
+    with torch.no_grad():  # verl's metrics are Python numbers: one read from the device for all
+        n = mask.sum()
+        kl = torch.where(mask, old_log_prob - log_prob, 0.0).float().sum() / n.clamp(min=1)
+        values = (out.clip_frac_low + out.clip_frac_high, torch.where(n > 0, kl, out.kl),
+                  out.dual_clip_frac)  # fmt: skip
+        clip, ppo_kl, lower = torch.stack([v.float() for v in values]).tolist()
+    metrics = {"actor/pg_clipfrac": clip, "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": lower}
     return out.loss * dp, metrics
 
 
