@@ -142,12 +142,18 @@ def advantages(num_groups: int, group: int = 8) -> Roofline:
 NUM_STATS, NUM_METRICS = 16, 14
 
 
-def policy_loss(tokens: int, length: int = 1024, block: int = 1024) -> Roofline:
+def policy_loss(
+    tokens: int, length: int = 1024, block: int = 1024, counts: str = "local"
+) -> Roofline:
     """bench_policy_loss.py: padded [B, L] fp32 logp and old_logp, bool mask, one fp32 advantage
-    per sequence, token-mean with local counts, no KL, check_finite=False; forward + backward.
+    per sequence, token-mean, no KL, check_finite=False; forward + backward (grad_output 1).
 
-    Counted with every token valid (the suite's ``bytes`` counts the same way; its ragged padding
-    skips the two log-prob reads at padded positions, in both counts)."""
+    ``counts``: "local" (the suite's call: N_tokens is this call's own, so D is known only after
+    the token pass and the backward scales the stored gradient), or "numbers" (the trainer's
+    call: num_tokens given as a number, the forward stores the gradient divided by D, and the
+    backward's kernel reads grad_output = 1 and returns). Counted with every token valid (the
+    suite's ``bytes`` counts the same way; its ragged padding skips the two log-prob reads at
+    padded positions, in both counts)."""
     b = tokens // min(tokens, length)
     programs = math.ceil(tokens / block)
     minimum = [Step("read logp, old_logp, mask, advantages; write grad", tokens * 9 + b * 4,
@@ -160,12 +166,20 @@ def policy_loss(tokens: int, length: int = 1024, block: int = 1024) -> Roofline:
              programs * NUM_STATS * 4 + programs * 8, 0),
         Step("num_nonfinite = metrics[...].sum()", 0, 0),
         Step("autograd: ones_like(loss) as grad_output", 0, 0),
-        Step("backward: grad_loss * inv_denom", 0, 0),
-        Step("backward: grad * scale (read the saved gradient, write it scaled)",
-             tokens * 4, tokens * 4, flops=tokens),
     ]  # fmt: skip
+    if counts == "numbers":  # each program reads the scale (O(1)), finds it 1 and returns
+        ours.append(Step("_policy_loss_scale_kernel: grad_output is 1, no token touched", 0, 0))
+    elif counts == "local":
+        ours += [
+            Step("backward: scale = grad_loss * inv_denom", 0, 0),
+            Step("_policy_loss_scale_kernel: the saved gradient scaled in place",
+                 tokens * 4, tokens * 4, flops=tokens),
+        ]  # fmt: skip
+    else:
+        raise ValueError(f'counts must be "local" or "numbers", got {counts!r}')
     label = f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
-    return Roofline("policy_loss fwd+bwd", f"{label} tokens", minimum, ours)
+    how = "local counts" if counts == "local" else "counts as numbers"
+    return Roofline(f"policy_loss fwd+bwd, {how}", f"{label} tokens", minimum, ours)
 
 
 # ----------------------------------------------------------------------------- fused linear
@@ -234,7 +248,8 @@ def fused_linear(B: int, L: int, H: int, V: int, b: int = 2) -> Roofline:
 
 def rooflines() -> list[Roofline]:
     rows = [advantages(g) for g in bench_sizes("bench_advantages.py")]
-    rows += [policy_loss(t) for t in bench_sizes("bench_policy_loss.py")]
+    for counts in ("local", "numbers"):
+        rows += [policy_loss(t, counts=counts) for t in bench_sizes("bench_policy_loss.py")]
     gpu = [s for s in bench_sizes("bench_fused_linear.py") if s[2] >= 4096]
     return rows + [fused_linear(*s) for s in gpu]
 

@@ -8,9 +8,11 @@ Layers: two backends with the same outputs, the Triton kernels and their launche
 PolicyLossConfig (loss_config.py); the formulas are docs/design.md's ("The policy loss"), written
 out to be read in policy_loss_ref.py, the reference of the tests.
 
-The loss is linear in the upstream gradient, so the forward pass writes d(loss)/d(logp) up to the
-global denominator D, and backward only scales it by grad_output / D. Aggregation (m = mask, ℓ =
-per-token loss):
+The loss is linear in the upstream gradient, so the forward pass writes d(loss)/d(logp), divided
+by the global denominator D when the counts that make D are numbers (the trainer's case), and the
+backward only scales it in place: by grad_output, touching no token when that is exactly 1, or by
+grad_output / D when D came from tensors or this call's own counts (known only after the token
+pass). So there is one backward per forward. Aggregation (m = mask, ℓ = per-token loss):
 
     token-mean               Σ m·ℓ / N_tokens
     seq-mean-token-mean      Σ_i (Σ_t m·ℓ / |y_i|) / N_seqs
@@ -33,6 +35,13 @@ import torch
 
 from ._backend import check_float, compute_dtype, none_grads, resolve_backend
 from .loss_config import PolicyLossConfig
+from .policy_loss_finalize import (
+    finalize_torch,
+    finalize_triton,
+    folded_inv_denom,
+    reduce_partials,
+    valid_count,
+)
 from .policy_loss_torch import (
     CHECKED,
     CLIP_HIGH,
@@ -40,22 +49,15 @@ from .policy_loss_torch import (
     COUNT,
     DUAL_CLIP,
     KL,
-    LOSS,
     NONFINITE_LOGP,
     NONFINITE_ROLLOUT,
-    NUM_METRICS,
     RATIO,
     RATIO_MAX,
     RATIO_MIN,
     advantages_per_token,
     policy_loss_torch,
 )
-from .policy_loss_triton import (
-    finalize_triton,
-    needs_seq_counts,
-    policy_loss_triton,
-    reduce_partials,
-)
+from .policy_loss_triton import needs_seq_counts, policy_loss_triton, scale_grad_
 
 Count = int | float | torch.Tensor
 
@@ -124,12 +126,6 @@ def _check_count(name: str, value: Count | None) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if not (value > 0 and math.isfinite(value)):
         raise count_error(name, value)
-
-
-def valid_count(value: torch.Tensor) -> torch.Tensor:
-    """[] bool on the count's device: > 0 and finite (a caller's count of tokens, sequences or
-    positions; 0 would make the loss and its gradient 0 in silence). No host sync."""
-    return ((value > 0) & torch.isfinite(value)).reshape(())
 
 
 def count_error(name: str, value: Count) -> ValueError:
@@ -225,45 +221,9 @@ def check_inputs(
 # -------------------------------------------------------------------------------------------------
 
 
-def _finalize(cfg, stats, seq_counts, num_tokens, num_seqs, max_len):
-    """(loss, 1 / D, metrics [NUM_METRICS]) from a stats vector, in torch ops; no host sync.
-
-    Each metric goes in the slot of the sum it is made from (policy_loss_torch.py)."""
-    denom = _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len)
-    # nothing valid (local counts 0): loss 0, not NaN; a bad count of the caller's is NaN here
-    inv_denom = torch.where(denom != 0, 1.0 / denom, 0.0)
-    loss = stats[LOSS] * inv_denom
-    count = stats[COUNT]
-    metrics = stats[:NUM_METRICS].clone()
-    metrics[LOSS] = loss
-    metrics[CLIP_LOW : RATIO + 1] /= count.clamp(min=1)  # sums -> means over the valid tokens
-    ratio_range = metrics[RATIO_MIN : RATIO_MAX + 1]
-    metrics[RATIO_MIN : RATIO_MAX + 1] = torch.where(count > 0, ratio_range, 0.0)  # none: 0
-    return loss, inv_denom, metrics
-
-
-def _denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len) -> torch.Tensor:
-    """D of the aggregation (module docstring): a 0-dim tensor, no host sync."""
-
-    def value(given: Count | None, local) -> torch.Tensor:  # local: computed only when needed
-        if given is None:
-            return local()
-        if not isinstance(given, torch.Tensor):  # checked by check_inputs
-            return torch.as_tensor(given).to(stats).reshape(())
-        # Unchecked (check_finite=False, no sync): a bad count makes the loss NaN, never 0.
-        given = given.reshape(()).to(stats)
-        return torch.where(valid_count(given), given, math.nan)
-
-    if cfg.agg == "token-mean":
-        return value(num_tokens, lambda: stats[COUNT])
-    denom = value(num_seqs, lambda: (seq_counts > 0).sum().to(stats))
-    if cfg.agg == "seq-mean-token-sum-norm":
-        denom = denom * value(max_len, lambda: seq_counts.max().to(stats))
-    return denom
-
-
 class PolicyLossFunction(torch.autograd.Function):
-    """loss = stats[LOSS] / D; d loss / d logp = grad_output · grad / D (forward saves grad)."""
+    """loss = stats[LOSS] / D; d loss / d logp = grad_output · grad / D (forward saves grad, and
+    divides it by D already when the counts are numbers)."""
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
@@ -271,9 +231,12 @@ class PolicyLossFunction(torch.autograd.Function):
         counts = (num_tokens, num_seqs, max_len)
         dtype = compute_dtype(logp)
         inputs = (logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg)
+        folded = folded_inv_denom(cfg, *counts)  # 1 / D, or None: known after the token pass
+        grad_scale = 1.0 if folded is None else folded
         if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
+            need = needs_seq_counts(cfg, num_seqs, max_len)
             grad, partials, seq_counts = policy_loss_triton(
-                *inputs, adv_per_token, need_seq_counts=needs_seq_counts(cfg, num_seqs, max_len)
+                *inputs, adv_per_token, need_seq_counts=need, grad_scale=grad_scale
             )
             if not any(isinstance(c, torch.Tensor) for c in counts):
                 loss, inv_denom, metrics = finalize_triton(
@@ -281,18 +244,32 @@ class PolicyLossFunction(torch.autograd.Function):
                 )
             else:
                 stats = reduce_partials(partials, dtype)
-                loss, inv_denom, metrics = _finalize(cfg, stats, seq_counts, *counts)
+                loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         else:
-            grad, stats, seq_counts = policy_loss_torch(*inputs, adv_per_token)
-            loss, inv_denom, metrics = _finalize(cfg, stats, seq_counts, *counts)
+            grad, stats, seq_counts = policy_loss_torch(*inputs, adv_per_token, grad_scale)
+            loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         ctx.save_for_backward(grad, inv_denom)
+        ctx.folded, ctx.backend, ctx.scaled = folded is not None, backend, False
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
+        # Scaled in place: a copy would be a second [T] buffer and a pass that writes it; the
+        # saved gradient is then spent, so a second backward cannot reuse it.
+        if ctx.scaled:
+            raise RuntimeError(
+                "policy_loss's backward runs once per forward: its saved gradient was scaled in "
+                "place by the first; call policy_loss again for another backward"
+            )
+        ctx.scaled = True
         grad, inv_denom = ctx.saved_tensors
-        return grad * (grad_loss * inv_denom), *_NO_GRADS
+        scale = grad_loss if ctx.folded else grad_loss * inv_denom  # [] on the device, no sync
+        if ctx.backend == "triton":  # each program reads the scale; exactly 1: no token touched
+            return scale_grad_(grad, scale), *_NO_GRADS
+        if not grad.is_cuda and scale.item() == 1.0:  # a CPU read is free
+            return grad, *_NO_GRADS
+        return grad.mul_(scale), *_NO_GRADS
 
 
 _NO_GRADS = none_grads(PolicyLossFunction.forward)  # for every input after logp

@@ -6,7 +6,8 @@ Triton kernels in policy_loss_triton.py compute, with the same three outputs, so
 backends share one autograd.Function and one finalization:
 
 - ``grad``: d(Σ_t c_t·loss_t)/d logp_t per token, where c_t is the token's share before the global
-  denominator (1 for a valid token, or 1/|y_i| under "seq-mean-token-mean"; 0 for a masked one);
+  denominator (1 for a valid token, or 1/|y_i| under "seq-mean-token-mean"; 0 for a masked one),
+  times ``grad_scale`` (1 / D when the counts are numbers: the backward then has less to do);
 - ``stats``: the sums the loss and its metrics are made of (the named slots below);
 - ``seq_counts``: valid tokens per sequence, for the local N_seq and L_max.
 
@@ -82,8 +83,11 @@ def policy_loss_torch(
     rollout_logp: torch.Tensor | None,  # like logp
     cfg: PolicyLossConfig,
     adv_per_token: bool,  # advantages_per_token's reading, made in the caller's layout
+    grad_scale: float = 1.0,  # the gradient's factor: 1 / D when the counts are numbers
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs.
+    """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs; the
+    gradient is multiplied by ``grad_scale`` where the clip mask is applied (no pass of its own,
+    but where an input is not finite).
 
     Few passes over the tokens, as this is the CPU path: per-sequence values stay [B] until they
     broadcast; masked positions are never cleaned, what leaves is masked instead, by multiplying
@@ -125,8 +129,13 @@ def policy_loss_torch(
             return x.mul_(mask_f) if inplace else x * mask_f
         return torch.where(valid, x, 0.0)
 
-    def keep_unless(flags: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # where(flags, 0, x)
-        return x.mul_(~flags) if fast else torch.where(flags, 0.0, x)  # x: ours to overwrite
+    def keep_unless(flags: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """where(flags, 0, x) * scale; x: ours to overwrite."""
+        if scale == 1.0:
+            return x.mul_(~flags) if fast else torch.where(flags, 0.0, x)
+        if fast:  # the scale rides on the mask's multiply
+            return x.mul_(torch.where(flags, zero, scale))
+        return torch.where(flags, 0.0, x.mul_(scale))
 
     def count(flags: torch.Tensor) -> torch.Tensor:
         return (flags if valid is None else flags & valid).sum().to(cdt)
@@ -156,7 +165,7 @@ def policy_loss_torch(
     pg_clipped = ratio.clamp(lo, hi).mul_(neg_adv)
     clipped = pg_clipped > pg_unclipped  # high: ratio > hi, A > 0; low: ratio < lo, A < 0
     pg = torch.maximum(pg_unclipped, pg_clipped, out=pg_clipped)
-    dloss = keep_unless(clipped, pg_unclipped)
+    dloss = keep_unless(clipped, pg_unclipped, grad_scale)
     n_dual = zero
     if cfg.dual_clip is not None:  # bound -c·A where A < 0, +inf elsewhere
         neg = -adv
@@ -179,7 +188,8 @@ def policy_loss_torch(
         else:
             kl, dkl = e + delta - 1.0, 1.0 - e
         loss = loss.add_(kl, alpha=cfg.beta)
-        dloss = dloss.add_(dkl, alpha=cfg.beta) if torch.is_tensor(dkl) else dloss.add_(cfg.beta)
+        slope = cfg.beta * grad_scale  # the KL's share of the scaled gradient
+        dloss = dloss.add_(dkl, alpha=slope) if torch.is_tensor(dkl) else dloss.add_(slope)
         kl_sum = masked(kl).sum()
 
     if cfg.agg == "seq-mean-token-mean":  # c_t = 1 / |y_i|

@@ -10,11 +10,13 @@ a sequence length on a grid dimension:
   (written once) and one row of stat sums per program (loss, counts, clip/dual-clip/KL/ratio sums,
   ratio min/max, non-finite counts). A packed token finds its sequence by binary search over
   cu_seqlens (log2 B cached loads): no per-token index is read.
-- ``_policy_loss_finalize_kernel``, one program: the rows summed in float64 (deterministic, no
-  atomics), divided by the denominator, written as the loss, 1 / D and the metrics.
+  With the counts given as numbers, the gradient is stored already divided by D (``grad_scale``).
+- ``_policy_loss_scale_kernel``, the backward: the stored gradient times a 0-dim device scalar,
+  in place; each program reads the scalar first and returns when it is exactly 1 (no host sync).
 
-So a call is 2 or 3 launches, and backward one multiply. The formulas follow policy_loss_torch.py
-line by line; fp32 math whatever the input dtype.
+The rows become the loss, 1 / D and the metrics in policy_loss_finalize.py. So a forward is 2 or 3
+launches, a backward one that moves no token bytes when grad_output is 1 and D was folded in. The
+formulas follow policy_loss_torch.py line by line; fp32 math whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import triton.language as tl
 
 from ._backend import at_offset, compute_dtype
 from .loss_config import AGGS, KLS, RATIO_LEVELS, PolicyLossConfig
+from .policy_loss_finalize import folded_inv_denom
 from .policy_loss_torch import (
     CLIP_HIGH,
     CLIP_LOW,
@@ -39,7 +42,6 @@ from .policy_loss_torch import (
     NONFINITE_OLD,
     NONFINITE_REF,
     NONFINITE_ROLLOUT,
-    NUM_METRICS,
     NUM_STATS,
     RATIO,
     RATIO_MAX,
@@ -102,6 +104,8 @@ def _policy_loss_fwd_kernel(
     N, L, B, search_steps,
     # hyper-parameters: runtime floats, a new value does not recompile
     eps_low, eps_high, dual_clip, beta, is_cap,
+    # the stored gradient's factor: 1 / D when the counts are numbers, else 1 (a runtime float)
+    grad_scale,
     # switches
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
     SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_DUAL: tl.constexpr,
@@ -185,7 +189,7 @@ def _policy_loss_fwd_kernel(
     coef = valid.to(tl.float32)
     if PER_SEQ_MEAN:
         coef = coef / tl.maximum(tl.load(count_ptr + seq, mask=valid, other=1.0), 1.0)
-    grad = tl.where(valid, coef * dloss, 0.0)
+    grad = tl.where(valid, coef * dloss * grad_scale, 0.0)
     tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
 
     # One row of sums, in the named slots of policy_loss_torch.py; finite means |x| < inf (NaN
@@ -218,84 +222,31 @@ def _policy_loss_fwd_kernel(
 
 
 @triton.jit
-def _slot(v, cols, k: tl.constexpr):
-    """v[k] of a small register vector, as a scalar."""
-    return tl.sum(tl.where(cols == k, v, 0.0), axis=0)
-
-
-@triton.jit
-def _policy_loss_finalize_kernel(
-    # inputs: per-program stat rows [P, NUM_STATS], valid tokens per sequence [B]
-    partials_ptr, counts_ptr,
-    # outputs: loss [], 1 / D [], metrics [NUM_METRICS] in the stats' named slots
-    loss_ptr, inv_denom_ptr, metrics_ptr,
+def _policy_loss_scale_kernel(
+    # in place: the gradient the token pass stored, like logp; scale [] (float32, float64 for
+    # float64 logp)
+    grad_ptr, scale_ptr,
     # shapes
-    P, B,
-    # the caller's global counts, 0 when not given (runtime floats)
-    num_tokens, num_seqs, max_len,
-    # switches
-    PER_SEQ: tl.constexpr, NORM: tl.constexpr, HAS_COUNTS: tl.constexpr,
-    NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+    N,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program: sum the rows in float64, divide by D, write loss, 1 / D and the metrics (each
-    in the slot of the sum it is made from).
+    """grad *= scale, BLOCK tokens per program; a program whose scale is exactly 1 does nothing.
 
-    It replaces a dozen tiny torch ops (and their launches) after the token pass.
+    The product is formed in the scale's dtype and rounded once to the gradient's.
     """
-    cols = tl.arange(0, NUM_STATS)
-    sums = tl.zeros([NUM_STATS], tl.float64)
-    lo = tl.full([BLOCK], float("inf"), tl.float32)
-    hi = tl.full([BLOCK], -float("inf"), tl.float32)
-    for start in range(0, P, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        ok = rows < P
-        tile = tl.load(
-            partials_ptr + rows[:, None] * NUM_STATS + cols[None, :], mask=ok[:, None], other=0.0
-        )
-        sums += tl.sum(tile.to(tl.float64), axis=0)
-        row_min = tl.load(partials_ptr + rows * NUM_STATS + RATIO_MIN, mask=ok, other=float("inf"))
-        lo = tl.minimum(lo, row_min)
-        row_max = tl.load(partials_ptr + rows * NUM_STATS + RATIO_MAX, mask=ok, other=-float("inf"))
-        hi = tl.maximum(hi, row_max)
-    count = _slot(sums, cols, COUNT)
-    zero = count * 0.0  # a float64 scalar tensor: the runtime floats below become float64 too
-
-    if PER_SEQ:  # N_seqs, times L_max for the Dr. GRPO norm
-        n_seqs = zero + num_seqs
-        l_max = zero + max_len
-        if HAS_COUNTS:  # this call's own, where the caller gave none
-            nonempty = tl.zeros([BLOCK], tl.float64)
-            longest = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, B, BLOCK):
-                idx = start + tl.arange(0, BLOCK)
-                c = tl.load(counts_ptr + idx, mask=idx < B, other=0.0)
-                nonempty += (c > 0).to(tl.float64)
-                longest = tl.maximum(longest, c)
-            n_seqs = tl.where(num_seqs > 0, n_seqs, tl.sum(nonempty, axis=0))
-            l_max = tl.where(max_len > 0, l_max, tl.max(longest, axis=0).to(tl.float64))
-        denom = n_seqs * l_max if NORM else n_seqs
-    else:
-        denom = tl.where(num_tokens > 0, zero + num_tokens, count)
-    inv = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)  # none valid: 0, not NaN
-    out = loss_ptr.dtype.element_ty
-    loss = (_slot(sums, cols, LOSS) * inv).to(out)
-    tl.store(loss_ptr, loss)
-    tl.store(inv_denom_ptr, inv.to(out))
-
-    tl.store(metrics_ptr + LOSS, loss)
-    n = tl.maximum(count, 1.0)
-    for k in tl.static_range(CLIP_LOW, RATIO + 1):  # sums -> means over the valid tokens
-        tl.store(metrics_ptr + k, (_slot(sums, cols, k) / n).to(out))
-    tl.store(metrics_ptr + RATIO_MIN, tl.where(count > 0, tl.min(lo, axis=0), 0.0).to(out))
-    tl.store(metrics_ptr + RATIO_MAX, tl.where(count > 0, tl.max(hi, axis=0), 0.0).to(out))
-    tl.store(metrics_ptr + COUNT, count.to(out))
-    for k in tl.static_range(NONFINITE_LOGP, NONFINITE_ROLLOUT + 1):  # counts, as they are
-        tl.store(metrics_ptr + k, _slot(sums, cols, k).to(out))
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        keep = offs < N
+        g = tl.load(grad_ptr + offs, mask=keep, other=0.0)
+        tl.store(grad_ptr + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=keep)
 
 
 # Bytes moved per token (b = bytes per input element): forward reads logp, old_logp, ref_logp,
 # rollout_logp and per-token advantages when given (b each), the mask (1) in the padded layout, and
-# writes the gradient (b); backward reads and writes it once more (2b). Per-sequence advantages,
+# writes the gradient (b). Backward: nothing when grad_output is 1 and the counts were numbers (D
+# folded into the stored gradient); otherwise it reads and writes the gradient once more (2b), as
+# with local or tensor counts D is known only after the token pass. Per-sequence advantages,
 # cu_seqlens and the stats are O(B). ~10 FLOPs a token: memory-bound everywhere.
 def needs_seq_counts(cfg, num_seqs, max_len) -> bool:
     """Whether the denominator needs this call's own per-sequence counts: N_seqs (and L_max for
@@ -307,13 +258,13 @@ def needs_seq_counts(cfg, num_seqs, max_len) -> bool:
 
 def policy_loss_triton(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
-    need_seq_counts=True,
+    need_seq_counts=True, grad_scale=1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None).
 
     Inputs are checked; ``adv_per_token`` is advantages_per_token's reading of the caller's
-    layout. ``reduce_partials`` turns the rows into policy_loss_torch's stats vector,
-    ``finalize_triton`` straight into the loss and metrics.
+    layout; the stored gradient is multiplied by ``grad_scale``. policy_loss_finalize.py turns the
+    rows into the loss and metrics.
     """
     packed = cu_seqlens is not None
     n = logp.numel()
@@ -360,6 +311,7 @@ def policy_loss_triton(
         n, length, b, (b - 1).bit_length(),
         float(cfg.eps_low), float(cfg.eps_high), float(cfg.dual_clip or 0.0),
         float(cfg.beta), math.inf if cfg.is_cap is None else float(cfg.is_cap),
+        float(grad_scale),
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=adv_per_token, SEQ_LEVEL=seq_level,
         PER_SEQ_MEAN=per_seq_mean, HAS_DUAL=cfg.dual_clip is not None,
@@ -369,36 +321,17 @@ def policy_loss_triton(
     return grad, partials, counts
 
 
-def reduce_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The stats vector of policy_loss_torch from the kernel's rows (for the torch finalization):
-    sums of the slots in use, min / max of the ratio's."""
-    stats = partials[:, :NUM_METRICS].sum(0, dtype=torch.float64)
-    stats[RATIO_MIN] = partials[:, RATIO_MIN].min()
-    stats[RATIO_MAX] = partials[:, RATIO_MAX].max()
-    return stats.to(dtype)
-
-
-def finalize_triton(
-    partials, counts, cfg, num_tokens, num_seqs, max_len, dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [], 1 / D [], metrics [NUM_METRICS]) in one launch; the counts are numbers or None."""
-    dev = partials.device
-    loss = torch.empty((), dtype=dtype, device=dev)
-    inv_denom = torch.empty((), dtype=dtype, device=dev)
-    metrics = torch.empty(NUM_METRICS, dtype=dtype, device=dev)
-    _policy_loss_finalize_kernel[(1,)](
-        partials, partials if counts is None else counts,
-        loss, inv_denom, metrics,
-        partials.shape[0], 0 if counts is None else counts.numel(),
-        float(num_tokens or 0), float(num_seqs or 0), float(max_len or 0),
-        PER_SEQ=cfg.agg != "token-mean", NORM=cfg.agg == "seq-mean-token-sum-norm",
-        HAS_COUNTS=counts is not None, NUM_STATS=NUM_STATS, BLOCK=256,
-    )  # fmt: skip
-    return loss, inv_denom, metrics
+def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad (contiguous, the token pass's) *= scale (0-dim, on grad's device), in place; no host
+    sync. Returns grad."""
+    n = grad.numel()
+    block = _block(n)
+    _policy_loss_scale_kernel[(max(1, triton.cdiv(n, block)),)](grad, scale, n, BLOCK=block)
+    return grad
 
 
 # ------------------------------------------------------------------------------------------------
-# Every input policy_loss can hand the two launchers, for the ahead-of-time compile check
+# Every input policy_loss can hand the three launchers, for the ahead-of-time compile check
 # (benchmarks/compile_check.py): each dimension's values, the heaviest (most registers) last. Token
 # counts are the first of each _block size, and a multiple of 16 (Triton specializes on it).
 LAUNCH_SPACE = {
@@ -415,7 +348,7 @@ LAUNCH_SPACE = {
     "rollout": (False, True),
     "mask": (torch.float32, torch.int64, torch.bool),
     "cu_seqlens": (torch.int64, torch.int32),
-    "counts": ("given", "local"),
+    "counts": ("given", "tensors", "local"),
     "aligned": (False, True),
 }
 HEAVY_DIMS = ("dtype", "kl", "agg")  # compiled in every combination, the other dimensions heaviest
@@ -438,8 +371,10 @@ def example_launch(
     cu = torch.linspace(0, tokens, seqs + 1).to(cu_seqlens)
     m, cu = (None, given(True, cu.shape, cu_seqlens)) if packed else (given(True, d=mask), None)
     num = (None,) * 3 if counts == "local" else (tokens, seqs, length)
-    _, partials, seq_counts = policy_loss_triton(
+    num = tuple(map(torch.tensor, num)) if counts == "tensors" else num
+    inv = folded_inv_denom(cfg, *num)
+    grad, *_ = policy_loss_triton(
         logp, given(old), adv, m, cu, given(kl is not None), given(rollout), cfg, adv_per_token,
-        needs_seq_counts(cfg, *num[1:]),
+        needs_seq_counts(cfg, *num[1:]), 1.0 if inv is None else inv,
     )  # fmt: skip
-    finalize_triton(partials, seq_counts, cfg, *num, compute_dtype(logp))
+    scale_grad_(grad, torch.ones((), dtype=compute_dtype(logp)))  # the backward

@@ -235,3 +235,27 @@ def assert_matches_reference(res, grad, d: dict, *, metrics: bool = True, **kw) 
         for name in res._fields[1:]:
             want_m, same_m = getattr(want, name).detach(), getattr(same, name).detach()
             assert_close_to_ref(getattr(res, name), want_m, same_m, msg=name)
+
+
+class _FreshForward(torch.autograd.Function):
+    """fn(x) whose backward runs fn again: a loss with one backward per forward (policy_loss scales
+    its saved gradient in place) under gradcheck, which backpropagates twice through one graph."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.save_for_backward(x)
+        ctx.fn = fn
+        return fn(x).detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            fresh = x.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(ctx.fn(fresh), fresh, grad_out)
+        return grad, None
+
+
+def gradcheck_fresh(fn, x: torch.Tensor) -> bool:
+    """torch.autograd.gradcheck of ``fn`` at ``x``, each backward after a forward of its own."""
+    return torch.autograd.gradcheck(lambda t: _FreshForward.apply(t, fn), (x,))

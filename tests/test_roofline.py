@@ -29,13 +29,20 @@ def test_policy_loss_bytes_match_a_hand_count(roofline):
     # 1M tokens in rows of 1024: 1024 sequences, 1024 programs of 1024 tokens.
     # Forward kernel: reads logp 4 + old_logp 4 + mask 1 per token and 4 per sequence (the
     # advantage), writes the gradient 4 per token and 14 float32 sums in its row of 16 per program.
-    # Finalize: reads the rows (64 B) and their min / max slots again (8 B). Backward: reads the
-    # saved gradient and writes it scaled, 8 per token. So 21 per token, 13 of them the minimum.
+    # Finalize: reads the rows (64 B) and their min / max slots again (8 B). Backward with local
+    # counts: reads the saved gradient and writes it scaled, 8 per token, so 21 per token, 13 of
+    # them the minimum. With the counts as numbers the forward stored the gradient divided by D
+    # and the backward touches no token: 13 per token, the minimum.
     n, b, programs = 1 << 20, 1024, 1024
-    r = roofline.policy_loss(n)
-    assert r.total("minimum", "bytes") == 13 * n + 4 * b
-    assert r.total("ours", "bytes") == 21 * n + 4 * b + programs * (56 + 64 + 8)
-    assert r.floor_s("minimum") == pytest.approx((13 * n + 4 * b) / 4.8e12)
+    rows = programs * (56 + 64 + 8)
+    local, numbers = (roofline.policy_loss(n, counts=c) for c in ("local", "numbers"))
+    for r in (local, numbers):
+        assert r.total("minimum", "bytes") == 13 * n + 4 * b
+        assert r.floor_s("minimum") == pytest.approx((13 * n + 4 * b) / 4.8e12)
+    assert local.total("ours", "bytes") == 21 * n + 4 * b + rows
+    assert numbers.total("ours", "bytes") == 13 * n + 4 * b + rows
+    with pytest.raises(ValueError, match="counts"):
+        roofline.policy_loss(n, counts="tensors")
 
 
 def test_fused_linear_counts_match_a_hand_count(roofline):
@@ -79,7 +86,9 @@ def test_sizes_are_read_from_the_suites(roofline):
 
 def test_markdown_has_a_row_per_gpu_size(roofline):
     table = roofline.markdown().splitlines()
-    assert len(table) == 2 + 3 + 3 + 1  # header, separator, then the sizes of the three suites
+    # header, separator, then the sizes of the three suites (policy_loss's twice: local counts
+    # and counts as numbers)
+    assert len(table) == 2 + 3 + 2 * 3 + 1
     assert all(line.count("|") == 9 for line in table)
 
 
