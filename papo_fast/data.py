@@ -23,9 +23,9 @@ import torch
 from papo_fast.config import DataConfig
 
 
-def load_prompts(path: str | Path, cfg: DataConfig):
-    """A datasets.Dataset with columns problem, answer (str) and solution (str or None) when
-    mapped."""
+def load_prompts(path: str | Path, cfg: DataConfig, group_field: str | None = None):
+    """A datasets.Dataset with columns problem, answer (str), solution (str or None) when mapped,
+    and group (str) when ``group_field`` names one (data.eval_group_field, for held-out data)."""
     import datasets
 
     if not str(path).strip():
@@ -46,11 +46,13 @@ def load_prompts(path: str | Path, cfg: DataConfig):
     fields = {"problem": cfg.problem_field, "answer": cfg.answer_field}
     if cfg.solution_field:
         fields["solution"] = cfg.solution_field
+    if group_field:
+        fields["group"] = group_field
     missing = [f for f in fields.values() if f not in columns]
     if missing:
         raise ValueError(
             f"{path}: field(s) {missing} not found (data.problem_field/answer_field/"
-            f"solution_field); columns are {sorted(columns)}"
+            f"solution_field/eval_group_field); columns are {sorted(columns)}"
         )
     out = {name: [] for name in fields}
     for where, row in rows:

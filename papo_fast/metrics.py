@@ -19,6 +19,8 @@ import math
 import warnings
 from pathlib import Path
 
+import torch
+
 from papo_fast.distributed import all_reduce
 from papo_fast.run_dir import write_text_atomic
 
@@ -37,20 +39,39 @@ BAR_KEYS = ("reward", "accuracy", "zero_adv_frac", "proc_active_frac", "response
 
 
 ROLLOUT_SUMS = ("n", "outcome", "correct", "process", "tokens", "finished", "zero_adv")
+ROLLOUT_SUMS += ("zero_adv_all_correct", "zero_adv_all_wrong")
 ROLLOUT_SUMS += ("proc_active", "groups", "judge_calls", "judge_invalid")
 
 
-def rollout_metrics(samples, rewards, stats: dict) -> dict:
+def zero_adv_counts(advantages, correct, group_ids) -> tuple[int, int, int]:
+    """(responses whose advantage is exactly 0, those of them whose group is all correct, those
+    whose group is all wrong). The rest sit in groups of mixed outcome: equal shaped rewards, or
+    an advantage that cancels exactly."""
+    adv = torch.as_tensor(advantages).detach().cpu()
+    ok = torch.as_tensor(correct, dtype=torch.bool).cpu()
+    _, slot = torch.unique(torch.as_tensor(group_ids).cpu(), return_inverse=True)
+    size = torch.bincount(slot)
+    right = torch.bincount(slot, weights=ok.double(), minlength=len(size))
+    zero = adv == 0
+    all_correct, all_wrong = (right == size)[slot], (right == 0)[slot]
+    return int(zero.sum()), int((zero & all_correct).sum()), int((zero & all_wrong).sum())
+
+
+def rollout_metrics(samples, rewards, stats: dict, advantages, group_ids) -> dict:
     """A step's rollout and reward metrics over all ranks: each rank's sums are summed, the
     least advantage of a correct response is the least of the ranks'.
 
-    ``rewards``: the step's compute_rewards result; ``stats``: papo_advantages' statistics."""
+    ``rewards``: the step's compute_rewards result; ``stats``: papo_advantages' statistics, with
+    the ``advantages`` [N] of the responses in groups ``group_ids`` [N]. The responses with a zero
+    advantage are split by cause: ``zero_adv_all_correct_frac`` + ``zero_adv_all_wrong_frac`` +
+    ``zero_adv_other_frac`` == ``zero_adv_frac`` (fractions of all responses)."""
     st = {k: float(v) for k, v in stats.items()}
     n, groups = len(samples), st["num_groups"]
     local = [
         n, sum(rewards.outcome), sum(rewards.correct), sum(rewards.process),
         sum(len(s.response_ids) for s in samples), sum(s.finished for s in samples),
-        round(st["zero_adv_frac"] * n), round(st["proc_active_frac"] * groups) if groups else 0,
+        *zero_adv_counts(advantages, rewards.correct, group_ids),
+        round(st["proc_active_frac"] * groups) if groups else 0,
         groups, rewards.judge_calls, rewards.judge_invalid,
     ]  # fmt: skip
     tot = dict(zip(ROLLOUT_SUMS, all_reduce(local, "sum"), strict=True))
@@ -61,12 +82,45 @@ def rollout_metrics(samples, rewards, stats: dict) -> dict:
         "accuracy": correct / n,
         "process_mean": tot["process"] / correct if correct else nan,
         "zero_adv_frac": tot["zero_adv"] / n,
+        "zero_adv_all_correct_frac": tot["zero_adv_all_correct"] / n,
+        "zero_adv_all_wrong_frac": tot["zero_adv_all_wrong"] / n,
+        "zero_adv_other_frac": (
+            tot["zero_adv"] - tot["zero_adv_all_correct"] - tot["zero_adv_all_wrong"]
+        )
+        / n,
         "proc_active_frac": tot["proc_active"] / tot["groups"] if tot["groups"] else nan,
         "correct_adv_min": adv_min,
         "response_len": tot["tokens"] / n,
         "finished_frac": tot["finished"] / n,
         "judge_calls": int(tot["judge_calls"]),
         "judge_invalid": int(tot["judge_invalid"]),
+    }
+
+
+def _natural(value: str):
+    """Sort key: numbers by value, before any text."""
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def group_accuracy(field: str | None, all_groups: list, groups: list, correct) -> dict:
+    """``eval_accuracy/<field>=<value>`` per value of ``all_groups`` (every held-out prompt's
+    value: the same list on every rank), over all ranks' responses (``groups``, ``correct``: this
+    rank's), in the order of the values; {} without a field."""
+    if not field:
+        return {}
+    keys = sorted(set(all_groups), key=_natural)
+    local = []
+    for key in keys:
+        hits = [bool(c) for g, c in zip(groups, correct, strict=True) if g == key]
+        local += [len(hits), sum(hits)]
+    tot = all_reduce(local, "sum") if local else []
+    nan = float("nan")
+    return {
+        f"eval_accuracy/{field}={key}": c / m if m else nan
+        for key, m, c in zip(keys, tot[0::2], tot[1::2], strict=True)
     }
 
 
@@ -154,7 +208,7 @@ def _series(records: list[dict], key: str):
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def moving_mean(values: list[float], window: int) -> list[float]:
     out = []
     for i in range(len(values)):
         chunk = values[max(0, i - window + 1) : i + 1]
@@ -181,7 +235,7 @@ def plot_comparison(runs: dict[str, str | Path], out_png: str | Path, smooth: in
                 continue
             marker = "o" if key.startswith("eval_") else None
             window = 1 if key.startswith("eval_") else smooth
-            ax.plot(steps, _smooth(values, window), label=name, marker=marker)
+            ax.plot(steps, moving_mean(values, window), label=name, marker=marker)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -105,7 +105,13 @@ from papo_fast.distributed import (
 )
 from papo_fast.kernels.advantages import papo_advantages
 from papo_fast.kernels.fused_linear_policy_loss import PAPOLoss
-from papo_fast.metrics import MetricsLogger, ProgressBar, read_metrics, rollout_metrics
+from papo_fast.metrics import (
+    MetricsLogger,
+    ProgressBar,
+    group_accuracy,
+    read_metrics,
+    rollout_metrics,
+)
 from papo_fast.packing import check_packed_attention, micro_batches, step_batch, step_logprobs
 from papo_fast.policy import load_model, model_device
 from papo_fast.rewards import collect_metrics, compute_rewards, load_judge, load_verifier
@@ -161,7 +167,9 @@ class Trainer:
         self.verifier = load_verifier(c.reward.verifier)
         self.judge = load_judge(c.reward.judge)
         self.train_data = load_prompts(c.data.train_path, c.data)
-        self.eval_data = load_prompts(c.data.eval_path, c.data) if c.data.eval_path else None
+        self.eval_data = None
+        if c.data.eval_path:
+            self.eval_data = load_prompts(c.data.eval_path, c.data, c.data.eval_group_field)
         self.out = Path(c.train.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.lock = open_run_dir(self.out, resume, owner=self.world.main)
@@ -320,7 +328,7 @@ class Trainer:
         adv = papo_advantages(
             torch.tensor(rw.outcome),
             torch.tensor(rw.process),
-            group_ids=torch.arange(len(samples)) // G,
+            group_ids=(group_ids := torch.arange(len(samples)) // G),
             correct=torch.tensor(rw.correct),
             mode=c.advantage.mode,
             lam=c.advantage.lam,
@@ -358,7 +366,7 @@ class Trainer:
         return {
             "step": self.step,
             "lr": lr,
-            **rollout_metrics(samples, rw, adv.stats),
+            **rollout_metrics(samples, rw, adv.stats, adv.advantages, group_ids),
             **sum_dicts(gather_objects(reward_counters)),
             **upd,
             "t_rollout": times[0],
@@ -412,6 +420,8 @@ class Trainer:
         solutions = None if solutions is None else [solutions[i] for i in mine]
         rw = compute_rewards(self.verifier, self.judge, problems, texts, answers, "zero", solutions)
         counters = sum_dicts(gather_objects(collect_metrics(self.verifier, self.judge)))
+        field, groups = self.cfg.data.eval_group_field, [r.get("group") for r in rows]
+        by_group = group_accuracy(field, groups, [groups[i // k] for i in mine], rw.correct)
         lengths = sum(len(s.response_ids) for s in samples)
         n, n_correct, process, lengths = all_reduce(
             [len(samples), sum(rw.correct), sum(rw.process), lengths], "sum"
@@ -420,6 +430,7 @@ class Trainer:
             "eval_accuracy": n_correct / n,
             "eval_process_mean": process / n_correct if n_correct else float("nan"),
             "eval_response_len": lengths / n,
+            **by_group,
             **{f"eval_{k}": v for k, v in counters.items()},
         }
 

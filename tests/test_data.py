@@ -212,3 +212,16 @@ def test_same_field_for_problem_and_answer(tmp_path):
 def test_a_damaged_sampler_state_is_a_clear_error(state):
     with pytest.raises(ValueError, match="not a sampler state"):
         PromptSampler(10, 0).load_state_dict(state)
+
+
+def test_group_field_is_read_as_text_and_checked(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    rows = [{"problem": "1+2", "answer": 3, "ops": 1}, {"problem": "1+2-1", "answer": 2, "ops": 2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_prompts(path, DataConfig(), group_field="ops")
+    assert ds["group"] == ["1", "2"]
+    with pytest.raises(ValueError, match=r"\['level'\] not found.*eval_group_field"):
+        load_prompts(path, DataConfig(), group_field="level")
+    path.write_text(json.dumps({"problem": "1+2", "answer": 3, "ops": None}) + "\n")
+    with pytest.raises(ValueError, match="line 1: field 'ops' is null"):
+        load_prompts(path, DataConfig(), group_field="ops")

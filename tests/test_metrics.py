@@ -1,6 +1,7 @@
 """metrics.jsonl handling on resume, damaged files, and the plots."""
 
 import pytest
+import torch
 
 from papo_fast.metrics import MetricsLogger, plot_comparison, plot_run, read_metrics
 
@@ -62,3 +63,28 @@ def test_plots(tmp_path):
         runs[name] = tmp_path / name / "metrics.jsonl"
     assert plot_run(runs["orm"], tmp_path / "a.png").stat().st_size > 1000
     assert plot_comparison(runs, tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_zero_adv_counts_split_by_the_groups_outcome():
+    from papo_fast.kernels.advantages import papo_advantages
+    from papo_fast.metrics import zero_adv_counts
+
+    # groups of 4: all correct, all wrong, mixed, and mixed with equal (shaped) outcome rewards
+    correct = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    outcome = correct.float()
+    outcome[12:] = 0.5
+    process = torch.rand(16) * correct
+    group_ids = torch.arange(16) // 4
+    for mode, expected in (("orm", (12, 4, 4)), ("papo", (6, 0, 4))):
+        adv = papo_advantages(outcome, process, group_ids=group_ids, correct=correct, mode=mode)
+        assert zero_adv_counts(adv.advantages, correct, group_ids) == expected, mode
+        assert expected[0] == round(float(adv.stats["zero_adv_frac"]) * 16)
+
+
+def test_group_accuracy_orders_values_and_counts_each():
+    from papo_fast.metrics import group_accuracy
+
+    assert group_accuracy(None, ["2"], ["2"], [True]) == {}
+    out = group_accuracy("ops", ["10", "2", "2", "x"], ["2", "2", "10", "x"], [1, 0, 1, 0])
+    assert list(out) == ["eval_accuracy/ops=2", "eval_accuracy/ops=10", "eval_accuracy/ops=x"]
+    assert list(out.values()) == [0.5, 1.0, 0.0]

@@ -43,6 +43,26 @@ def test_one_training_step(assets, tmp_path):
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, "no weight changed"
     assert (tmp_path / "run" / "checkpoints" / "step_000001" / "state" / ".metadata").is_file()
+    causes = ("zero_adv_all_correct_frac", "zero_adv_all_wrong_frac", "zero_adv_other_frac")
+    assert sum(m[k] for k in causes) == pytest.approx(m["zero_adv_frac"], abs=1e-12)
+    assert not any(k.startswith("eval_accuracy/") for k in m)  # no data.eval_group_field
+
+
+def test_heldout_accuracy_per_group(assets, tmp_path):
+    """data.eval_group_field: the held-out accuracy per value of a field (here the chain length),
+    each the share of that value's responses that are correct."""
+    cfg = make_config(assets, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_group_field="ops"))
+    trainer = make_trainer(cfg)
+    trainer.train()
+    (m,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = [trainer.eval_data[i] for i in range(4)]
+    lengths = sorted({r["group"] for r in rows}, key=int)
+    keys = [f"eval_accuracy/ops={v}" for v in lengths]
+    assert [k for k in m if k.startswith("eval_accuracy/")] == keys
+    weights = [sum(r["group"] == v for r in rows) for v in lengths]
+    total = sum(m[k] * w for k, w in zip(keys, weights, strict=True)) / sum(weights)
+    assert total == pytest.approx(m["eval_accuracy"])  # every prompt has eval_k responses
 
 
 def test_logprobs_match_a_plain_forward(assets, tmp_path):
