@@ -267,7 +267,7 @@ class PolicyLossFunction(torch.autograd.Function):
         scale = grad_loss if ctx.folded else grad_loss * inv_denom  # [] on the device, no sync
         if ctx.backend == "triton":  # each program reads the scale; exactly 1: no token touched
             return scale_grad_(grad, scale), *_NO_GRADS
-        if not grad.is_cuda and scale.item() == 1.0:  # a CPU read is free
+        if grad.device.type == "cpu" and scale.item() == 1.0:  # a CPU read is free
             return grad, *_NO_GRADS
         return grad.mul_(scale), *_NO_GRADS
 
