@@ -2,7 +2,7 @@
 
 papo-fast train CONFIG.yaml [--set section.key=value ...] [--resume]
 torchrun --nproc-per-node N -m papo_fast train CONFIG.yaml ...   # the same run on N processes
-papo-fast demo --out DIR [--seeds N] [--set section.key=value ...]
+papo-fast demo --out DIR [--seeds N] [--lrs 2e-4,4e-4] [--set section.key=value ...]
 papo-fast plot OUT.png RUN_DIR [RUN_DIR ...]      # compare the metrics of finished runs
 """
 
@@ -22,15 +22,29 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
-    demo = sub.add_parser("demo", help="ORM vs PAPO on tiny-model arithmetic (CPU, ~2 min)")
+    demo = sub.add_parser(
+        "demo", help="ORM vs PAPO on tiny-model arithmetic over learning rates (CPU, ~8 min)"
+    )
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--seeds", type=int, default=1, help="RL seeds per mode (same warm-up)")
+    demo.add_argument("--seeds", type=int, default=2, help="RL seeds per method and rate")
+    demo.add_argument(
+        "--lrs", type=_rates, default=None, help="learning rates, comma-separated (2e-4,4e-4,8e-4)"
+    )
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
 
     plot = sub.add_parser("plot", help="comparison plot of finished runs")
     plot.add_argument("png")
     plot.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     return p
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 2e-4,4e-4, got {text!r}"
+        ) from None
 
 
 def _run_metrics(runs: list[str]) -> dict[str, Path]:
@@ -72,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                 plot_run(out / "metrics.jsonl", out / "curves.png")
                 print(f"wrote {out}")
         elif args.command == "demo":
-            from papo_fast.tasks.demo import run_demo
+            from papo_fast.tasks.demo import DEMO_LRS, run_demo
 
-            run_demo(args.out, args.overrides, seeds=args.seeds)
+            run_demo(args.out, args.overrides, seeds=args.seeds, lrs=args.lrs or DEMO_LRS)
         else:
             from papo_fast.metrics import plot_comparison
 

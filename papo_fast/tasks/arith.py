@@ -87,10 +87,11 @@ def prompt_text(p: Problem) -> str:
 
 
 def make_split(seed: int, n: int, min_ops: int, max_ops: int) -> list[dict]:
-    """``n`` records {"problem", "answer"}; chain lengths uniform in [min_ops, max_ops]."""
+    """``n`` records {"problem", "answer", "ops"}; chain lengths (ops, the number of operations)
+    uniform in [min_ops, max_ops]."""
     rng = random.Random(seed)
     probs = [make_problem(rng, rng.randint(min_ops, max_ops)) for _ in range(n)]
-    return [{"problem": p.text, "answer": str(p.answer)} for p in probs]
+    return [{"problem": p.text, "answer": str(p.answer), "ops": len(p.ops)} for p in probs]
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:

@@ -1,21 +1,30 @@
 """The main job: ORM vs PAPO on a tiny model that learns multi-step arithmetic, on the CPU.
 
-    papo-fast demo --out runs/demo              # about 2 minutes on 2 CPU cores
-    papo-fast demo --out runs/demo3 --seeds 3   # the 3-seed comparison (3x the RL time)
+    papo-fast demo --out runs/demo                       # about 8 minutes on 2 CPU cores
+    papo-fast demo --out runs/d --seeds 3 --lrs 2e-4,4e-4
 
-1. **Data.** Seeded train / held-out splits (held-out has longer chains) as JSONL files.
+1. **Data.** Seeded train / held-out splits as JSONL files. Training chains have 2-4 operations;
+   the held-out set has the same number of chains of each length from 2 to 6 (5 and 6 are longer
+   than any in training), and its accuracy is also reported per length.
 2. **Model.** A character tokenizer made with `tokenizers` and a tiny Qwen2, saved with
    save_pretrained and loaded back through the Auto classes, like any local model.
 3. **Warm-up.** Supervised training on traces of mixed process quality (full / skipped step /
    slip that still ends right), so that groups hold correct answers of different rubric scores.
-4. **RL.** The same Trainer, config and seed, from the same warm-up checkpoint; only
-   advantage.mode differs ("orm" vs "papo").
-5. **Report.** A comparison table, OUT/summary.json {"orm": {...}, "papo": {...}}, PNG plots.
+4. **RL, a sweep.** For each learning rate and each seed, ORM and PAPO: the same Trainer, config,
+   seed and warm-up checkpoint; only advantage.mode differs ("orm" vs "papo").
+5. **Report** (demo_report.py). Per-seed rows, then mean and standard error per method and
+   learning rate; OUT/summary.json (every run's figures and the aggregates); OUT/sweep.png;
+   each run's metrics.jsonl and curves.png.
+
+The settings were fixed before any sweep ran: the learning rates double from 2e-4, the demo's
+single rate before the sweep existed (2e-4, 4e-4, 8e-4: how each method holds up as the step
+grows), two seeds, and as many steps as fit the 10-minute budget of ``make demo`` on 2 cores.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -30,9 +39,10 @@ import torch
 from papo_fast.batching import pad_ids
 from papo_fast.config import Config, config_from_dict
 from papo_fast.kernels.fused_linear_logprobs import fused_linear_logprobs
-from papo_fast.metrics import plot_comparison, plot_run, read_metrics
+from papo_fast.metrics import plot_run
 from papo_fast.run_dir import RunLock
 from papo_fast.tasks import arith
+from papo_fast.tasks.demo_report import aggregate, format_tables, lr_key, plot_sweep, run_summary
 
 
 @dataclass
@@ -44,24 +54,29 @@ class WarmupConfig:
     batch_size: int = 64
     lr: float = 4e-3
     num_train: int = 4000  # RL prompts
-    num_heldout: int = 64
+    heldout_per_length: int = 20  # held-out chains of each length
     train_ops: tuple[int, int] = (2, 4)
-    heldout_ops: tuple[int, int] = (2, 5)
+    heldout_ops: tuple[int, int] = (2, 6)
     threads: int = 1  # tiny matrices: one thread per process beats two (and shares the CPU)
 
+
+DEMO_LRS = (2e-4, 4e-4, 8e-4)
+DEMO_SEEDS = 2
+MODES = ("orm", "papo")
 
 # The RL settings of the demo (every key can be overridden with --set section.key=value); the loss
 # keeps PolicyLossConfig's defaults, the paper's recipe (clip 0.2 / 0.28, no KL, token-mean).
 DEMO_RL = {
+    "data": {"eval_group_field": "ops"},
     "rollout": {"group_size": 8, "temperature": 1.0, "max_new_tokens": 64},
-    "optim": {"lr": 2e-4, "grad_clip": 1.0},
+    "optim": {"grad_clip": 1.0},
     "train": {
-        "steps": 150,
+        "steps": 120,
         "prompts_per_step": 16,
         "mini_batches": 2,
         "micro_batch_size": 64,
-        "eval_every": 25,
-        "eval_prompts": 64,
+        "eval_every": 60,
+        "eval_prompts": 100,
         "eval_k": 4,
         "eval_temperature": 1.0,
         "progress": True,
@@ -119,45 +134,6 @@ def _sft_batch(tok, pairs):
     return ids, attn, mask[:, 1:].float()
 
 
-def _run_summary(metrics_path: Path) -> dict:
-    rows = read_metrics(metrics_path)
-    train = [r for r in rows if "zero_adv_frac" in r]
-    evals = [r for r in rows if "eval_accuracy" in r]
-
-    def mean(key):
-        vals = [r[key] for r in train if r.get(key) == r.get(key)]  # drop NaN
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    last = evals[-1] if evals else {}
-    return {
-        "heldout_accuracy": last.get("eval_accuracy", float("nan")),
-        "heldout_process_mean": last.get("eval_process_mean", float("nan")),
-        "heldout_accuracy_start": evals[0]["eval_accuracy"] if evals else float("nan"),
-        "zero_adv_frac": mean("zero_adv_frac"),
-        "process_active_frac": mean("proc_active_frac"),
-        "mean_response_len": mean("response_len"),
-        "train_accuracy": mean("accuracy"),
-        "step_time_s": mean("t_step"),
-        "steps": len(train),
-    }
-
-
-COLUMNS = [
-    ("heldout_accuracy", "held-out acc"),
-    ("zero_adv_frac", "zero-adv frac"),
-    ("process_active_frac", "proc-active frac"),
-    ("mean_response_len", "resp len"),
-    ("heldout_process_mean", "held-out rubric"),
-]
-
-
-def format_table(summary: dict) -> str:
-    lines = [f"{'run':<12}" + "".join(f"{title:>18}" for _, title in COLUMNS)]
-    for name, s in summary.items():
-        lines.append(f"{name:<12}" + "".join(f"{s[key]:>18.3f}" for key, _ in COLUMNS))
-    return "\n".join(lines)
-
-
 def _train_one(cfg: Config, position: int) -> None:
     """One RL run (in a worker process when the runs go side by side)."""
     from transformers.utils import logging as hf_logging
@@ -171,7 +147,12 @@ def _train_one(cfg: Config, position: int) -> None:
 
 
 def run_demo(
-    out: str | Path, overrides: list[str] = (), seeds: int = 1, wc=None, workers: int = 0
+    out: str | Path,
+    overrides: list[str] = (),
+    seeds: int = DEMO_SEEDS,
+    lrs: tuple[float, ...] = DEMO_LRS,
+    wc=None,
+    workers: int = 0,
 ) -> dict:
     """Everything under ``out``; returns the summary written to out/summary.json.
 
@@ -179,18 +160,29 @@ def run_demo(
     """
     out, wc = Path(out), wc or WarmupConfig()
     t0 = time.perf_counter()
-    # Check the settings first: a bad --set or --seeds fails before the warm-up starts.
+    # Check the settings first: a bad --set, --seeds or --lrs fails before the warm-up starts.
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"demo --seeds must be >= 1, got {seeds!r}")
+    lrs = tuple(lrs)
+    if not lrs or any(
+        isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf
+        for lr in lrs
+    ):
+        raise ValueError(f"demo --lrs must be positive finite learning rates, got {lrs!r}")
+    if len({lr_key(lr) for lr in lrs}) != len(lrs):
+        raise ValueError(f"demo --lrs holds a learning rate twice, got {lrs!r}")
+    if any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides):
+        raise ValueError("demo sets optim.lr per run: give the learning rates with --lrs")
     if out.exists() and not out.is_dir():
         raise ValueError(f"demo --out {out} exists and is not a directory")
     base = config_from_dict(DEMO_RL, overrides)
     from papo_fast.data import load_prompts  # noqa: F401  (fail early without `datasets`)
 
-    runs = {  # run name -> (advantage.mode, seed offset)
-        (mode if seeds == 1 else f"{mode}_seed{seed}"): (mode, seed)
+    runs = {  # run name -> (advantage.mode, learning rate, seed offset)
+        f"{mode}_lr{lr_key(lr)}_seed{seed}": (mode, lr, seed)
+        for lr in lrs
         for seed in range(seeds)
-        for mode in ("orm", "papo")
+        for mode in MODES
     }
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out)  # two demos on one --out would replace each other's runs
@@ -206,23 +198,31 @@ def run_demo(
         lock.release()
 
 
+def heldout_split(wc: WarmupConfig) -> list[dict]:
+    """``heldout_per_length`` chains of each length in ``heldout_ops``, seeded."""
+    lo, hi = wc.heldout_ops
+    return [
+        row
+        for ops in range(lo, hi + 1)
+        for row in arith.make_split(wc.seed + 20 + ops, wc.heldout_per_length, ops, ops)
+    ]
+
+
 def _run(out: Path, wc: WarmupConfig, base: Config, runs: dict, workers: int, t0: float) -> dict:
     train_path = arith.write_jsonl(
         arith.make_split(wc.seed + 10, wc.num_train, *wc.train_ops), out / "data" / "train.jsonl"
     )
-    heldout_path = arith.write_jsonl(
-        arith.make_split(wc.seed + 20, wc.num_heldout, *wc.heldout_ops),
-        out / "data" / "heldout.jsonl",
-    )
+    heldout_path = arith.write_jsonl(heldout_split(wc), out / "data" / "heldout.jsonl")
     warm = warmup(wc, out)
     t_warm = time.perf_counter() - t0
     jobs: dict[str, Config] = {}
-    for name, (mode, seed) in runs.items():
+    for name, (mode, lr, seed) in runs.items():
         jobs[name] = replace(
             base,
             model=replace(base.model, path=str(warm)),
             data=replace(base.data, train_path=str(train_path), eval_path=str(heldout_path)),
             advantage=replace(base.advantage, mode=mode),
+            optim=replace(base.optim, lr=lr),
             train=replace(base.train, out_dir=str(out / name), seed=base.train.seed + seed),
         )
     # The runs are independent: side by side, one process each, as many as there are cores.
@@ -238,19 +238,26 @@ def _run(out: Path, wc: WarmupConfig, base: Config, runs: dict, workers: int, t0
             ]
             for f in futures:
                 f.result()
-    summary, metrics = {}, {}
+    t_rl = time.perf_counter() - t0 - t_warm
+    metrics = {name: out / name / "metrics.jsonl" for name in jobs}
+    per_run = {name: run_summary(metrics[name], *runs[name]) for name in jobs}
     for name in jobs:
-        metrics[name] = out / name / "metrics.jsonl"
-        summary[name] = _run_summary(metrics[name])
         plot_run(metrics[name], out / name / "curves.png")
-    plot_comparison(metrics, out / "comparison.png")
-    if len(runs) > 2:
-        for mode in ("orm", "papo"):
-            group = [s for n, s in summary.items() if n.startswith(mode + "_")]
-            summary[mode] = {k: sum(g[k] for g in group) / len(group) for k in group[0]}
-    summary["timing"] = {"warmup_s": t_warm, "total_s": time.perf_counter() - t0}
+    agg = aggregate(per_run)
+    plot_sweep(per_run, agg, metrics, out / "sweep.png")
+    summary = {
+        "settings": {
+            "learning_rates": sorted({lr for _, lr, _ in runs.values()}),
+            "seeds": len({seed for _, _, seed in runs.values()}),
+            "steps": base.train.steps,
+            "warmup_steps": wc.steps,
+        },
+        "runs": per_run,
+        "aggregate": agg,
+    }
+    summary["timing"] = {"warmup_s": t_warm, "rl_s": t_rl, "total_s": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print()
-    print(format_table({k: v for k, v in summary.items() if k != "timing"}))
+    print(format_tables(per_run, agg))
     print(f"\nwall time {summary['timing']['total_s']:.0f}s (warm-up {t_warm:.0f}s); wrote {out}")
     return summary
