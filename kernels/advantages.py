@@ -28,8 +28,6 @@ the reference of the tests.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ._backend import (
@@ -38,6 +36,9 @@ from ._backend import (
     check_vector,
     resolve_backend,
 )
+from .advantages_ref import WHITEN_EPS
+from .advantages_ref import papo_advantages_ref as papo_advantages_ref  # the tests' oracle
+from .advantages_triton import ESTIMATORS as ESTIMATORS  # re-exported with MODES
 from .advantages_triton import (
     MIN_CORRECT,
     MODES,
@@ -48,25 +49,11 @@ from .advantages_triton import (
     SUM_CORRECT,
     SUM_WRONG,
     ZERO_ADV,
+    AdvantagesOutput,
+    estimator_settings,
     kernel_rewards,
     papo_advantages_triton,
 )
-
-
-class AdvantagesOutput(NamedTuple):
-    """Per-response advantages and the group statistics of the same pass.
-
-    ``stats`` holds 0-dim float32 tensors on the input's device (no host sync): ``zero_adv_frac``
-    (responses whose advantage is exactly 0), ``proc_active_frac`` (groups whose process part is
-    active), ``correct_adv_min``, ``correct_adv_mean``, ``wrong_adv_mean`` (NaN when there is no
-    such response) and ``num_groups``.
-    """
-
-    advantages: torch.Tensor  # [N] float32, outcome_adv + weight * process_adv
-    outcome_adv: torch.Tensor  # [N] float32, 0 in modes without an outcome part
-    process_adv: torch.Tensor  # [N] float32, 0 in modes without a process part
-    stats: dict[str, torch.Tensor]
-
 
 Advantages = AdvantagesOutput  # the old name, kept for one release
 
@@ -93,8 +80,8 @@ def _stats_from_sums(sums: torch.Tensor, n: int, num_groups: torch.Tensor) -> di
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def _segment_norm_torch(x, w, seg, num_slots: int, eps: float, scale_by_std: bool):
-    """_segment_norm for every group and every part at once.
+def _segment_norm_torch(x, w, seg, num_slots: int, eps: float, scale: str):
+    """_segment_norm for every group and every part at once, ``scale`` a key of SCALES.
 
     x: [N, K] rewards of K parts; w: [N, K] membership (0 / 1); seg: [N] group slot.
     Returns the normalized [N, K] (0 outside members and inactive groups) and active [slots, K].
@@ -111,11 +98,30 @@ def _segment_norm_torch(x, w, seg, num_slots: int, eps: float, scale_by_std: boo
     d = (x - mean[seg]) * w
     std = (segment_sum(d * d) / (n - 1).clamp_min(1)).sqrt()
     active = (n >= 2) & (std > eps)  # empty slots are inactive
-    a = d / (std[seg] + eps) if scale_by_std else d
-    return a * active[seg], active
+    if scale == "std":
+        d = d / (std[seg] + eps)
+    elif scale == "loo":  # minus the mean of the others: (x - mean) * n / (n - 1)
+        d = d * (n / (n - 1).clamp_min(1))[seg]
+    return d * active[seg], active
 
 
-def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, scale_by_std):
+def stat_sums(adv: torch.Tensor, correct: torch.Tensor, proc_active: torch.Tensor) -> torch.Tensor:
+    """The [NUM_ADV_STATS] float64 sums of the final [N] float32 advantages, in the named slots
+    (the kernel's rows hold the same, per group)."""
+    wrong, c, inf = ~correct, correct.double(), float("inf")
+    slots = {
+        ZERO_ADV: (adv == 0).sum(),
+        PROC_ACTIVE: proc_active,
+        N_CORRECT: c.sum(),
+        SUM_CORRECT: (adv * c).sum(),
+        MIN_CORRECT: torch.where(correct, adv, inf).amin() if adv.numel() else adv.new_tensor(inf),
+        N_WRONG: wrong.sum(),
+        SUM_WRONG: torch.where(wrong, adv.double(), 0.0).sum(),
+    }
+    return torch.stack([slots[k].double() for k in range(NUM_ADV_STATS)])
+
+
+def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, scale):
     """The CPU path: segment reductions with index_add_, no loop over groups, no host sync.
 
     Both parts are normalized in one set of reductions (a column each). Sums run in float64
@@ -127,23 +133,29 @@ def papo_advantages_torch(out_r, proc_r, correct, seg, num_slots, lam, eps, proc
         [everyone if proc_all else correct.double()] if proc_r is not None else []
     )
     x, w = torch.stack(parts, 1).double(), torch.stack(members, 1)  # [N, K]
-    a, active = _segment_norm_torch(x, w, seg, num_slots, eps, scale_by_std)
+    a, active = _segment_norm_torch(x, w, seg, num_slots, eps, scale)
     zeros = torch.zeros_like(everyone)
     adv_out = a[:, 0] if out_r is not None else zeros
     adv_proc = a[:, -1] if proc_r is not None else zeros
     adv = (adv_out + lam * adv_proc).float()
-    wrong, c, inf = ~correct, correct.double(), float("inf")
-    slots = {
-        ZERO_ADV: (adv == 0).sum(),
-        PROC_ACTIVE: active[:, -1].sum() if proc_r is not None else zeros.new_zeros(()),
-        N_CORRECT: c.sum(),
-        SUM_CORRECT: (adv * c).sum(),
-        MIN_CORRECT: torch.where(correct, adv, inf).amin() if adv.numel() else adv.new_tensor(inf),
-        N_WRONG: wrong.sum(),
-        SUM_WRONG: torch.where(wrong, adv.double(), 0.0).sum(),
-    }
-    stats = torch.stack([slots[k].double() for k in range(NUM_ADV_STATS)])
-    return adv, adv_out.float(), adv_proc.float(), stats
+    proc_active = active[:, -1].sum() if proc_r is not None else zeros.new_zeros(())
+    return adv, adv_out.float(), adv_proc.float(), stat_sums(adv, correct, proc_active)
+
+
+def batch_step(a, x, member, step: str, eps: float, weights):
+    """The batch step of one part ([N] group-normalized a, its rewards x, its members): see
+    ``batch_step_ref``, which it computes without a host sync, in float64."""
+    a, m = a.double(), member.double()
+    if step == "std":
+        cnt = m.sum()
+        mean = (x.double() * m).sum() / cnt.clamp_min(1)
+        var = (((x.double() - mean) * m) ** 2).sum() / (cnt - 1).clamp_min(1)
+        return a / (torch.where(cnt > 1, var.sqrt(), 0.0) + eps) * m
+    w = m if weights is None else m * weights.double()
+    total = w.sum()
+    mean = (w * a).sum() / (total + WHITEN_EPS)
+    var = (w * (a - mean) ** 2).sum() / (total + WHITEN_EPS) * total / (total - 1).clamp_min(1e-300)
+    return torch.where(total > 1, (a - mean) / (var + WHITEN_EPS).sqrt() * m, 0.0)
 
 
 # ----------------------------------------------------------------------------- API
@@ -156,20 +168,25 @@ def _check_reward(name: str, t: torch.Tensor, n: int | None) -> None:
         raise ValueError(f"{name} must hold real numbers, got {t.dtype}")
 
 
-def _check_values(rewards: dict, outputs: dict, lam: float) -> None:
+def _check_values(rewards: dict, outputs: dict, lam: float, extra=()) -> None:
     """One host sync for every value check of a call. Rewards (and the product "mult" normalizes)
     must be finite and within float32's range: the advantages are float32, as is the kernel's
     math, so both backends refuse what the Triton one cannot read. Then the outputs must be
     finite: centred advantages (scale_by_std=False) or lam * process_adv can exceed float32 even
-    for rewards within it."""
+    for rewards within it. ``extra``: (flag, error) pairs of other checks, error() raised when its
+    0-dim bool flag is set."""
     rewards = {k: t for k, t in rewards.items() if t is not None and t.is_floating_point()}
-    flags = [beyond_float32(t).any() for t in rewards.values()]
+    flags = [beyond_float32(t).any() for t in rewards.values()] + [f for f, _ in extra]
     flags += [~torch.isfinite(t).all() for t in outputs.values()]
     bad = torch.stack(flags).tolist()
     for (name, t), b in zip(rewards.items(), bad, strict=False):
         if b:
             raise bad_values_error(name, t, beyond_float32(t))
-    for (name, t), b in zip(outputs.items(), bad[len(rewards) :], strict=True):
+    for (_, error), b in zip(extra, bad[len(rewards) :], strict=False):
+        if b:
+            raise error()
+    bad = bad[len(rewards) + len(extra) :]
+    for (name, t), b in zip(outputs.items(), bad, strict=True):
         if b:
             i = int((~torch.isfinite(t)).nonzero()[0])
             raise ValueError(
@@ -232,6 +249,29 @@ def _groups_from_ids(group_ids: torch.Tensor, n: int, for_kernel: bool):
     return None, n, perm, offsets, num_groups
 
 
+def _lone_response_check(group_ids, group_offsets):
+    """(flag, error) for ``_check_values``: a group of a single response, which leave-one-out
+    cannot score (there is no other response to be its baseline)."""
+    if group_offsets is not None:
+        lone = group_offsets.long().diff() == 1
+
+        def error():
+            g = int(lone.nonzero()[0])
+            return ValueError(f"estimator='rloo' needs at least 2 responses per group: group {g} "
+                              f"(group_offsets[{g}] = {int(group_offsets[g])}) has 1")  # fmt: skip
+
+        return lone.any(), error
+    ids, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    lone = counts[inverse] == 1  # [N]
+
+    def error():
+        i = int(lone.nonzero()[0])
+        return ValueError(f"estimator='rloo' needs at least 2 responses per group: group id "
+                          f"{int(group_ids[i])} (response {i}) has 1")  # fmt: skip
+
+    return lone.any(), error
+
+
 def papo_advantages(
     outcome: torch.Tensor,
     process: torch.Tensor | None = None,
@@ -243,22 +283,33 @@ def papo_advantages(
     lam: float = 1.0,
     eps: float = 1e-6,
     scale_by_std: bool = True,
+    estimator: str = "grpo",
+    lengths: torch.Tensor | None = None,
+    reward_weights: list[float] | None = None,
     backend: str = "auto",
 ) -> AdvantagesOutput:
     """PAPO advantages (or a baseline's) for N responses in groups, in one segmented pass.
 
     Args:
-        outcome: [N] outcome rewards (verifier; may be shaped), any real dtype.
+        outcome: [N] outcome rewards (verifier; may be shaped), any real dtype; [N, K] reward
+            columns with ``estimator="gdpo"``.
         process: [N] rubric scores (0 / 0.5 / 1). Needed by every mode but ``"orm"``. Scores of
             wrong responses are ignored in ``"papo"`` mode.
         group_ids: [N] integers naming each response's prompt: any values, any order, ragged.
         group_offsets: [G + 1] boundaries of contiguous groups (like cu_seqlens). Give exactly one
             of group_ids / group_offsets.
-        correct: [N] bool correctness; default ``outcome == 1`` (pass it when outcome is shaped).
+        correct: [N] bool correctness; default ``outcome == 1`` (pass it when outcome is shaped;
+            with gdpo's columns the default reads the first one).
         mode: "papo", "orm", "prm", "mult" or "fullnorm" (see the module docstring).
         lam: weight of the process part in "papo" and "fullnorm".
         eps: std threshold and denominator epsilon of the released code.
-        scale_by_std: False centres without dividing by std (Dr. GRPO), both parts.
+        scale_by_std: False centres without dividing by std (Dr. GRPO), both parts; the same as
+            ``estimator="drgrpo"``.
+        estimator: how each part is normalized (the module docstring's table): "grpo", "drgrpo",
+            "rloo", "batch_std", "reinforce_pp" or "gdpo".
+        lengths: [N] token counts of the responses: weigh the batch whitening of
+            "reinforce_pp" and "gdpo" per token, as verl does (default: per response).
+        reward_weights: K weights of gdpo's columns (default: 1 each).
         backend: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
 
     Returns:
@@ -266,24 +317,33 @@ def papo_advantages(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    how, step, col_weights = estimator_settings(
+        estimator, scale_by_std, mode, outcome, lengths, reward_weights
+    )
     out_kind, proc_kind = MODES[mode]
-    _check_reward("outcome", outcome, None)
-    n = outcome.numel()
+    columns = outcome.unbind(1) if col_weights is not None else (outcome,)
+    for k, col in enumerate(columns):
+        _check_reward("outcome" if col_weights is None else f"outcome[:, {k}]", col, None)
+    n = columns[0].numel()
     if process is not None:
         _check_reward("process", process, n)
     elif proc_kind is not None or out_kind == "product":
         raise ValueError(f"mode={mode!r} needs process rewards (process=None given)")
     if correct is None:
-        correct = outcome == 1
+        correct = columns[0] == 1
     else:
         check_vector("correct", correct, n)
         if correct.dtype != torch.bool:
             raise ValueError(f"correct must be a bool tensor, got {correct.dtype}")
+    if lengths is not None:
+        check_vector("lengths", lengths, n)
+        if lengths.is_complex() or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must hold real numbers, got {lengths.dtype}")
     if (group_ids is None) == (group_offsets is None):
         raise ValueError("give exactly one of group_ids ([N] ids) or group_offsets ([G + 1])")
     if not (lam == lam and abs(lam) < float("inf")) or not eps >= 0:
         raise ValueError(f"lam must be finite and eps >= 0, got lam={lam}, eps={eps}")
-    which = resolve_backend(backend, outcome, process, correct, group_ids, group_offsets)
+    which = resolve_backend(backend, outcome, process, correct, group_ids, group_offsets, lengths)
 
     if group_offsets is not None:
         seg, num_slots, perm, offsets, num_groups = _groups_from_offsets(group_offsets, n)
@@ -296,24 +356,47 @@ def papo_advantages(
             group_ids, n, for_kernel=which == "triton"
         )
 
-    out_r, proc_r, proc_all = kernel_rewards(mode, outcome, process)
     lam = 1.0 if mode == "prm" else float(lam)
     correct = correct.contiguous()
-    if which == "triton" and n > 0:
-        adv, adv_out, adv_proc, sums = papo_advantages_triton(
-            out_r.contiguous() if out_r is not None else None,
-            proc_r.contiguous() if proc_r is not None else None,
-            correct, perm, offsets, lam, eps, proc_all, scale_by_std,
-        )  # fmt: skip
-    else:
-        adv, adv_out, adv_proc, sums = papo_advantages_torch(
-            out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, scale_by_std
+
+    def group_pass(column):  # one launch (or one set of reductions) over every group
+        out_r, proc_r, proc_all = kernel_rewards(mode, column, process)
+        if which == "triton" and n > 0:
+            return (out_r, proc_r, proc_all), papo_advantages_triton(
+                out_r.contiguous() if out_r is not None else None,
+                proc_r.contiguous() if proc_r is not None else None,
+                correct, perm, offsets, lam, eps, proc_all, how,
+            )  # fmt: skip
+        return (out_r, proc_r, proc_all), papo_advantages_torch(
+            out_r, proc_r, correct, seg, num_slots, lam, eps, proc_all, how
         )
-    rewards = {"outcome": outcome, "process": process}
+
+    (out_r, proc_r, proc_all), (adv, adv_out, adv_proc, sums) = group_pass(columns[0])
+    if col_weights is not None:  # gdpo: the weighted sum of the columns' group advantages
+        adv_out = adv_out.double() * col_weights[0]
+        for col, w in zip(columns[1:], col_weights[1:], strict=True):
+            adv_out = adv_out + w * group_pass(col)[1][1].double()
+    if step is not None:  # the batch step, per part over its members (a few [N] ops)
+        everyone = torch.ones_like(correct)
+        if out_r is not None:
+            adv_out = batch_step(adv_out, out_r, everyone, step, eps, lengths)
+        if proc_r is not None:
+            member = everyone if proc_all else correct
+            adv_proc = batch_step(adv_proc, proc_r, member, step, eps, lengths)
+        adv = (adv_out + lam * adv_proc.double()).float()
+        adv_out, adv_proc = adv_out.float(), adv_proc.float()
+        sums = stat_sums(adv, correct, sums[PROC_ACTIVE])
+    rewards = {"outcome": outcome if col_weights is None else None, "process": process}
+    rewards.update({f"outcome[:, {k}]": c for k, c in enumerate(columns) if col_weights})
     if out_kind == "product":
         rewards["outcome * process"] = out_r
+    extra = []
+    if lengths is not None and lengths.numel():
+        extra.append(((lengths < 0).any(), lambda: ValueError("lengths must be >= 0 (tokens)")))
+    if how == "loo" and n > 0:
+        extra.append(_lone_response_check(group_ids, group_offsets))
     outputs = {"advantages": adv, "outcome_adv": adv_out, "process_adv": adv_proc}
-    _check_values(rewards, outputs, lam)
+    _check_values(rewards, outputs, lam, extra)
     return AdvantagesOutput(adv, adv_out, adv_proc, _stats_from_sums(sums, n, num_groups))
 
 
@@ -343,75 +426,3 @@ def token_advantages(
     if bool((lengths < 0).any()) or int(cu_seqlens[0]) != 0:
         raise ValueError("cu_seqlens must start at 0 and never decrease")
     return torch.repeat_interleave(advantages, lengths)
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def _group_norm_ref(x: torch.Tensor, members: list[int], eps: float, scale_by_std: bool):
-    """The released code's normalization of x[members]: (values, active); inactive: zeros."""
-    vals = x[members]
-    if len(members) < 2:
-        return torch.zeros_like(vals), False
-    mean, std = vals.mean(), vals.std()  # torch.std is the unbiased (N - 1) estimator
-    if std <= eps:
-        return torch.zeros_like(vals), False
-    return ((vals - mean) / (std + eps) if scale_by_std else vals - mean), True
-
-
-def papo_advantages_ref(
-    outcome: torch.Tensor,
-    process: torch.Tensor | None = None,
-    *,
-    group_ids: torch.Tensor | None = None,
-    group_offsets: torch.Tensor | None = None,
-    correct: torch.Tensor | None = None,
-    mode: str = "papo",
-    lam: float = 1.0,
-    eps: float = 1e-6,
-    scale_by_std: bool = True,
-    dtype: torch.dtype = torch.float64,
-) -> AdvantagesOutput:
-    """``papo_advantages`` as the released training code computes it: a loop over the groups, a
-    mean and an unbiased std per group and part, in ``dtype`` (float64: the reference; float32:
-    that dtype's own rounding, of which the tests' tolerances are made).
-
-    Arguments as in ``papo_advantages`` (not checked). Returns the three [N] tensors in ``dtype``
-    and the statistics as 0-dim float64 tensors, computed from them (NaN where undefined).
-    """
-    out_kind, proc_kind = MODES[mode]
-    if group_ids is None:
-        sizes = group_offsets.diff().cpu()
-        group_ids = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
-    groups: dict[int, list[int]] = {}  # group id -> its responses, in the caller's order
-    for i, g in enumerate(group_ids.tolist()):
-        groups.setdefault(g, []).append(i)
-    correct = (outcome == 1) if correct is None else correct
-    correct = correct.cpu()
-    out = outcome.cpu().to(dtype)
-    proc = None if process is None else process.cpu().to(dtype)
-    if out_kind == "product":
-        out = out * proc
-    adv_out, adv_proc = torch.zeros_like(out), torch.zeros_like(out)
-    active_groups = 0
-    for members in groups.values():
-        if out_kind is not None:
-            adv_out[members] = _group_norm_ref(out, members, eps, scale_by_std)[0]
-        if proc_kind is not None:
-            norm_over = members if proc_kind == "all" else [i for i in members if correct[i]]
-            a_proc, active = _group_norm_ref(proc, norm_over, eps, scale_by_std)
-            adv_proc[norm_over] = a_proc
-            active_groups += active
-    adv = adv_out + (1.0 if mode == "prm" else lam) * adv_proc
-
-    a64, nan = adv.double(), torch.tensor(float("nan"), dtype=torch.float64)
-    c, w = a64[correct], a64[~correct]
-    stats = {
-        "zero_adv_frac": (adv == 0).sum().double() / max(adv.numel(), 1),
-        "proc_active_frac": torch.tensor(active_groups / len(groups)) if groups else nan,
-        "correct_adv_min": c.min() if c.numel() else nan,
-        "correct_adv_mean": c.mean() if c.numel() else nan,
-        "wrong_adv_mean": w.mean() if w.numel() else nan,
-        "num_groups": torch.tensor(float(len(groups)), dtype=torch.float64),
-    }
-    return AdvantagesOutput(adv, adv_out, adv_proc, {k: v.double() for k, v in stats.items()})

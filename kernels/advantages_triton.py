@@ -9,6 +9,8 @@ atomics: deterministic). The formulas are advantages.py's (its module docstring 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,69 @@ MODES: dict[str, tuple[str | None, str | None]] = {
     "mult": ("product", None),
     "fullnorm": ("outcome", "all"),
 }
+
+# estimator -> (how a part is normalized within its group, the batch step after it: None |
+# "std" | "whiten"); advantages.py's module docstring gives the formulas and the peers they match.
+ESTIMATORS: dict[str, tuple[str, str | None]] = {
+    "grpo": ("std", None),
+    "drgrpo": ("centre", None),
+    "rloo": ("loo", None),
+    "batch_std": ("centre", "std"),
+    "reinforce_pp": ("centre", "whiten"),
+    "gdpo": ("std", "whiten"),
+}
+# the kernel's SCALE switch: what multiplies (x - mean) in a group
+SCALES = {"centre": 0, "std": 1, "loo": 2}
+
+
+class AdvantagesOutput(NamedTuple):
+    """Per-response advantages and the group statistics of the same pass.
+
+    ``stats`` holds 0-dim float32 tensors on the input's device (no host sync): ``zero_adv_frac``
+    (responses whose advantage is exactly 0), ``proc_active_frac`` (groups whose process part is
+    active), ``correct_adv_min``, ``correct_adv_mean``, ``wrong_adv_mean`` (NaN when there is no
+    such response) and ``num_groups``.
+    """
+
+    advantages: torch.Tensor  # [N] float32, outcome_adv + weight * process_adv
+    outcome_adv: torch.Tensor  # [N] float32, 0 in modes without an outcome part
+    process_adv: torch.Tensor  # [N] float32, 0 in modes without a process part
+    stats: dict[str, torch.Tensor]
+
+
+def estimator_settings(estimator, scale_by_std, mode, outcome, lengths, reward_weights):
+    """(how a part is normalized in its group, the batch step, gdpo's column weights or None)
+    of ``estimator`` for ``papo_advantages``' arguments; refuses the combinations that have no
+    meaning."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
+    if not scale_by_std and estimator != "grpo":
+        raise ValueError(f"scale_by_std=False is estimator='drgrpo'; it does not combine with "
+                         f"estimator={estimator!r}")  # fmt: skip
+    how, step = ESTIMATORS["drgrpo" if not scale_by_std else estimator]
+    if lengths is not None and step != "whiten":
+        raise ValueError(f"lengths weigh the batch whitening of 'reinforce_pp' and 'gdpo' only, "
+                         f"not estimator={estimator!r}")  # fmt: skip
+    if estimator != "gdpo":
+        if reward_weights is not None:
+            raise ValueError("reward_weights weigh the reward columns of estimator='gdpo' only")
+        return how, step, None
+    if mode != "orm":
+        raise ValueError(f"estimator='gdpo' normalizes the columns of outcome [N, K] and needs "
+                         f"mode='orm', got mode={mode!r} (PAPO's process part is already a "
+                         "reward normalized on its own)")  # fmt: skip
+    if not isinstance(outcome, torch.Tensor) or outcome.dim() != 2 or outcome.shape[1] < 1:
+        shape = tuple(outcome.shape) if isinstance(outcome, torch.Tensor) else type(outcome)
+        raise ValueError(f"estimator='gdpo' needs outcome as [N, K] reward columns, got {shape}")
+    k = outcome.shape[1]
+    if reward_weights is None:
+        return how, step, [1.0] * k
+    weights = [float(w) for w in reward_weights]
+    if len(weights) != k or not all(abs(w) < float("inf") for w in weights):
+        raise ValueError(f"reward_weights must be {k} finite numbers (one per outcome column), "
+                         f"got {list(reward_weights)}")  # fmt: skip
+    return how, step, weights
+
 
 # The statistics' sums, float64: the kernel writes one row per program (summed, MIN_CORRECT by
 # min), the PyTorch path one vector.
@@ -52,7 +117,7 @@ def _member_tile(
 def _segment_norm(
     X, PERM, MEMBER, start, end, eps,
     BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, ALL_MEMBERS: tl.constexpr,
-    SCALE_BY_STD: tl.constexpr,
+    SCALE: tl.constexpr,
 ):  # fmt: skip
     """How to normalize X over the members of one group, in fp32: (s, mean_y, mul, active), so
     that a member's value is (x / s - mean_y) * mul.
@@ -60,7 +125,9 @@ def _segment_norm(
     Group-scaled (three passes over the group, cached): s is the power of two at or below the
     members' largest |x|, so y = x / s is exact and |y| < 2, and neither the sum nor the squares
     of y can overflow; mean and std of x are s times those of y. Squaring raw rewards would
-    overflow float32 from |x| ~ 1e19. mul = 1 / (std_y + eps / s) (scale by std) or s (centre).
+    overflow float32 from |x| ~ 1e19. mul (SCALES): 1 / (std_y + eps / s) ("std"), s
+    ("centre") or s * n / (n - 1) ("loo": x minus the mean of the n - 1 others is
+    (x - mean) * n / (n - 1)).
     """
     n = 0.0
     max_abs = 0.0
@@ -83,7 +150,12 @@ def _segment_norm(
         ss += tl.sum(d * d, axis=0)
     std_y = tl.sqrt(ss / tl.maximum(n - 1.0, 1.0))
     active = (n >= 2.0) & (std_y * s > eps)  # std > eps; an overflow to inf still compares right
-    mul = 1.0 / (std_y + eps / s) if SCALE_BY_STD else s
+    if SCALE == 1:
+        mul = 1.0 / (std_y + eps / s)
+    elif SCALE == 2:
+        mul = s * (n / tl.maximum(n - 1.0, 1.0))
+    else:
+        mul = s
     return s, mean_y, mul, active
 
 
@@ -97,7 +169,7 @@ def _papo_adv_kernel(
     # constants
     lam, eps,
     BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, OUT_PART: tl.constexpr,
-    PROC_PART: tl.constexpr, PROC_ALL: tl.constexpr, SCALE_BY_STD: tl.constexpr,
+    PROC_PART: tl.constexpr, PROC_ALL: tl.constexpr, SCALE: tl.constexpr,
     NUM_STATS: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
@@ -113,12 +185,11 @@ def _papo_adv_kernel(
     if start < end:  # with group ids the grid is only a bound on the number of groups
         if OUT_PART:
             o_s, o_mean, o_mul, o_act = _segment_norm(
-                OUT_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, True, SCALE_BY_STD
+                OUT_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, True, SCALE
             )
         if PROC_PART:
             p_s, p_mean, p_mul, p_act = _segment_norm(
-                PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL,
-                SCALE_BY_STD,
+                PROC_REWARD, PERM, CORRECT, start, end, eps, BLOCK, HAS_PERM, PROC_ALL, SCALE,
             )  # fmt: skip
             proc_active = p_act.to(tl.float32)
         for i in range(start, end, BLOCK):
@@ -185,10 +256,10 @@ def adv_launch_config(n: int, num_programs: int) -> tuple[int, int]:
 
 
 def papo_advantages_triton(
-    out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale_by_std
+    out_r, proc_r, correct, perm, offsets, lam, eps, proc_all, scale
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One program per group slot; returns the three [N] float32 outputs and the [NUM_ADV_STATS]
-    float64 sums, on the inputs' device.
+    """One program per group slot, ``scale`` a key of SCALES; returns the three [N] float32
+    outputs and the [NUM_ADV_STATS] float64 sums, on the inputs' device.
 
     Bytes: reads rewards, flags and perm (~3 passes over each group, cached), writes 3 x 4 x N.
     """
@@ -204,7 +275,7 @@ def papo_advantages_triton(
         adv, adv_out, adv_proc, partials,
         lam, eps,
         BLOCK=block, OUT_PART=out_r is not None, PROC_PART=proc_r is not None,
-        PROC_ALL=proc_all, SCALE_BY_STD=scale_by_std, NUM_STATS=NUM_ADV_STATS,
+        PROC_ALL=proc_all, SCALE=SCALES[scale], NUM_STATS=NUM_ADV_STATS,
         num_warps=num_warps,
     )  # fmt: skip
     stats = partials.sum(0)
@@ -223,13 +294,13 @@ LAUNCH_SPACE = {
     "group_ids": (True, False),
     "group_size": tuple({adv_launch_config(g, 1): g for g in range(4096, 0, -1)}.values())[::-1],
     "num_groups": (1, 3),
-    "scale_by_std": (False, True),
+    "scale": tuple(SCALES),
     "aligned": (False, True),
 }
 HEAVY_DIMS = ("mode", "dtype")  # compiled in every combination, the other dimensions heaviest
 
 
-def example_launch(mode, dtype, group_ids, group_size, num_groups, scale_by_std, aligned) -> None:
+def example_launch(mode, dtype, group_ids, group_size, num_groups, scale, aligned) -> None:
     """The launch papo_advantages makes at one point of LAUNCH_SPACE, on CPU tensors (the compile
     check records it instead of running it); not aligned: the caller's tensors are slices."""
     n = group_size * num_groups
@@ -240,4 +311,4 @@ def example_launch(mode, dtype, group_ids, group_size, num_groups, scale_by_std,
     else:
         perm, offsets = None, at_offset(torch.arange(0, n + 1, group_size), aligned)
     out_r, proc_r, proc_all = kernel_rewards(mode, outcome, process)
-    papo_advantages_triton(out_r, proc_r, correct, perm, offsets, 1.0, 1e-6, proc_all, scale_by_std)
+    papo_advantages_triton(out_r, proc_r, correct, perm, offsets, 1.0, 1e-6, proc_all, scale)

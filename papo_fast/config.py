@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from papo_fast.config_rules import NUMERIC_RULES
-from papo_fast.kernels.advantages import MODES
+from papo_fast.kernels.advantages import ESTIMATORS, MODES
 from papo_fast.kernels.loss_config import PolicyLossConfig
 from papo_fast.yaml_numbers import read_number, yaml_loader
 
@@ -114,6 +114,7 @@ class AdvantageConfig:
     lam: float = 1.0
     eps: float = 1e-6
     scale_by_std: bool = True
+    estimator: str = "grpo"  # grpo | drgrpo | rloo | batch_std | reinforce_pp (papo_advantages)
 
 
 @dataclass
@@ -164,6 +165,7 @@ CHOICES = {  # the allowed values of string settings; the kernels' own where the
     ("rollout", "backend"): ("hf", "vllm"),
     ("reward", "on_invalid"): ("zero", "error"),
     ("advantage", "mode"): tuple(MODES),
+    ("advantage", "estimator"): tuple(e for e in ESTIMATORS if e != "gdpo"),  # one reward column
     **{("loss", key): allowed for key, allowed in PolicyLossConfig.CHOICES.items()},
 }
 

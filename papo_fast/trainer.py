@@ -334,6 +334,7 @@ class Trainer:
             lam=c.advantage.lam,
             eps=c.advantage.eps,
             scale_by_std=c.advantage.scale_by_std,
+            estimator=c.advantage.estimator,
         )
         t2 = time.perf_counter()
 
