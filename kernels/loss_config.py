@@ -18,9 +18,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KLS = ("k1", "k2", "k3")
+AGGS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+)
+# k3+ is k3's value with k2's gradient (a straight-through estimator)
+KLS = ("k1", "k2", "k3", "abs", "k3+")
 RATIO_LEVELS = ("token", "sequence")
+# ppo: the clipped ratio; cispo: the clipped ratio, detached, times logp; sapo: a sigmoid gate of
+# the ratio; gpg: A times logp, no ratio. docs/design.md ("The policy loss") has the formulas.
+LOSS_TYPES = ("ppo", "cispo", "sapo", "gpg")
 
 
 @dataclass(frozen=True)
@@ -31,18 +41,27 @@ class PolicyLossConfig:
     docs/design.md ("The policy loss") gives the formulas.
     """
 
-    eps_low: float = 0.2  # clip at 1 - eps_low for A < 0; in [0, 1)
-    eps_high: float = 0.28  # clip at 1 + eps_high for A > 0; >= 0
+    # ppo: clip at 1 - eps_low for A < 0, in [0, 1). cispo: the weight's lower bound, any A, in
+    # [0, 1] (1: no lower bound). sapo, gpg: unused.
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # ppo: clip at 1 + eps_high for A > 0; cispo: for any A; >= 0
     dual_clip: float | None = None  # c > 1 bounds the loss of A < 0 tokens at -c*A; None: off
     beta: float = 0.0  # weight of the KL term; 0 skips it (ref_logp is not read)
-    kl: str = "k3"  # KL estimator: k1 | k2 | k3
+    kl: str = "k3"  # KL estimator, see KLS
     ratio_level: str = "token"  # token | sequence (GSPO)
     agg: str = "token-mean"  # aggregation, see AGGS
     # Rollout correction: each token's loss is weighted by min(exp(old_logp - rollout_logp),
     # is_cap) when the sampler's log-probs are given; None leaves the weight untruncated.
     is_cap: float | None = 2.0
+    loss_type: str = "ppo"  # the policy-gradient term, see LOSS_TYPES
+    sapo_tau_pos: float = 1.0  # sapo: the gate's temperature for A > 0; > 0
+    sapo_tau_neg: float = 1.05  # sapo: the gate's temperature for A <= 0; > 0
+    # The KL term times the (not detached) token ratio exp(logp - old_logp): an estimate of the KL
+    # under the current policy from tokens sampled by the old one. Token ratio level only.
+    kl_ratio_correction: bool = False
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "loss_type": LOSS_TYPES,
         "kl": KLS,
         "ratio_level": RATIO_LEVELS,
         "agg": AGGS,
@@ -60,13 +79,40 @@ class PolicyLossConfig:
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        _number("eps_low", self.eps_low, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        if self.loss_type == "cispo":
+            _number("eps_low", self.eps_low, lambda v: 0.0 <= v <= 1.0, "in [0, 1] for cispo")
+        else:
+            _number("eps_low", self.eps_low, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
         _number("eps_high", self.eps_high, lambda v: v >= 0.0, ">= 0")
+        _number("sapo_tau_pos", self.sapo_tau_pos, lambda v: v > 0.0, "> 0")
+        _number("sapo_tau_neg", self.sapo_tau_neg, lambda v: v > 0.0, "> 0")
         _number("beta", self.beta, lambda v: v >= 0.0, ">= 0")
         if self.dual_clip is not None:
             _number("dual_clip", self.dual_clip, lambda v: v > 1.0, "None or > 1")
         if self.is_cap is not None:
             _number("is_cap", self.is_cap, lambda v: v > 0.0, "None or > 0")
+        if not isinstance(self.kl_ratio_correction, bool):
+            raise ValueError(
+                f"kl_ratio_correction must be True or False, got {self.kl_ratio_correction!r}"
+            )
+        # The clipped ratio's companions are PPO's: the other terms have no ratio to bound
+        # (gpg), or bound it their own way (cispo's weight, sapo's gate), per token.
+        if self.loss_type != "ppo":
+            if self.ratio_level == "sequence":
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} takes the token ratio only: "
+                    "ratio_level='sequence' (GSPO) goes with loss_type='ppo'"
+                )
+            if self.dual_clip is not None:
+                raise ValueError(
+                    f"dual_clip bounds PPO's clipped loss: set it to None with "
+                    f"loss_type={self.loss_type!r}, got {self.dual_clip!r}"
+                )
+        if self.kl_ratio_correction and self.ratio_level == "sequence":
+            raise ValueError(
+                "kl_ratio_correction weights each token's KL by its token ratio: it goes with "
+                "ratio_level='token', not 'sequence'"
+            )
 
     @classmethod
     def resolve(cls, config: PolicyLossConfig | None, settings: dict[str, Any]) -> PolicyLossConfig:

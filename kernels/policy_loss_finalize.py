@@ -54,7 +54,7 @@ def _policy_loss_finalize_kernel(
     # the caller's global counts, 0 when not given (runtime floats)
     num_tokens, num_seqs, max_len,
     # switches
-    PER_SEQ: tl.constexpr, NORM: tl.constexpr, HAS_COUNTS: tl.constexpr,
+    PER_SEQ: tl.constexpr, NORM: tl.constexpr, SUM: tl.constexpr, HAS_COUNTS: tl.constexpr,
     NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program: sum the rows in float64, divide by D, write loss, 1 / D and the metrics (each
@@ -80,7 +80,9 @@ def _policy_loss_finalize_kernel(
     count = _slot(sums, cols, COUNT)
     zero = count * 0.0  # a float64 scalar tensor: the runtime floats below become float64 too
 
-    if PER_SEQ:  # N_seqs, times L_max for the Dr. GRPO norm
+    if SUM:  # token-sum: D = 1
+        denom = zero + 1.0
+    elif PER_SEQ:  # N_seqs, times L_max for the Dr. GRPO norm
         n_seqs = zero + num_seqs
         l_max = zero + max_len
         if HAS_COUNTS:  # this call's own, where the caller gave none
@@ -135,7 +137,8 @@ def finalize_triton(
         loss, inv_denom, metrics,
         partials.shape[0], 0 if counts is None else counts.numel(),
         float(num_tokens or 0), float(num_seqs or 0), float(max_len or 0),
-        PER_SEQ=cfg.agg != "token-mean", NORM=cfg.agg == "seq-mean-token-sum-norm",
+        PER_SEQ=cfg.agg.startswith("seq-mean"), NORM=cfg.agg == "seq-mean-token-sum-norm",
+        SUM=cfg.agg == "token-sum",
         HAS_COUNTS=counts is not None, NUM_STATS=NUM_STATS, BLOCK=256,
     )  # fmt: skip
     return loss, inv_denom, metrics
@@ -178,6 +181,8 @@ def denominator(cfg, stats, seq_counts, num_tokens, num_seqs, max_len) -> torch.
 
     if cfg.agg == "token-mean":
         return value(num_tokens, lambda: stats[COUNT])
+    if cfg.agg == "token-sum":
+        return torch.ones_like(stats[COUNT])
     denom = value(num_seqs, lambda: (seq_counts > 0).sum().to(stats))
     if cfg.agg == "seq-mean-token-sum-norm":
         denom = denom * value(max_len, lambda: seq_counts.max().to(stats))
@@ -188,7 +193,9 @@ def folded_inv_denom(cfg: PolicyLossConfig, num_tokens, num_seqs, max_len) -> fl
     """1 / D when the counts that make D under ``cfg.agg`` are numbers (checked > 0 and finite),
     else None: D is then known only after the token pass (local counts) or on the device (tensor
     counts)."""
-    if cfg.agg == "token-mean":
+    if cfg.agg == "token-sum":
+        needed = ()
+    elif cfg.agg == "token-mean":
         needed = (num_tokens,)
     elif cfg.agg == "seq-mean-token-sum-norm":
         needed = (num_seqs, max_len)

@@ -30,7 +30,7 @@ class PolicyLossTerms(NamedTuple):
     clip_low: torch.Tensor  # bool: clipped at 1 - eps_low (A < 0)
     clip_high: torch.Tensor  # bool: clipped at 1 + eps_high (A > 0)
     dual_clip: torch.Tensor  # bool: bounded at -c * A by the dual clip (A < 0)
-    kl: torch.Tensor  # KL_t (0 when beta == 0: ref_logp is not read), detached
+    kl: torch.Tensor  # KL_t as in the loss (0 when beta == 0: ref_logp is not read), detached
 
 
 def policy_loss_terms_ref(
@@ -60,9 +60,21 @@ def policy_loss_terms_ref(
     ratio = torch.exp(log_ratio)
 
     lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
-    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, lo, hi))
     r = ratio.detach()
-    clip_low, clip_high = (r < lo) & (a < 0), (r > hi) & (a > 0)
+    no_clip = torch.zeros_like(r, dtype=torch.bool)
+    if cfg.loss_type == "ppo":
+        pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, lo, hi))
+        clip_low, clip_high = (r < lo) & (a < 0), (r > hi) & (a > 0)
+    elif cfg.loss_type == "cispo":  # the weight clipped for any A, detached; the gradient via logp
+        pg = -torch.clamp(r, lo, hi) * a * logp
+        clip_low, clip_high = r < lo, r > hi
+    elif cfg.loss_type == "sapo":  # a sigmoid gate instead of the clip, 1 at ratio 1 for any tau
+        tau = torch.where(a > 0, a.new_tensor(cfg.sapo_tau_pos), a.new_tensor(cfg.sapo_tau_neg))
+        pg = -a * torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+        clip_low, clip_high = no_clip, no_clip
+    else:  # gpg: no ratio
+        pg = -a * logp
+        clip_low, clip_high = no_clip, no_clip
     dual = torch.zeros_like(clip_low)
     if cfg.dual_clip is not None:
         dual = (a < 0) & (pg.detach() > -cfg.dual_clip * a)
@@ -74,7 +86,16 @@ def policy_loss_terms_ref(
     kl = torch.zeros_like(logp)
     if cfg.uses_ref:
         delta = logp - ref_logp.to(dtype)
-        kl = {"k1": delta, "k2": 0.5 * delta**2, "k3": torch.exp(-delta) + delta - 1}[cfg.kl]
+        k2, k3 = 0.5 * delta**2, torch.exp(-delta) + delta - 1
+        kl = {
+            "k1": delta,
+            "k2": k2,
+            "k3": k3,
+            "abs": delta.abs(),
+            "k3+": k2 - k2.detach() + k3.detach(),  # k3's value, k2's gradient
+        }[cfg.kl]
+        if cfg.kl_ratio_correction:  # the token ratio, not detached
+            kl = kl * ratio
     loss = pg + cfg.beta * kl if cfg.uses_ref else pg
     return PolicyLossTerms(loss, r, clip_low, clip_high, dual, kl.detach())
 
@@ -106,6 +127,8 @@ def aggregate_ref(
         return per_seq.sum() / n_seq
     if agg == "seq-mean-token-sum-norm":
         return per_seq.sum() / (n_seq * l_max)
+    if agg == "token-sum":
+        return per_seq.sum()
     raise ValueError(f"agg must be one of {PolicyLossConfig.CHOICES['agg']}, got {agg!r}")
 
 

@@ -1,4 +1,4 @@
-"""The clipped GRPO token loss in plain PyTorch: the CPU path of ``policy_loss``, written for speed.
+"""The GRPO-family token loss in plain PyTorch: the CPU path of ``policy_loss``, written for speed.
 
 It is not the spec: docs/design.md ("The policy loss") states the formulas and policy_loss_ref.py
 writes them out to be read; the tests hold this path to that reference. It computes what the
@@ -14,11 +14,17 @@ backends share one autograd.Function and one finalization:
 Per token t of sequence i, with A the advantage, the gradients it forms without autograd:
   ratio      d ρ_t / d logp_t = ρ_t, at token and at sequence level (GSPO, verl's
              logp − sg(logp) + sg(mean) form: docs/design.md, "GSPO with rollout weights")
-  pg         −ρ·A, or −clip(ρ)·A with no gradient when clipped:
+  pg  ppo    −ρ·A, or −clip(ρ)·A with no gradient when clipped:
              high: ρ > 1 + eps_high and A > 0;  low: ρ < 1 − eps_low and A < 0
-  dual clip  A < 0 and pg > −c·A → pg = −c·A, no gradient
+      cispo  −sg(clip(ρ, 1 − eps_low, 1 + eps_high))·A·logp (d: −clip(ρ)·A), clipped for any A
+      sapo   −A·g, g = σ(τ(ρ − 1))·4/τ, τ = sapo_tau_pos if A > 0 else sapo_tau_neg
+             (d: −A·4σ(1 − σ)·ρ)
+      gpg    −A·logp (d: −A)
+  dual clip  A < 0 and pg > −c·A → pg = −c·A, no gradient (ppo only)
   rollout    w_t = min(exp(old_t − rollout_t), is_cap), detached, multiplies pg (not the KL term)
-  KL         δ = logp − ref: k1 δ (d 1), k2 δ²/2 (d δ), k3 e^−δ + δ − 1 (d 1 − e^−δ)
+  KL         δ = logp − ref: k1 δ (d 1), k2 δ²/2 (d δ), k3 e^−δ + δ − 1 (d 1 − e^−δ), abs |δ|
+             (d sign δ), k3+ k3's value with k2's gradient (d δ); kl_ratio_correction: ρ·KL
+             (d ρ·(KL + d KL))
 """
 
 from __future__ import annotations
@@ -148,24 +154,44 @@ def policy_loss_torch(
     log_ratio = torch.zeros_like(lp) if old_logp is None else lp - old
     log_w = None if rollout_logp is None else old - rollout_logp.detach().to(cdt)
     delta = lp - ref_logp.detach().to(cdt) if cfg.uses_ref else None
-    input_sums = sums(log_ratio, neg_adv, log_w, delta)
+    uses_logp = cfg.loss_type in ("cispo", "gpg")  # their loss holds logp itself
+    input_sums = sums(log_ratio, neg_adv, log_w, delta, lp if uses_logp else None)
     if cfg.ratio_level == "sequence":
         seq_mean = seq_sum(masked(log_ratio)) / seq_counts.clamp(min=1)  # [B]
         ratio = torch.exp(expand(seq_mean)).expand_as(lp)  # [B, 1] → [B, L] view when padded
     else:
         ratio = log_ratio.exp_()  # in place: every new [T] buffer costs page faults on the CPU
     w = None if log_w is None else log_w.exp_()
-    e = torch.exp(-delta) if cfg.uses_ref and cfg.kl == "k3" else None
+    e = torch.exp(-delta) if cfg.uses_ref and cfg.kl in ("k3", "k3+") else None
     # Finite everywhere: every input is finite at every valid token (all non-finite counts are 0)
     # and nothing overflows, so masking may multiply. One host sync.
     fast = bool(torch.isfinite(torch.stack(input_sums + sums(ratio, w, e))).all())
 
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-    pg_unclipped = ratio * neg_adv  # = d pg / d logp where not clipped (d ratio / d logp = ratio)
-    pg_clipped = ratio.clamp(lo, hi).mul_(neg_adv)
-    clipped = pg_clipped > pg_unclipped  # high: ratio > hi, A > 0; low: ratio < lo, A < 0
-    pg = torch.maximum(pg_unclipped, pg_clipped, out=pg_clipped)
-    dloss = keep_unless(clipped, pg_unclipped, grad_scale)
+    clipped = None  # tokens whose ratio was clipped (ppo: where it binds; cispo: any A)
+    if cfg.loss_type == "ppo":
+        pg_unclipped = (
+            ratio * neg_adv
+        )  # = d pg / d logp where not clipped (d ratio / d logp = ratio)
+        pg_clipped = ratio.clamp(lo, hi).mul_(neg_adv)
+        clipped = pg_clipped > pg_unclipped  # high: ratio > hi, A > 0; low: ratio < lo, A < 0
+        pg = torch.maximum(pg_unclipped, pg_clipped, out=pg_clipped)
+        dloss = keep_unless(clipped, pg_unclipped, grad_scale)
+    elif cfg.loss_type == "cispo":  # pg = -sg(clip(ratio)) * A * logp, d pg / d logp = the rest
+        dloss = ratio.clamp(lo, hi).mul_(neg_adv)
+        clipped = (ratio < lo) | (ratio > hi)
+        pg = dloss * lp
+        dloss = dloss.mul_(grad_scale) if grad_scale != 1.0 else dloss
+    elif cfg.loss_type == "sapo":  # pg = -A * g, g = sigmoid(tau (ratio - 1)) * 4 / tau
+        taus = neg_adv.new_tensor([cfg.sapo_tau_pos, cfg.sapo_tau_neg])  # in cdt, not float32
+        tau = torch.where(neg_adv < 0, taus[0], taus[1])  # A > 0: tau_pos
+        gate = torch.sigmoid(tau * (ratio - 1.0))
+        pg = (4.0 / tau) * gate * neg_adv
+        # d g / d logp = 4 * gate * (1 - gate) * ratio (d ratio / d logp = ratio)
+        dloss = gate.mul_(1.0 - gate).mul_(ratio).mul_(neg_adv).mul_(4.0 * grad_scale)
+    else:  # gpg: pg = -A * logp
+        dloss = neg_adv.expand_as(lp) * grad_scale
+        pg = neg_adv * lp
     n_dual = zero
     if cfg.dual_clip is not None:  # bound -c·A where A < 0, +inf elsewhere
         neg = -adv
@@ -185,8 +211,13 @@ def policy_loss_torch(
             kl, dkl = delta, 1.0
         elif cfg.kl == "k2":
             kl, dkl = 0.5 * delta * delta, delta
-        else:
-            kl, dkl = e + delta - 1.0, 1.0 - e
+        elif cfg.kl == "abs":
+            kl, dkl = delta.abs(), delta.sign()
+        else:  # k3, and k3+ with k2's gradient
+            kl, dkl = e + delta - 1.0, (1.0 - e if cfg.kl == "k3" else delta)
+        if cfg.kl_ratio_correction:  # d (ratio·KL) / d logp = ratio·(KL + d KL)
+            dkl = ratio * (kl + dkl)
+            kl = kl * ratio
         loss = loss.add_(kl, alpha=cfg.beta)
         slope = cfg.beta * grad_scale  # the KL's share of the scaled gradient
         dloss = dloss.add_(dkl, alpha=slope) if torch.is_tensor(dkl) else dloss.add_(slope)
@@ -201,9 +232,11 @@ def policy_loss_torch(
         loss_sum = masked(loss, inplace=True).sum()
     grad = grad.to(logp.dtype)
 
-    clipped = clipped if valid is None else clipped & valid
-    n_clip = clipped.sum().to(cdt)
-    n_high = (clipped & (ratio > 1.0)).sum().to(cdt)  # ratio > 1: clipped at 1 + eps_high
+    n_clip = n_high = zero
+    if clipped is not None:
+        clipped = clipped if valid is None else clipped & valid
+        n_clip = clipped.sum().to(cdt)
+        n_high = (clipped & (ratio > 1.0)).sum().to(cdt)  # ratio > 1: clipped at 1 + eps_high
     ratio_masked = masked(ratio)
     ratio_sum = ratio_masked.sum()
     ratio_min = ratio_max = zero

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._backend import at_offset, compute_dtype
-from .loss_config import AGGS, KLS, RATIO_LEVELS, PolicyLossConfig
+from .loss_config import AGGS, KLS, LOSS_TYPES, RATIO_LEVELS, PolicyLossConfig
 from .policy_loss_finalize import folded_inv_denom
 from .policy_loss_torch import (
     CLIP_HIGH,
@@ -103,19 +103,21 @@ def _policy_loss_fwd_kernel(
     # shapes
     N, L, B, search_steps,
     # hyper-parameters: runtime floats, a new value does not recompile
-    eps_low, eps_high, dual_clip, beta, is_cap,
+    eps_low, eps_high, dual_clip, beta, is_cap, tau_pos, tau_neg,
     # the stored gradient's factor: 1 / D when the counts are numbers, else 1 (a runtime float)
     grad_scale,
     # switches
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
     SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_DUAL: tl.constexpr,
-    HAS_ROLLOUT: tl.constexpr,
-    KL_TYPE: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROLLOUT: tl.constexpr, LOSS_TYPE: tl.constexpr,
+    KL_TYPE: tl.constexpr, KL_RATIO: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK flat tokens per program: per-token loss and gradient, and one row of stat sums.
 
-    KL_TYPE: 0 = no KL term (ref_logp not read), 1/2/3 = k1/k2/k3. policy_loss_torch.py holds the
-    formulas this kernel follows line by line.
+    LOSS_TYPE: the index of loss_type in LOSS_TYPES (ppo, cispo, sapo, gpg). KL_TYPE: 0 = no KL
+    term (ref_logp not read), else 1 + the index of kl in KLS (k1, k2, k3, abs, k3+). KL_RATIO:
+    the KL term times the token ratio. policy_loss_torch.py holds the formulas this kernel
+    follows line by line.
     """
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -147,19 +149,35 @@ def _policy_loss_fwd_kernel(
     else:
         ratio = tl.exp(lp - old)
 
-    clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
-    clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
-    clipped = clip_high | clip_low
     ratio_clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-    pg = -adv * tl.where(clipped, ratio_clipped, ratio)
-    dpg = tl.where(clipped, 0.0, -adv)  # d pg / d ratio
+    clip_high = tl.zeros([BLOCK], tl.int1)
+    clip_low = tl.zeros([BLOCK], tl.int1)
     dual = tl.zeros([BLOCK], tl.int1)
-    if HAS_DUAL:
-        bound = -dual_clip * adv
-        dual = (adv < 0) & (pg > bound)
-        pg = tl.where(dual, bound, pg)
-        dpg = tl.where(dual, 0.0, dpg)
-    dloss = dpg * ratio
+    if LOSS_TYPE == 0:  # ppo
+        clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
+        clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
+        clipped = clip_high | clip_low
+        pg = -adv * tl.where(clipped, ratio_clipped, ratio)
+        dpg = tl.where(clipped, 0.0, -adv)  # d pg / d ratio
+        if HAS_DUAL:
+            bound = -dual_clip * adv
+            dual = (adv < 0) & (pg > bound)
+            pg = tl.where(dual, bound, pg)
+            dpg = tl.where(dual, 0.0, dpg)
+        dloss = dpg * ratio
+    elif LOSS_TYPE == 1:  # cispo: -sg(clip(ratio)) * A * logp, clipped for any A
+        clip_high = ratio > 1.0 + eps_high
+        clip_low = ratio < 1.0 - eps_low
+        dloss = -adv * ratio_clipped
+        pg = dloss * lp
+    elif LOSS_TYPE == 2:  # sapo: -A * sigmoid(tau (ratio - 1)) * 4 / tau
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        pg = -adv * gate * (4.0 / tau)
+        dloss = -adv * 4.0 * gate * (1.0 - gate) * ratio
+    else:  # gpg: -A * logp
+        pg = -adv * lp
+        dloss = -adv
     if HAS_ROLLOUT:
         rollout = tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         # is_cap = inf when off; a NaN weight stays NaN, as torch.clamp leaves it
@@ -179,10 +197,16 @@ def _policy_loss_fwd_kernel(
         elif KL_TYPE == 2:
             kl = 0.5 * delta * delta
             dkl = delta
-        else:
+        elif KL_TYPE == 4:  # abs, with sign(delta) as its gradient (0 at 0)
+            kl = tl.abs(delta)
+            dkl = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
+        else:  # k3, and k3+ with k2's gradient
             e = tl.exp(-delta)
             kl = e + delta - 1.0
-            dkl = 1.0 - e
+            dkl = 1.0 - e if KL_TYPE == 3 else delta
+        if KL_RATIO:  # d (ratio * KL) / d logp = ratio * (KL + d KL)
+            dkl = ratio * (kl + dkl)
+            kl = kl * ratio
         loss += beta * kl
         dloss += beta * dkl
 
@@ -251,7 +275,7 @@ def _policy_loss_scale_kernel(
 def needs_seq_counts(cfg, num_seqs, max_len) -> bool:
     """Whether the denominator needs this call's own per-sequence counts: N_seqs (and L_max for
     the Dr. GRPO norm) when the caller gave none."""
-    if cfg.agg == "token-mean":
+    if not cfg.agg.startswith("seq-mean"):
         return False
     return num_seqs is None or (cfg.agg.endswith("norm") and max_len is None)
 
@@ -311,12 +335,14 @@ def policy_loss_triton(
         n, length, b, (b - 1).bit_length(),
         float(cfg.eps_low), float(cfg.eps_high), float(cfg.dual_clip or 0.0),
         float(cfg.beta), math.inf if cfg.is_cap is None else float(cfg.is_cap),
+        float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg),
         float(grad_scale),
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=adv_per_token, SEQ_LEVEL=seq_level,
         PER_SEQ_MEAN=per_seq_mean, HAS_DUAL=cfg.dual_clip is not None,
-        HAS_ROLLOUT=rollout_logp is not None,
-        KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0, NUM_STATS=NUM_STATS,
+        HAS_ROLLOUT=rollout_logp is not None, LOSS_TYPE=LOSS_TYPES.index(cfg.loss_type),
+        KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0,
+        KL_RATIO=cfg.uses_ref and cfg.kl_ratio_correction, NUM_STATS=NUM_STATS,
     )  # fmt: skip
     return grad, partials, counts
 
@@ -343,7 +369,11 @@ LAUNCH_SPACE = {
     "seqs": (1, 5, 16),
     "old": (False, True),
     "adv_per_token": (False, True),
-    "ratio_level": RATIO_LEVELS,
+    # token level last: the corner then takes every switch below on (the other loss types and the
+    # KL's ratio correction go with the token ratio only; example_launch drops them elsewhere)
+    "ratio_level": tuple(sorted(RATIO_LEVELS, key=lambda level: level == "token")),
+    "loss_type": tuple(sorted(LOSS_TYPES, key=lambda t: t == "ppo")),  # ppo: the dual clip's
+    "kl_ratio": (False, True),
     "dual": (False, True),
     "rollout": (False, True),
     "mask": (torch.float32, torch.int64, torch.bool),
@@ -355,14 +385,19 @@ HEAVY_DIMS = ("dtype", "kl", "agg")  # compiled in every combination, the other 
 
 
 def example_launch(
-    dtype, kl, agg, packed, tokens, seqs, old, adv_per_token, ratio_level, dual, rollout, mask,
-    cu_seqlens, counts, aligned,
+    dtype, kl, agg, packed, tokens, seqs, old, adv_per_token, ratio_level, loss_type, kl_ratio,
+    dual, rollout, mask, cu_seqlens, counts, aligned,
 ) -> None:  # fmt: skip
     """The launches policy_loss makes at one point of LAUNCH_SPACE, on CPU tensors (the compile
-    check records them instead of running them); not aligned: the caller's tensors are slices."""
+    check records them instead of running them); not aligned: the caller's tensors are slices.
+    A loss type other than ppo takes the token ratio and no dual clip (PolicyLossConfig's rule),
+    as does the KL's ratio correction."""
+    token = ratio_level == "token"
+    loss_type = loss_type if token else "ppo"
     cfg = PolicyLossConfig(
         beta=0.0 if kl is None else 0.1, kl=kl or "k3", ratio_level=ratio_level, agg=agg,
-        dual_clip=3.0 if dual else None,
+        dual_clip=3.0 if dual and loss_type == "ppo" else None, loss_type=loss_type,
+        kl_ratio_correction=kl_ratio and token,
     )  # fmt: skip
     length = -(-tokens // seqs)
     shape = (tokens,) if packed else (seqs, length)

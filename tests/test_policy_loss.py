@@ -287,7 +287,8 @@ def test_low_precision_inputs(backend, dtype, level):
 
 
 @pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("kl", KLS)
+# k3+ takes k2's gradient on purpose (straight-through): not its value's derivative
+@pytest.mark.parametrize("kl", [k for k in KLS if k != "k3+"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_gradcheck(agg, kl, packed):
     d = make_batch(b=3, length=5, per_token=True)
