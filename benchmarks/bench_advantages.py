@@ -16,6 +16,8 @@ from papo_fast import papo_advantages
 GROUP = 8
 SIZES = [128, 1024, 8192]  # number of groups of GROUP responses
 SMOKE_SIZES = [4]
+# papo_advantages' estimators, each with the arguments it reads (reinforce_pp: token counts)
+ESTIMATORS = ["grpo", "drgrpo", "rloo", "batch_std", "reinforce_pp", "gdpo"]
 
 
 def released_loop(outcome, process, correct, index, eps=1e-6, lam=1.0):
@@ -59,18 +61,26 @@ def _record(benchmark, num_groups):
 
 
 @pytest.mark.benchmark(group="advantages")
-def test_papo_fast(benchmark, size):
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_papo_fast(benchmark, size, estimator):
     outcome, process, ids = make_rewards(size, device())
     _record(benchmark, size)
+    kw = dict(group_ids=ids, estimator=estimator)
+    if estimator == "reinforce_pp":
+        kw["lengths"] = torch.arange(outcome.numel(), device=outcome.device) % 97 + 1
+    if estimator == "gdpo":  # two reward columns, outcome-only mode
+        outcome, kw["mode"] = torch.stack([outcome, process], 1), "orm"
 
     def run():
-        res = papo_advantages(outcome, process, group_ids=ids)
+        res = papo_advantages(outcome, process, **kw)
         sync()
         return res
 
     res = benchmark(run)
-    ref = released_loop(outcome.cpu(), process.cpu(), (outcome == 1).cpu(), ids.cpu().tolist())
-    torch.testing.assert_close(res.advantages.cpu(), ref, atol=1e-5, rtol=1e-5)
+    if estimator == "grpo":  # the released loop computes this one
+        ref = released_loop(outcome.cpu(), process.cpu(), (outcome == 1).cpu(), ids.cpu().tolist())
+        torch.testing.assert_close(res.advantages.cpu(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(res.advantages).all()
 
 
 @pytest.mark.benchmark(group="advantages")
