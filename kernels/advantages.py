@@ -19,11 +19,22 @@ same activity rule. The paper's baselines are other ways of wiring the same norm
     mult       r_out * r_proc over all -                           -
     fullnorm   r_out over all          r_proc over all             lam
 
+``estimator=`` says how each part is normalized over its members (the mode says which rewards
+and which members); "grpo" is the above. Per group, in the kernel: "drgrpo" centres (verl's
+grpo with norm_adv_by_std_in_grpo=False, TRL's scale_rewards="none"); "rloo" subtracts the mean
+of the group's other members, (r - mean) * n / (n - 1) (verl's and TRL's RLOO; a group of one
+response is refused). Then a batch step over the part's members in the whole batch, in PyTorch:
+"batch_std" centres and divides by the std of the part's rewards over the batch + eps (TRL's
+scale_rewards="batch", whose eps is 1e-4); "reinforce_pp" centres, then whitens as verl's
+masked_whiten, per token with ``lengths`` (reinforce_plus_plus_baseline); "gdpo" normalizes
+each column of outcome [N, K] like grpo, sums them with weights and whitens likewise (verl's
+gdpo). The activity rule holds in the group step; the whitening moves inactive groups too.
+
 Layers: ``_papo_adv_kernel`` (one program per group) and its launcher ``papo_advantages_triton``
 (advantages_triton.py), and ``papo_advantages_torch`` (vectorized segment reductions, the CPU
 path) beside them -> ``papo_advantages`` (checks, grouping, dispatch). No autograd: advantages are
-constants of the loss. ``papo_advantages_ref`` at the end is the per-group loop written to be read:
-the reference of the tests.
+constants of the loss. ``papo_advantages_ref`` (advantages_ref.py) is the per-group loop written
+to be read: the reference of the tests.
 """
 
 from __future__ import annotations
