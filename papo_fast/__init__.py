@@ -21,6 +21,7 @@ from papo_fast.kernels.fused_linear_policy_loss import (
     PAPOLoss,
     fused_linear_policy_loss,
 )
+from papo_fast.kernels.logits_policy_loss import LogitsPolicyLossOutput, logits_policy_loss
 from papo_fast.kernels.loss_config import PolicyLossConfig
 from papo_fast.kernels.policy_loss import (
     PolicyLoss,
@@ -41,6 +42,8 @@ __all__ = [
     "PolicyLoss",
     "PolicyLossModule",
     "policy_loss",
+    "logits_policy_loss",
+    "LogitsPolicyLossOutput",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
     "FusedPolicyLossOutput",
