@@ -211,3 +211,18 @@ def test_advantage_config_estimator(tmp_path):
     path.write_text("advantage:\n  estimator: ppo\n")
     with pytest.raises(ConfigError, match=r"advantage.estimator must be one of"):
         load_config(path)
+
+
+def test_trl_integration_passes_the_estimator():
+    """PAPOTrainer's gathered reward table gets the configured estimator (a one-line
+    pass-through): RLOO there equals papo_advantages' RLOO, not GRPO's."""
+    trl_integration = pytest.importorskip("papo_fast.integrations.trl")
+    g = torch.Generator().manual_seed(4)
+    outcome = torch.rand(24, generator=g, dtype=torch.float64)
+    correct = outcome > 0.5
+    table = torch.stack([outcome, torch.zeros(24, dtype=torch.float64), correct.double()], 1)
+    cfg = AdvantageConfig(mode="orm", estimator="rloo")
+    adv, _ = trl_integration.table_advantages(table, 4, 24, cfg, {"outcome": "o"})
+    want = papo_advantages(outcome, group_offsets=torch.arange(0, 25, 4), correct=correct,
+                           mode="orm", estimator="rloo")  # fmt: skip
+    assert torch.equal(adv.advantages, want.advantages)

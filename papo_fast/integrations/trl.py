@@ -204,6 +204,7 @@ def table_advantages(
     adv = papo_advantages(
         outcome, process.nan_to_num(0.0), group_offsets=offsets, correct=correct & judged,
         mode=cfg.mode, lam=cfg.lam, eps=cfg.eps, scale_by_std=cfg.scale_by_std,
+        estimator=cfg.estimator,
     )  # fmt: skip
     not_judged = (correct & ~judged).sum() / correct.sum().clamp(min=1)
     return adv, not_judged
