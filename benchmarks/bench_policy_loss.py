@@ -6,11 +6,13 @@
     ours      papo_fast.policy_loss with check_finite=False (the trainer's hot-path setting)
 
 The paper's setting: padded [B, 1024] fp32 log-probs with ragged response lengths, one advantage
-per response, clip 0.2 / 0.28, token-mean, no KL. Each records ``tokens`` and ``bytes``, the op's
-minimal traffic (read logp, old_logp and the mask once, write the gradient once: 13 B/token in
-fp32), so that bytes / time is an effective bandwidth comparable across the three; ours moves
-``bytes_moved`` (21 B/token: its backward reads the saved gradient and writes it scaled by
-grad_output). ``x_eager`` is eager's best time over this variant's best, from the same run.
+per response, clip 0.2 / 0.28, token-mean, no KL; ``loss_type`` runs each policy-gradient term
+(ppo, cispo, sapo, gpg: PolicyLossConfig's), eager and compiled writing the same formula. Each
+records ``tokens`` and ``bytes``, the op's minimal traffic (read logp, old_logp and the mask once,
+write the gradient once: 13 B/token in fp32), so that bytes / time is an effective bandwidth
+comparable across the three; ours moves ``bytes_moved`` (21 B/token: its backward reads the saved
+gradient and writes it scaled by grad_output). ``x_eager`` is eager's best time over this
+variant's best, from the same run.
 """
 
 import pytest
@@ -18,6 +20,7 @@ import torch
 from conftest import device, sync
 
 from papo_fast import policy_loss
+from papo_fast.kernels.loss_config import LOSS_TYPES
 
 SIZES = [16_384, 131_072, 1_048_576]  # tokens
 SMOKE_SIZES = [192]
@@ -37,18 +40,31 @@ def make_inputs(tokens: int, dev):
     return logp, old_logp, advantages, mask
 
 
-def eager(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28):
+def eager(logp, old_logp, advantages, mask, loss_type="ppo", eps_low=0.2, eps_high=0.28):
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    lo, hi = 1 - eps_low, 1 + eps_high
+    clip_low = clip_high = torch.zeros_like(mask)
+    if loss_type == "ppo":
+        pg1, pg2 = -adv * ratio, -adv * ratio.clamp(lo, hi)
+        pg = torch.maximum(pg1, pg2)
+        clipped = pg2 > pg1
+        clip_low, clip_high = clipped & (adv < 0), clipped & (adv > 0)
+    elif loss_type == "cispo":
+        pg = -ratio.clamp(lo, hi).detach() * adv * logp
+        clip_low, clip_high = ratio < lo, ratio > hi
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, 1.0, 1.05)
+        pg = -adv * torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+    else:  # gpg
+        pg = -adv * logp
     m = mask.float()
     n = m.sum()
-    loss = (torch.maximum(pg1, pg2) * m).sum() / n
-    clipped = pg2 > pg1
+    loss = (pg * m).sum() / n
     r = ratio.detach()
     metrics = (
-        (clipped & (adv < 0) & mask).sum() / n,
-        (clipped & (adv > 0) & mask).sum() / n,
+        (clip_low & mask).sum() / n,
+        (clip_high & mask).sum() / n,
         (r * m).sum() / n,
         torch.where(mask, r, torch.inf).min(),
         torch.where(mask, r, -torch.inf).max(),
@@ -60,26 +76,29 @@ def eager(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28):
 _compiled = torch.compile(eager, dynamic=False)
 
 
-def ours(logp, old_logp, advantages, mask):
-    res = policy_loss(logp, old_logp, advantages, mask=mask, check_finite=False)
+def ours(logp, old_logp, advantages, mask, loss_type="ppo"):
+    res = policy_loss(
+        logp, old_logp, advantages, mask=mask, check_finite=False, loss_type=loss_type
+    )
     return res.loss, res[1:]
 
 
 @pytest.mark.benchmark(group="policy_loss")
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_policy_loss(benchmark, size, variant):
+def test_policy_loss(benchmark, size, variant, loss_type):
     logp, old_logp, advantages, mask = make_inputs(size, device())
     fn = {"eager": eager, "compiled": _compiled, "ours": ours}[variant]
 
     def step():
-        loss, metrics = fn(logp, old_logp, advantages, mask)
+        loss, metrics = fn(logp, old_logp, advantages, mask, loss_type)
         (grad,) = torch.autograd.grad(loss, logp)
         sync()
         return loss, grad
 
     step()  # compiles (torch.compile, Triton) outside the timing
     loss, grad = benchmark(step)
-    ref_loss = eager(logp, old_logp, advantages, mask)[0]
+    ref_loss = eager(logp, old_logp, advantages, mask, loss_type)[0]
     (ref_grad,) = torch.autograd.grad(ref_loss, logp)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, ref_grad, atol=1e-8, rtol=1e-5)
@@ -88,6 +107,6 @@ def test_policy_loss(benchmark, size, variant):
     benchmark.extra_info.update(tokens=n, bytes=n * 13, bytes_moved=n * (13 + 8))
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # absent under --benchmark-disable
-        _best[size, variant] = stats.stats.min
-        if (size, "eager") in _best:
-            benchmark.extra_info["x_eager"] = _best[size, "eager"] / stats.stats.min
+        _best[size, loss_type, variant] = stats.stats.min
+        if (size, loss_type, "eager") in _best:
+            benchmark.extra_info["x_eager"] = _best[size, loss_type, "eager"] / stats.stats.min
