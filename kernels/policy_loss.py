@@ -18,6 +18,7 @@ pass). So there is one backward per forward. Aggregation (m = mask, ℓ = per-to
     seq-mean-token-mean      Σ_i (Σ_t m·ℓ / |y_i|) / N_seqs
     seq-mean-token-sum       Σ m·ℓ / N_seqs
     seq-mean-token-sum-norm  Σ m·ℓ / (N_seqs · L_max)
+    token-sum                Σ m·ℓ (no denominator)
 
 N_tokens, N_seqs and L_max are the caller's ``num_tokens``/``num_seqs``/``max_len`` when given
 (counts over the whole optimizer step, so summed micro-batch losses have exactly the full-batch
@@ -69,10 +70,12 @@ class PolicyLossOutput(NamedTuple):
     """
 
     loss: torch.Tensor  # [] float32 (float64 for float64 logp); differentiable w.r.t. logp
-    clip_frac_low: torch.Tensor  # [] share of tokens clipped at 1 - eps_low (A < 0)
-    clip_frac_high: torch.Tensor  # [] share of tokens clipped at 1 + eps_high (A > 0)
+    # ppo: shares of tokens clipped where the clip binds (A < 0 / A > 0); cispo: of tokens whose
+    # weight is clipped, any A; sapo, gpg: 0 (docs/design.md, "Loss types")
+    clip_frac_low: torch.Tensor  # [] share of tokens clipped at 1 - eps_low
+    clip_frac_high: torch.Tensor  # [] share of tokens clipped at 1 + eps_high
     dual_clip_frac: torch.Tensor  # [] share of tokens bounded by the dual clip (A < 0)
-    kl: torch.Tensor  # [] mean KL_t (0 when beta == 0: ref_logp is not read)
+    kl: torch.Tensor  # [] mean KL term as in the loss (0 when beta == 0: ref_logp is not read)
     ratio_mean: torch.Tensor  # [] mean ratio (the sequence ratio under ratio_level="sequence")
     ratio_min: torch.Tensor  # []
     ratio_max: torch.Tensor  # []
@@ -301,8 +304,8 @@ def policy_loss(
 
     Per token (docs/design.md, "The policy loss"): ρ = exp(logp − old_logp),
     pg = −min(ρ·A, clip(ρ, 1 − eps_low, 1 + eps_high)·A), with dual_clip=c pg = min(pg, −c·A) where
-    A < 0; loss_t = w·pg + beta·KL_t, aggregated by ``agg``. The settings (eps_low, eps_high,
-    dual_clip, beta, kl, ratio_level, agg, is_cap), their defaults and their allowed values are
+    A < 0; loss_t = w·pg + beta·KL_t, aggregated by ``agg``. ``loss_type`` swaps pg for CISPO's,
+    SAPO's or GPG's term. The settings, their defaults and their allowed values are
     PolicyLossConfig's (kernels/loss_config.py).
 
     Args:

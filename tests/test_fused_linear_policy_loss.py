@@ -170,6 +170,9 @@ CONFIGS = {
     "kl_k3": dict(beta=0.04, kl="k3", dual_clip=2.0),
     "rollout_is": dict(is_cap=1.05),
     "per_token_adv": dict(),
+    "cispo_kl_abs_corrected": dict(loss_type="cispo", beta=0.1, kl="abs", kl_ratio_correction=True),
+    "sapo_kl_k3plus": dict(loss_type="sapo", beta=0.1, kl="k3+", agg="seq-mean-token-mean"),
+    "gpg_token_sum": dict(loss_type="gpg", agg="token-sum", is_cap=1.5),
 }
 
 
