@@ -92,7 +92,7 @@ def test_hand_sapo(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hand_gpg(backend):
-    # -A * logp whatever the ratio (here 4): loss 2 * 1.5 = 3... with A = -1.5, logp = -2: -3
+    # -A * logp whatever the ratio (here 4): A = -1.5, logp = -2 give -3, gradient -A = 1.5
     res, g = tiny([-2.0], [-2.0 - 2 * LN2], -1.5, backend, loss_type="gpg")
     assert_close(res.loss, torch.tensor(-3.0, dtype=torch.float64), atol=1e-6)
     assert_close(g, torch.tensor([[1.5]], dtype=torch.float64), atol=1e-6)
@@ -190,7 +190,8 @@ def test_float64_matches_reference(case, per_token):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_backends_match_reference(case, packed, backend):
-    d = make_batch(b=4, length=300, dtype=torch.float32, seed=11 + CASES.index(case))
+    k = CASES.index(case)
+    d = make_batch(b=4, length=300, dtype=torch.float32, seed=11 + k, per_token=k % 2 == 1)
     d["mask"][1] = False  # an empty response
     kw = settings(case, backend=backend)
     res, grad = ours(d, packed=packed, **kw)
@@ -364,3 +365,28 @@ def test_matches_liger_kernel(loss_type, correction, packed, backend):
     # liger's KL metric: the term as in the loss, over the valid tokens (its clip metric counts
     # A > 0 only for cispo, ours any A: not compared)
     assert_close_to_ref(res.kl, metrics[0], same_metrics[0].to(dtype), msg="kl metric")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_rollout_weight_matches_liger_vllm_is_ratio(loss_type, backend):
+    # liger's vllm_is_ratio is the truncated weight itself: min(exp(old - rollout), is_cap)
+    pytest.importorskip("liger_kernel")
+    d = make_batch(b=4, length=41, seed=23)
+    weight = torch.exp(d["old"] - d["rollout"]).clamp(max=1.5)
+    theirs_kw = LIGER[loss_type][1] | dict(beta=0.0, vllm_is_ratio=weight)
+    want, _, want_grad = liger_loss(d, **theirs_kw)
+    kw = LIGER[loss_type][0] | dict(is_cap=1.5, num_seqs=4, backend=backend)
+    res, grad = ours(d, **kw)
+    tol = F64_ATOL if backend == "torch" else None
+    if tol is None:  # the kernel computes in float32: liger's own float32 error
+        d32 = {k: v.float() if v.is_floating_point() else v for k, v in d.items()}
+        theirs_kw["vllm_is_ratio"] = weight.float()
+        same, _, same_grad = liger_loss(d32, **theirs_kw)
+        res, grad = ours(d32, **kw)
+        scale = loss_scale(d, **{k: v for k, v in kw.items() if k != "backend"})
+        assert_close_to_ref(res.loss, want, same, scale=scale, msg="loss")
+        assert_close_to_ref(grad, want_grad, same_grad, msg="grad")
+    else:
+        assert_close(res.loss, want, atol=tol, msg="loss")
+        assert_close(grad, want_grad, atol=tol, msg="grad")
