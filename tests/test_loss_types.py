@@ -390,3 +390,24 @@ def test_rollout_weight_matches_liger_vllm_is_ratio(loss_type, backend):
     else:
         assert_close(res.loss, want, atol=tol, msg="loss")
         assert_close(grad, want_grad, atol=tol, msg="grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", NEW_TYPES)
+@pytest.mark.parametrize("old", [True, False], ids=["old", "on-policy"])
+@pytest.mark.parametrize("beta", [0.0, 0.1], ids=["no-kl", "kl"])
+def test_masked_garbage_changes_nothing(loss_type, old, beta, backend):
+    # cispo and gpg multiply by logp itself: -inf at masked positions (on-policy, without KL and
+    # rollout weights, no log-ratio, delta or weight carries it) must not leak in as inf * 0 = NaN
+    d = make_batch(b=3, length=20, seed=1)
+    results = []
+    for garbage in (False, True):
+        lp = d["logp"].clone()
+        if garbage:
+            lp[~d["mask"]] = -math.inf
+        batch = d | {"logp": lp, "old": d["old"] if old else None, "rollout": None}
+        kw = dict(loss_type=loss_type, beta=beta, kl="abs", kl_ratio_correction=True)
+        res, grad = ours(batch, backend=backend, **kw)
+        results.append((res.loss, grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
