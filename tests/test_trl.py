@@ -177,12 +177,12 @@ def test_trl_settings_papo_replaces_are_refused(tmp_path, settings, message):
 @pytest.mark.parametrize(
     "loss_type, settings, message",
     [
-        ("sapo", {}, "supports loss_type in .* got 'sapo'"),
+        ("vespo", {}, "supports loss_type in .* got 'vespo'"),
         ("luspo", {"importance_sampling_level": "sequence"}, "got 'luspo'"),
         ("grpo", {"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
         ("grpo", {"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ("grpo", {"delta": 2.0}, "delta=2.0"),
-        ("grpo", {"beta": 0.1}, "use_bias_correction_kl"),
+        ("cispo", {"epsilon_high": 0.28}, "cispo with epsilon_high=0.28"),
     ],
 )
 def test_fused_loss_refuses_what_it_cannot_match(tmp_path, loss_type, settings, message):
@@ -205,8 +205,11 @@ def _batch(t, seed: int) -> dict:
     inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
     ratio, adv = torch.exp(logp - inputs["old_per_token_logps"]), inputs["advantages"][:, None]
     valid = inputs["completion_mask"].bool()
-    assert ((ratio < 1 - t.epsilon_low) & (adv < 0) & valid).any()  # clipped below
-    assert ((ratio > 1 + t.epsilon_high) & (adv > 0) & valid).any()  # clipped above
+    if t.loss_type == "cispo":  # TRL's cispo bounds the ratio at epsilon_high itself
+        assert ((ratio > t.epsilon_high) & valid).any() and ((ratio < 1) & valid).any()
+    else:
+        assert ((ratio < 1 - t.epsilon_low) & (adv < 0) & valid).any()  # clipped below
+        assert ((ratio > 1 + t.epsilon_high) & (adv > 0) & valid).any()  # clipped above
     if "ref_per_token_logps" in inputs:  # the reference is the initial policy: move it away too
         ref = inputs["ref_per_token_logps"]
         inputs["ref_per_token_logps"] = ref + 0.3 * torch.randn(ref.shape, generator=g)
@@ -220,10 +223,11 @@ def _training(t) -> None:
 
 
 def _trl_loss_ref(t, inputs) -> torch.Tensor:
-    """TRL 1.16's ``_compute_loss`` for the four loss types (token-level ratios, k3 KL without
-    the bias correction, no masks or bonus), written out in the model's dtype with log-probs
-    from the model's own logits: the float64 reference. (TRL's own log-probs accumulate in
-    float32 whatever the model's dtype, so TRL run on a float64 model is no float64 reference.)
+    """TRL 1.16's ``_compute_loss`` for the six loss types it shares with the fused loss
+    (token-level ratios, k3 KL with or without the bias correction, no masks or bonus), written
+    out in the model's dtype with log-probs from the model's own logits: the float64 reference.
+    (TRL's own log-probs accumulate in float32 whatever the model's dtype, so TRL run on a
+    float64 model is no float64 reference.)
     """
     ids, mask = inputs["completion_ids"], inputs["completion_mask"]
     keep = ids.shape[1]
@@ -233,21 +237,30 @@ def _trl_loss_ref(t, inputs) -> torch.Tensor:
     logp = torch.log_softmax(logits / t.temperature, -1).gather(-1, ids[..., None])[..., 0]
     ratio = torch.exp(logp - inputs["old_per_token_logps"])
     adv = inputs["advantages"][:, None]
-    clipped = torch.clamp(ratio, 1 - t.epsilon_low, 1 + t.epsilon_high)
-    loss = -torch.min(ratio * adv, clipped * adv)
-    if t.beta != 0.0:  # k3 against the reference, unweighted (use_bias_correction_kl=False)
+    if t.loss_type == "cispo":  # the ratio bounded above at epsilon_high, detached, times logp
+        loss = -torch.clamp(ratio, max=t.epsilon_high).detach() * adv * logp
+    elif t.loss_type == "sapo":  # a sigmoid gate of the ratio, its temperature by A's sign
+        pos, neg = (adv.new_tensor(x) for x in (t.args.sapo_temperature_pos,
+                                                  t.args.sapo_temperature_neg))  # fmt: skip
+        tau = torch.where(adv > 0, pos, neg)  # two Python floats would make a float32 tau
+        loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    else:
+        clipped = torch.clamp(ratio, 1 - t.epsilon_low, 1 + t.epsilon_high)
+        loss = -torch.min(ratio * adv, clipped * adv)
+    if t.beta != 0.0:  # k3 against the reference, times the ratio with the bias correction
         delta = inputs["ref_per_token_logps"] - logp
-        loss = loss + t.beta * (torch.exp(delta) - delta - 1)
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + t.beta * (kl * ratio if t.args.use_bias_correction_kl else kl)
     loss = loss * mask  # [B, C]
     accumulation, b = t.current_gradient_accumulation_steps, ids.shape[0]
-    if t.loss_type == "grpo":
+    if t.loss_type in ("grpo", "sapo"):
         return (loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
     if t.loss_type == "bnpo":
         return loss.sum() / mask.sum().clamp(min=1.0) / accumulation
     if t.loss_type == "dr_grpo":
         return loss.sum() / (b * t.max_completion_length) / accumulation
     tokens = inputs["num_items_in_batch"].clamp(min=1.0) / t.accelerator.num_processes
-    return loss.sum() / (tokens * accumulation / t.args.steps_per_generation)  # dapo
+    return loss.sum() / (tokens * accumulation / t.args.steps_per_generation)  # dapo, cispo
 
 
 def _grads(t, inputs, loss: str) -> dict[str, torch.Tensor]:
@@ -272,6 +285,9 @@ def _grads(t, inputs, loss: str) -> dict[str, torch.Tensor]:
         ("dr_grpo", {}),
         ("dapo", {}),
         ("grpo", {"beta": 0.1, "use_bias_correction_kl": False}),
+        ("grpo", {"beta": 0.1, "use_bias_correction_kl": True}),
+        ("cispo", {"epsilon_high": 1.2}),
+        ("sapo", {}),
     ],
 )
 def test_fused_loss_gradient_equals_trl_loss_gradient(tmp_path, loss_type, extra, one_thread):

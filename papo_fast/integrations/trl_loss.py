@@ -24,13 +24,18 @@ Choices:
                                             max_len = max_completion_length
        dapo       token-mean                num_tokens = num_items_in_batch / processes *
                                             accumulation / steps_per_generation
+       cispo      token-mean                as dapo; loss_type cispo, whose bound is TRL's
+                                            epsilon_high itself: eps_high = epsilon_high - 1,
+                                            no lower bound (eps_low = 1)
+       sapo       seq-mean-token-mean       as grpo; loss_type sapo, sapo_tau_pos / _neg =
+                                            TRL's sapo_temperature_pos / _neg
 
-   (accumulation is 1 in evaluation, as in TRL.) The other loss types (cispo, sapo, vespo, luspo)
-   are not this clipped loss, or weigh a sequence's tokens otherwise: refused, as are the TRL
-   settings that reshape the token loss outside it (sequence-level importance sampling, the
-   entropy mask, the off-policy mask, the entropy bonus, two-sided clipping ``delta``, vLLM's
-   importance-sampling correction, the MoE auxiliary loss, the biased-KL correction). With
-   ``beta`` > 0 the KL term is TRL's, k3 against the reference log-probs TRL computes.
+   (accumulation is 1 in evaluation, as in TRL.) vespo and luspo weigh a sequence's tokens
+   otherwise: refused, as are the TRL settings that reshape the token loss outside it
+   (sequence-level importance sampling, the entropy mask, the off-policy mask, the entropy bonus,
+   two-sided clipping ``delta``, vLLM's importance-sampling correction, the MoE auxiliary loss).
+   With ``beta`` > 0 the KL term is TRL's, k3 against the reference log-probs TRL computes, times
+   the token ratio when ``use_bias_correction_kl`` (``kl_ratio_correction``).
 3. **Temperature.** The logits are divided by TRL's ``temperature`` before the softmax, as TRL's
    own log-probs are. Models that scale or soft-cap their logits otherwise are refused.
 """
@@ -50,6 +55,8 @@ AGG = {
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
+    "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
 }
 # config attributes with which a model changes its logits beyond hidden @ W.T + b
 _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
@@ -76,8 +83,9 @@ def _refusals(trainer) -> list[str]:
         out.append("vllm_importance_sampling_correction")
     if trainer.aux_loss_enabled:
         out.append("the MoE auxiliary loss (router_aux_loss_coef)")
-    if trainer.beta != 0.0 and args.use_bias_correction_kl:
-        out.append("use_bias_correction_kl")
+    if trainer.loss_type == "cispo" and trainer.epsilon_high < 1.0:
+        out.append(f"cispo with epsilon_high={trainer.epsilon_high} (TRL's bound on the ratio "
+                   "itself; below 1 it cuts every ratio that rises)")  # fmt: skip
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "peft_config"):
         out.append("a PEFT model (an adapter on the LM head or on the inputs is bypassed)")
@@ -108,9 +116,17 @@ class FusedPolicyLoss:
             raise ValueError(f"fused_loss=True cannot reproduce: {'; '.join(refused)} "
                              "(use fused_loss=False)")  # fmt: skip
         self.trainer = trainer
+        args, kind = trainer.args, trainer.loss_type
+        bounds = {"eps_low": trainer.epsilon_low, "eps_high": trainer.epsilon_high}
+        if kind == "cispo":  # TRL clamps the ratio at epsilon_high, with no lower bound
+            bounds = {"eps_low": 1.0, "eps_high": trainer.epsilon_high - 1.0, "loss_type": kind}
+        elif kind == "sapo":
+            bounds |= {"loss_type": kind, "sapo_tau_pos": args.sapo_temperature_pos,
+                       "sapo_tau_neg": args.sapo_temperature_neg}  # fmt: skip
         self.config = PolicyLossConfig(
-            eps_low=trainer.epsilon_low, eps_high=trainer.epsilon_high, beta=trainer.beta,
-            kl="k3", agg=AGG[trainer.loss_type], is_cap=None,
+            beta=trainer.beta, kl="k3", agg=AGG[kind], is_cap=None,
+            kl_ratio_correction=trainer.beta != 0.0 and bool(args.use_bias_correction_kl),
+            **bounds,
         )  # fmt: skip
         self.redirect = _ForwardRedirection()
 
@@ -119,7 +135,7 @@ class FusedPolicyLoss:
         t = self.trainer
         accumulation = t.current_gradient_accumulation_steps if train else 1
         kind = t.loss_type
-        if kind == "grpo":
+        if kind in ("grpo", "sapo"):
             return {"num_seqs": mask.shape[0] * accumulation}
         if kind == "bnpo":
             return {"num_tokens": mask.sum().clamp(min=1.0) * accumulation}
