@@ -166,12 +166,33 @@ def test_rewards_that_are_neither_functions_nor_verifiers_are_refused(rewards, m
     [
         ({"reward_weights": [1.0, 1.0, 0.0]}, "reward_weights"),
         ({"scale_rewards": "batch"}, "scale_rewards='batch'"),
-        ({"scale_rewards": "none"}, "scale_by_std=True"),
+        ({"scale_rewards": "none"}, "estimator='grpo'"),
     ],
 )
 def test_trl_settings_papo_replaces_are_refused(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         trl_run.trainer(str(tmp_path), "grpo", fused=False, **settings)
+
+
+@pytest.mark.parametrize(
+    "scale_rewards, estimator, ok",
+    [("group", "grpo", True), ("none", "drgrpo", True), ("batch", "batch_std", True),
+     ("batch", "rloo", True), ("group", "batch_std", False), ("none", "grpo", False)],
+)  # fmt: skip
+def test_scale_rewards_names_the_estimator(tmp_path, scale_rewards, estimator, ok):
+    from trl import GRPOConfig
+
+    from papo_fast.config import AdvantageConfig
+    from papo_fast.integrations.trl import _check_args
+
+    args = GRPOConfig(output_dir=str(tmp_path), scale_rewards=scale_rewards, report_to="none",
+                      use_cpu=True, bf16=False)  # fmt: skip
+    cfg = AdvantageConfig(estimator=estimator)
+    if ok:
+        _check_args(args, cfg)
+    else:
+        with pytest.raises(ValueError, match=f"scale_rewards='{scale_rewards}' disagrees"):
+            _check_args(args, cfg)
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,10 @@ log-probs, logging, the loss unless ``fused_loss=True``):
    once, so that no process waits forever in a collective that another has left.
 5. **TRL settings PAPO replaces.** ``reward_weights`` and ``multi_objective_aggregation`` are not
    used (PAPO's weight is ``advantage.lam``), so a ``reward_weights`` given is refused; the logged
-   ``reward`` is the outcome reward. ``scale_rewards`` must agree with ``advantage.scale_by_std``
-   ("group" with True, "none" with False; "batch" has no PAPO counterpart). PAPO's eps (1e-6,
-   also a std threshold) replaces TRL's 1e-4.
+   ``reward`` is the outcome reward. ``scale_rewards`` names an estimator and must agree with
+   ``advantage.estimator``: "group" with grpo, "none" with drgrpo (or ``scale_by_std=False``),
+   "batch" with batch_std; rloo and reinforce_pp replace TRL's formula whatever it says. PAPO's
+   eps (1e-6, also a std threshold) replaces TRL's 1e-4.
 6. **Logged.** Beside TRL's metrics: ``papo/zero_adv_frac`` (responses with advantage exactly 0)
    and ``papo/proc_active_frac`` (groups whose process part is active), the signals the PAPO paper
    follows, and ``papo/not_judged_frac`` (correct responses whose process score was None).
@@ -216,12 +217,14 @@ def _check_args(args: GRPOConfig, cfg: AdvantageConfig) -> None:
     if args.reward_weights is not None:
         raise ValueError("PAPOTrainer does not use GRPOConfig.reward_weights (PAPO weighs its "
                          "process part by advantage.lam): leave reward_weights unset")  # fmt: skip
-    agree = {"group": True, "none": False}
-    if agree.get(args.scale_rewards) != cfg.scale_by_std:
+    # TRL's scale_rewards names one of the estimators; the others replace TRL's whole formula
+    named = {"group": "grpo", "none": "drgrpo", "batch": "batch_std"}
+    ours = "drgrpo" if cfg.estimator == "grpo" and not cfg.scale_by_std else cfg.estimator
+    if ours in named.values() and named.get(args.scale_rewards) != ours:
         raise ValueError(
             f"GRPOConfig.scale_rewards={args.scale_rewards!r} disagrees with "
-            f"advantage.scale_by_std={cfg.scale_by_std}: use 'group' with True, 'none' with False "
-            "(PAPO normalizes within each group)"
+            f"advantage.estimator={ours!r}: use scale_rewards 'group' with grpo, 'none' with "
+            "drgrpo (or scale_by_std=False), 'batch' with batch_std"
         )
 
 
