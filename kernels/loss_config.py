@@ -31,6 +31,13 @@ RATIO_LEVELS = ("token", "sequence")
 # ppo: the clipped ratio; cispo: the clipped ratio, detached, times logp; sapo: a sigmoid gate of
 # the ratio; gpg: A times logp, no ratio. docs/design.md ("The policy loss") has the formulas.
 LOSS_TYPES = ("ppo", "cispo", "sapo", "gpg")
+# The rollout weight per token, or one per sequence: exp of the SUM of its tokens' log-ratios
+# old_logp - rollout_logp (verl's rollout_is="sequence", the product of the token weights).
+IS_LEVELS = ("token", "sequence")
+# Rollout rejection: the statistic held to [rs_low, rs_high], on log-ratios old_logp - rollout_logp
+# each clamped to [-20, 20]: the token's own (verl's token_k1), the sum over the sequence
+# (seq_sum_k1), or its mean, the geometric mean of the token weights (seq_mean_k1).
+ROLLOUT_RS = (None, "token", "sequence", "geometric")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,13 @@ class PolicyLossConfig:
     # Rollout correction: each token's loss is weighted by min(exp(old_logp - rollout_logp),
     # is_cap) when the sampler's log-probs are given; None leaves the weight untruncated.
     is_cap: float | None = 2.0
+    is_level: str = "token"  # the rollout weight per token or per sequence, see IS_LEVELS
+    # Rollout rejection (needs rollout_logp): tokens or whole sequences whose ratio
+    # pi_old / pi_rollout (see ROLLOUT_RS) leaves [rs_low, rs_high] leave the mask: no loss, no
+    # gradient, not counted in this call's own N_tokens / N_seqs / L_max. None: off.
+    rollout_rs: str | None = None
+    rs_low: float = 0.5  # > 0
+    rs_high: float = 2.0  # >= rs_low
     loss_type: str = "ppo"  # the policy-gradient term, see LOSS_TYPES
     sapo_tau_pos: float = 1.0  # sapo: the gate's temperature for A > 0; > 0
     sapo_tau_neg: float = 1.05  # sapo: the gate's temperature for A <= 0; > 0
@@ -65,6 +79,8 @@ class PolicyLossConfig:
         "kl": KLS,
         "ratio_level": RATIO_LEVELS,
         "agg": AGGS,
+        "is_level": IS_LEVELS,
+        "rollout_rs": ROLLOUT_RS,
     }
 
     def __post_init__(self) -> None:
@@ -91,6 +107,8 @@ class PolicyLossConfig:
             _number("dual_clip", self.dual_clip, lambda v: v > 1.0, "None or > 1")
         if self.is_cap is not None:
             _number("is_cap", self.is_cap, lambda v: v > 0.0, "None or > 0")
+        _number("rs_low", self.rs_low, lambda v: v > 0.0, "> 0")
+        _number("rs_high", self.rs_high, lambda v: v >= self.rs_low, f">= rs_low = {self.rs_low}")
         if not isinstance(self.kl_ratio_correction, bool):
             raise ValueError(
                 f"kl_ratio_correction must be True or False, got {self.kl_ratio_correction!r}"

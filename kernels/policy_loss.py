@@ -56,6 +56,7 @@ from .policy_loss_torch import (
     RATIO_MAX,
     RATIO_MIN,
     advantages_per_token,
+    check_rollout_weights,
     policy_loss_torch,
 )
 from .policy_loss_triton import needs_seq_counts, policy_loss_triton, scale_grad_
@@ -153,8 +154,9 @@ def raise_bad_counts(counts: dict, flags: list) -> None:
 
 
 def check_inputs(
-    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
-) -> bool:
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu,
+    rollout_is_weights=None,
+) -> bool:  # fmt: skip
     """Every argument check of ``policy_loss`` (no pass over the values; one sync for cu_seqlens
     when ``verify_cu``). Finiteness is counted in the loss's own pass. The settings in ``cfg`` are
     checked where they are written, when the PolicyLossConfig is built.
@@ -214,6 +216,9 @@ def check_inputs(
     _check_like("rollout_logp", rollout_logp, logp)
     if cfg.uses_ref and ref_logp is None:
         raise ValueError(f"ref_logp is required when beta > 0 (beta = {cfg.beta})")
+    if cfg.rollout_rs is not None and rollout_logp is None and rollout_is_weights is None:
+        raise ValueError(f"rollout_rs={cfg.rollout_rs!r} needs rollout_logp")
+    check_rollout_weights(rollout_is_weights, logp, b, rollout_logp, cfg)
     for name, value in counts.items():
         _check_count(name, value)
     return per_token
@@ -230,7 +235,7 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
-                adv_per_token, num_tokens, num_seqs, max_len, backend):  # fmt: skip
+                adv_per_token, num_tokens, num_seqs, max_len, backend, is_weights):  # fmt: skip
         counts = (num_tokens, num_seqs, max_len)
         dtype = compute_dtype(logp)
         inputs = (logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg)
@@ -239,8 +244,9 @@ class PolicyLossFunction(torch.autograd.Function):
         if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
             need = needs_seq_counts(cfg, num_seqs, max_len)
             grad, partials, seq_counts = policy_loss_triton(
-                *inputs, adv_per_token, need_seq_counts=need, grad_scale=grad_scale
-            )
+                *inputs, adv_per_token, need_seq_counts=need, grad_scale=grad_scale,
+                rollout_is_weights=is_weights,
+            )  # fmt: skip
             if not any(isinstance(c, torch.Tensor) for c in counts):
                 loss, inv_denom, metrics = finalize_triton(
                     partials, seq_counts, cfg, *counts, dtype
@@ -249,7 +255,9 @@ class PolicyLossFunction(torch.autograd.Function):
                 stats = reduce_partials(partials, dtype)
                 loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         else:
-            grad, stats, seq_counts = policy_loss_torch(*inputs, adv_per_token, grad_scale)
+            grad, stats, seq_counts = policy_loss_torch(
+                *inputs, adv_per_token, grad_scale, is_weights
+            )
             loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         ctx.save_for_backward(grad, inv_denom)
         ctx.folded, ctx.backend, ctx.scaled = folded is not None, backend, False
@@ -292,6 +300,7 @@ def policy_loss(
     cu_seqlens: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
     num_tokens: Count | None = None,
     num_seqs: Count | None = None,
     max_len: Count | None = None,
@@ -323,6 +332,9 @@ def policy_loss(
         rollout_logp: like logp, the sampler's log-probs (e.g. vLLM's). Given, pg_t is multiplied by
             the detached weight min(exp(old_logp − rollout_logp), is_cap) (truncated importance
             sampling; old_logp None uses logp's value); the KL term is not weighted.
+            ``is_level="sequence"``: one weight per sequence; ``rollout_rs``: rejection.
+        rollout_is_weights: instead of rollout_logp, the caller's weights, used as given
+            (detached, not truncated): like logp (per token) or [B] / [B, 1] (per sequence).
         num_tokens, num_seqs, max_len: the global N_tokens, N_seqs and L_max of the optimizer step
             (numbers or 1-element tensors), each > 0 and finite; None uses this call's own counts
             (module docstring). A tensor's value is checked in check_finite's sync; unchecked, a
@@ -348,33 +360,41 @@ def policy_loss(
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
     per_token = check_inputs(
-        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
-    )
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts,
+        verify_cu, rollout_is_weights,
+    )  # fmt: skip
+    b = logp.shape[0] if mask is not None else cu_seqlens.numel() - 1
+    is_weights = check_rollout_weights(rollout_is_weights, logp, b, rollout_logp, cfg)
     return apply_policy_loss(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, per_token,
-        counts, check_finite, backend,
+        counts, check_finite, backend, is_weights,
     )  # fmt: skip
 
 
 def apply_policy_loss(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg: PolicyLossConfig,
-    adv_per_token: bool, counts: dict, check_finite: bool, backend: str,
+    adv_per_token: bool, counts: dict, check_finite: bool, backend: str, is_weights=None,
 ) -> PolicyLossOutput:  # fmt: skip
     """``policy_loss`` on inputs that ``check_inputs`` accepted, with its reading of the
     advantages (so a caller that repacks them keeps the reading of its own layout)."""
     ref_logp = ref_logp if cfg.uses_ref else None
     backend = resolve_backend(
-        backend, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp
+        backend, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, is_weights
     )
     loss, metrics = PolicyLossFunction.apply(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
-        counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend,
+        counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend, is_weights,
     )  # fmt: skip
     nonfinite = metrics[NONFINITE_LOGP : NONFINITE_ROLLOUT + 1]  # CHECKED's slots, in order
     if check_finite:  # one host sync: non-finite inputs, and the tensor counts' values
         bad = torch.cat([nonfinite, bad_count_flags(counts, metrics)]).tolist()
         raise_bad_counts(counts, bad[len(CHECKED) :])
         for name, slot in CHECKED.items():
+            name = (
+                "rollout_is_weights"
+                if is_weights is not None and slot == NONFINITE_ROLLOUT
+                else name
+            )
             if k := bad[slot - NONFINITE_LOGP]:
                 raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
     named = {name: metrics[slot] for name, slot in METRIC_SLOTS.items()}
@@ -412,13 +432,15 @@ class PolicyLossModule(torch.nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         ref_logp: torch.Tensor | None = None,
         rollout_logp: torch.Tensor | None = None,
+        rollout_is_weights: torch.Tensor | None = None,
         num_tokens: Count | None = None,
         num_seqs: Count | None = None,
         max_len: Count | None = None,
     ) -> PolicyLossOutput:
         return policy_loss(
             logp, old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
-            rollout_logp=rollout_logp, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
+            rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights,
+            num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
             config=self.config, check_finite=self.check_finite, backend=self.backend,
         )  # fmt: skip
 

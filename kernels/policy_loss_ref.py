@@ -14,6 +14,7 @@ The settings are PolicyLossConfig's, taken the way ``policy_loss`` takes them.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,30 @@ class PolicyLossTerms(NamedTuple):
     clip_high: torch.Tensor  # bool: clipped at 1 + eps_high (A > 0)
     dual_clip: torch.Tensor  # bool: bounded at -c * A by the dual clip (A < 0)
     kl: torch.Tensor  # KL_t as in the loss (0 when beta == 0: ref_logp is not read), detached
+    kept: torch.Tensor  # bool: the mask after rollout rejection (the mask itself when it is off)
+
+
+# Log-ratios of the rollout correction are held to [-20, 20] before they are exponentiated or
+# compared (verl's SAFETY_BOUND): the sequence weight, and every rejection statistic.
+LOG_RATIO_BOUND = 20.0
+
+
+def rollout_kept_ref(
+    old: torch.Tensor, rollout_logp: torch.Tensor | None, mask: torch.Tensor, cfg
+) -> torch.Tensor:
+    """[B, L] bool: the valid tokens that rollout rejection keeps (``cfg.rollout_rs``)."""
+    valid = mask != 0
+    if cfg.rollout_rs is None:
+        return valid
+    m = mask.to(old.dtype)
+    log_w = (old - rollout_logp.to(old.dtype)).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    if cfg.rollout_rs == "token":
+        stat = log_w
+    else:  # the product of the sequence's token ratios, or its geometric mean
+        stat = (log_w * m).sum(-1)
+        stat = stat / m.sum(-1).clamp(min=1) if cfg.rollout_rs == "geometric" else stat
+        stat = stat[:, None]
+    return valid & (stat >= math.log(cfg.rs_low)) & (stat <= math.log(cfg.rs_high))
 
 
 def policy_loss_terms_ref(
@@ -41,6 +66,7 @@ def policy_loss_terms_ref(
     *,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
     config: PolicyLossConfig | None = None,
     **settings,
 ) -> PolicyLossTerms:
@@ -53,9 +79,11 @@ def policy_loss_terms_ref(
     a = advantages.to(dtype)
     a = a[:, None].expand_as(logp) if a.dim() == 1 else a  # one per sequence, or per token
 
+    kept = rollout_kept_ref(old, rollout_logp, mask, cfg)  # rejected tokens leave the mask
+    m_kept = kept.to(dtype)
     log_ratio = logp - old
     if cfg.ratio_level == "sequence":  # GSPO: s_i = exp(masked mean), d s_i / d logp_t = s_i
-        seq_mean = (log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1)
+        seq_mean = (log_ratio * m_kept).sum(-1) / m_kept.sum(-1).clamp(min=1)
         log_ratio = logp - logp.detach() + seq_mean.detach()[:, None]
     ratio = torch.exp(log_ratio)
 
@@ -80,8 +108,15 @@ def policy_loss_terms_ref(
         dual = (a < 0) & (pg.detach() > -cfg.dual_clip * a)
         pg = torch.where(dual, -cfg.dual_clip * a, pg)
     if rollout_logp is not None:  # truncated importance weight, detached; not on the KL term
-        w = torch.exp(old - rollout_logp.to(dtype)).detach()
+        log_w = old - rollout_logp.to(dtype)
+        if cfg.is_level == "sequence":  # one per sequence: the product over its valid tokens
+            bound = LOG_RATIO_BOUND
+            log_w = (log_w * m).sum(-1).clamp(-bound, bound)[:, None]
+        w = torch.exp(log_w).detach()
         pg = pg * (w if cfg.is_cap is None else w.clamp(max=cfg.is_cap))
+    elif rollout_is_weights is not None:  # the caller's weights, as given: [B], [B, 1], [B, L]
+        w = rollout_is_weights.to(dtype).detach()
+        pg = pg * (w[:, None] if w.dim() == 1 else w)
 
     kl = torch.zeros_like(logp)
     if cfg.uses_ref:
@@ -97,7 +132,8 @@ def policy_loss_terms_ref(
         if cfg.kl_ratio_correction:  # the token ratio, not detached
             kl = kl * ratio
     loss = pg + cfg.beta * kl if cfg.uses_ref else pg
-    return PolicyLossTerms(loss, r, clip_low, clip_high, dual, kl.detach())
+    loss = torch.where(kept, loss, 0.0)
+    return PolicyLossTerms(loss, r, clip_low, clip_high, dual, kl.detach(), kept)
 
 
 def aggregate_ref(
@@ -140,6 +176,7 @@ def policy_loss_ref(
     *,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
     num_tokens: Count | None = None,
     num_seqs: Count | None = None,
     max_len: Count | None = None,
@@ -152,6 +189,7 @@ def policy_loss_ref(
         logp: [B, L] any float dtype, the dtype of every computation here; the loss is
             differentiable w.r.t. it.
         old_logp, ref_logp, rollout_logp: [B, L] or None, as in ``policy_loss``.
+        rollout_is_weights: [B], [B, 1] or [B, L] or None, as in ``policy_loss``.
         advantages: [B] per sequence or [B, L] per token.
         mask: [B, L], nonzero = valid token. Masked positions must hold finite values (they are
             multiplied by 0).
@@ -164,26 +202,30 @@ def policy_loss_ref(
     cfg = PolicyLossConfig.resolve(config, settings)
     terms = policy_loss_terms_ref(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
-        config=cfg,
+        rollout_is_weights=rollout_is_weights, config=cfg,
     )  # fmt: skip
     counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
-    loss = aggregate_ref(terms.loss, mask, cfg.agg, **counts)
+    loss = aggregate_ref(terms.loss, terms.kept, cfg.agg, **counts)  # rejected: not counted
 
     dtype = logp.dtype
-    valid = mask != 0
-    n = valid.sum().to(dtype)
+    valid = mask != 0  # the non-finite inputs are counted over every valid token
+    kept = terms.kept  # the metrics over the tokens rollout rejection keeps
+    n = kept.sum().to(dtype)
     n1 = n.clamp(min=1)
     zero = logp.new_zeros((), dtype=dtype)
-    ratio = terms.ratio[valid]  # [N_valid]
+    ratio = terms.ratio[kept]  # [N_kept]
     adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
-    read = [logp, old_logp, adv, rollout_logp, ref_logp if cfg.uses_ref else None]
+    weights = rollout_is_weights
+    weights = weights if weights is None or weights.dim() == 2 else weights[:, None]
+    weights = None if weights is None else weights.expand_as(logp)
+    read = [logp, old_logp, adv, rollout_logp, weights, ref_logp if cfg.uses_ref else None]
     nonfinite = sum((~torch.isfinite(t[valid])).sum() for t in read if t is not None)
     return PolicyLossOutput(
         loss=loss,
-        clip_frac_low=(terms.clip_low & valid).sum().to(dtype) / n1,
-        clip_frac_high=(terms.clip_high & valid).sum().to(dtype) / n1,
-        dual_clip_frac=(terms.dual_clip & valid).sum().to(dtype) / n1,
-        kl=terms.kl[valid].sum() / n1,
+        clip_frac_low=(terms.clip_low & kept).sum().to(dtype) / n1,
+        clip_frac_high=(terms.clip_high & kept).sum().to(dtype) / n1,
+        dual_clip_frac=(terms.dual_clip & kept).sum().to(dtype) / n1,
+        kl=terms.kl[kept].sum() / n1,
         ratio_mean=ratio.sum() / n1,
         ratio_min=ratio.min() if ratio.numel() else zero,
         ratio_max=ratio.max() if ratio.numel() else zero,

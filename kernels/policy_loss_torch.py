@@ -21,7 +21,10 @@ Per token t of sequence i, with A the advantage, the gradients it forms without 
              (d: −A·4σ(1 − σ)·ρ)
       gpg    −A·logp (d: −A)
   dual clip  A < 0 and pg > −c·A → pg = −c·A, no gradient (ppo only)
-  rollout    w_t = min(exp(old_t − rollout_t), is_cap), detached, multiplies pg (not the KL term)
+  rollout    w_t = min(exp(old_t − rollout_t), is_cap), detached, multiplies pg (not the KL term);
+             is_level="sequence": one w_i = min(exp(clamp(Σ_t old_t − rollout_t, ±20)), is_cap);
+             rollout_is_weights: the caller's weights as given; rollout_rs: rejected tokens leave
+             the mask (``rollout_kept``)
   KL         δ = logp − ref: k1 δ (d 1), k2 δ²/2 (d δ), k3 e^−δ + δ − 1 (d 1 − e^−δ), abs |δ|
              (d sign δ), k3+ k3's value with k2's gradient (d δ); kl_ratio_correction: ρ·KL
              (d ρ·(KL + d KL))
@@ -64,6 +67,28 @@ CHECKED = {  # the argument named by check_finite's error -> its slot
 }
 NUM_METRICS = NONFINITE_ROLLOUT + 1  # the slots in use: the finalized vector's length
 NUM_STATS = 16  # a kernel row's width, padded to a power of two for its stores
+# Log-ratios of the rollout correction are held to [-20, 20] before they are exponentiated (the
+# sequence weight) or compared (rejection): verl's SAFETY_BOUND.
+LOG_RATIO_BOUND = 20.0
+
+
+def rollout_kept(
+    log_w: torch.Tensor,  # [B, L] or [T]: old_logp - rollout_logp, in the compute dtype
+    valid: torch.Tensor | None,  # [B, L] bool, or None when every token is valid (packed)
+    seq_sum,  # [B, L] | [T] -> [B]: the sum over each sequence
+    expand,  # [B] -> broadcastable like log_w
+    seq_counts: torch.Tensor,  # [B] valid tokens per sequence
+    cfg: PolicyLossConfig,
+) -> torch.Tensor:
+    """The tokens rollout rejection keeps (``cfg.rollout_rs``), like log_w; valid or not. A NaN
+    statistic is rejected (check_finite names its input)."""
+    clamped = log_w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    if cfg.rollout_rs == "token":
+        stat = clamped
+    else:  # the log of the sequence's product of token ratios, or of their geometric mean
+        stat = seq_sum(clamped if valid is None else torch.where(valid, clamped, 0.0))
+        stat = expand(stat / seq_counts.clamp(min=1) if cfg.rollout_rs == "geometric" else stat)
+    return (stat >= math.log(cfg.rs_low)) & (stat <= math.log(cfg.rs_high))
 
 
 def advantages_per_token(advantages: torch.Tensor, logp: torch.Tensor, num_seqs: int) -> bool:
@@ -79,6 +104,35 @@ def advantages_per_token(advantages: torch.Tensor, logp: torch.Tensor, num_seqs:
     return not (advantages.dim() == 1 and advantages.numel() == num_seqs)
 
 
+def check_rollout_weights(
+    weights, logp: torch.Tensor, num_seqs: int, rollout_logp, cfg: PolicyLossConfig
+) -> torch.Tensor | None:
+    """policy_loss's ``rollout_is_weights``, checked: like logp (per token), or [B] / [B, 1] (per
+    sequence; a packed [T] with T == B is read per sequence, as the advantages are). Returns them
+    per token, or per sequence as [B, 1]; a ValueError naming what is wrong."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        got = weights.dtype if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ValueError(f"rollout_is_weights must be a floating-point tensor, got {got}")
+    if rollout_logp is not None:
+        raise ValueError(
+            "pass rollout_logp (the weights are computed, truncated at is_cap) or "
+            "rollout_is_weights (used as given), not both"
+        )
+    if cfg.rollout_rs is not None:
+        raise ValueError(f"rollout_rs={cfg.rollout_rs!r} reads rollout_logp: pass it instead of "
+                         "rollout_is_weights")  # fmt: skip
+    if weights.shape in ((num_seqs,), (num_seqs, 1)):
+        return weights.reshape(num_seqs, 1)
+    if weights.shape == logp.shape:
+        return weights
+    raise ValueError(
+        f"rollout_is_weights has shape {tuple(weights.shape)}, expected [{num_seqs}] or "
+        f"[{num_seqs}, 1] (per sequence) or logp's {tuple(logp.shape)} (per token)"
+    )
+
+
 def policy_loss_torch(
     logp: torch.Tensor,  # [B, L] or [T]
     old_logp: torch.Tensor | None,  # like logp
@@ -90,6 +144,7 @@ def policy_loss_torch(
     cfg: PolicyLossConfig,
     adv_per_token: bool,  # advantages_per_token's reading, made in the caller's layout
     grad_scale: float = 1.0,  # the gradient's factor: 1 / D when the counts are numbers
+    rollout_is_weights: torch.Tensor | None = None,  # [B] per sequence or like logp
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs; the
     gradient is multiplied by ``grad_scale`` where the clip mask is applied (no pass of its own,
@@ -153,15 +208,27 @@ def policy_loss_torch(
     neg_adv = -adv if per_token else expand(-adv)  # [B, L] | [B, 1] | [T]
     log_ratio = torch.zeros_like(lp) if old_logp is None else lp - old
     log_w = None if rollout_logp is None else old - rollout_logp.detach().to(cdt)
+    valid_in, given_w = valid, None  # the caller's mask: non-finite inputs are counted over it
+    if cfg.rollout_rs is not None:  # rejected tokens leave the mask, and the local counts
+        kept = rollout_kept(log_w, valid, seq_sum, expand, seq_counts, cfg)
+        valid = kept if valid is None else valid & kept
+        mask_f = valid.to(cdt)
+        seq_counts = seq_sum(mask_f) if cu_seqlens is not None else mask_f.sum(-1)
+    if log_w is not None and cfg.is_level == "sequence":  # one weight per sequence: [B] → tokens
+        total = seq_sum(log_w if valid_in is None else torch.where(valid_in, log_w, 0.0))
+        log_w = expand(total.clamp_(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    if rollout_is_weights is not None:  # the caller's, as given
+        given_w = rollout_is_weights.detach().to(cdt)
+        given_w = given_w if given_w.shape == lp.shape else expand(given_w.reshape(b))
     delta = lp - ref_logp.detach().to(cdt) if cfg.uses_ref else None
     uses_logp = cfg.loss_type in ("cispo", "gpg")  # their loss holds logp itself
-    input_sums = sums(log_ratio, neg_adv, log_w, delta, lp if uses_logp else None)
+    input_sums = sums(log_ratio, neg_adv, log_w, delta, lp if uses_logp else None, given_w)
     if cfg.ratio_level == "sequence":
         seq_mean = seq_sum(masked(log_ratio)) / seq_counts.clamp(min=1)  # [B]
         ratio = torch.exp(expand(seq_mean)).expand_as(lp)  # [B, 1] → [B, L] view when padded
     else:
         ratio = log_ratio.exp_()  # in place: every new [T] buffer costs page faults on the CPU
-    w = None if log_w is None else log_w.exp_()
+    w = given_w if log_w is None else log_w.exp_()
     e = torch.exp(-delta) if cfg.uses_ref and cfg.kl in ("k3", "k3+") else None
     # Finite everywhere: every input is finite at every valid token (all non-finite counts are 0)
     # and nothing overflows, so masking may multiply. One host sync.
@@ -202,7 +269,7 @@ def policy_loss_torch(
         dloss = keep_unless(dual, dloss)
         n_dual = count(dual)
     if w is not None:
-        w = w if cfg.is_cap is None else w.clamp_(max=cfg.is_cap)
+        w = w if cfg.is_cap is None or given_w is not None else w.clamp_(max=cfg.is_cap)
         pg.mul_(w)
         dloss.mul_(w)
     loss, kl_sum = pg, zero
@@ -260,14 +327,15 @@ def policy_loss_torch(
         RATIO_MAX: ratio_max,
         COUNT: seq_counts.sum(),
     }
-    if not fast:  # rare: name the culprits, one count each
+    if not fast:  # rare: name the culprits, one count each, over the caller's mask
         read = {
             NONFINITE_LOGP: lp,
             NONFINITE_OLD: old_logp,
             NONFINITE_REF: ref_logp if cfg.uses_ref else None,
             NONFINITE_ADV: neg_adv,
-            NONFINITE_ROLLOUT: rollout_logp,
+            NONFINITE_ROLLOUT: rollout_logp if given_w is None else given_w,
         }
+        valid = valid_in
         slots |= {k: count(~torch.isfinite(t)) for k, t in read.items() if t is not None}
     stats = torch.stack([slots.get(k, zero) for k in range(NUM_STATS)])  # one op, in slot order
     return grad, stats, seq_counts

@@ -11,8 +11,8 @@ a sequence length on a grid dimension:
   ratio min/max, non-finite counts). A packed token finds its sequence by binary search over
   cu_seqlens (log2 B cached loads): no per-token index is read.
   With the counts given as numbers, the gradient is stored already divided by D (``grad_scale``).
-- ``_policy_loss_scale_kernel``, the backward: the stored gradient times a 0-dim device scalar,
-  in place; each program reads the scalar first and returns when it is exactly 1 (no host sync).
+- the backward, ``scale_grad_`` (policy_loss_scale.py): the stored gradient times a 0-dim
+  device scalar, in place; each program returns when the scalar is exactly 1 (no host sync).
 
 The rows become the loss, 1 / D and the metrics in policy_loss_finalize.py. So a forward is 2 or 3
 launches, a backward one that moves no token bytes when grad_output is 1 and D was folded in. The
@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import at_offset, compute_dtype
-from .loss_config import AGGS, KLS, LOSS_TYPES, RATIO_LEVELS, PolicyLossConfig
+from ._backend import at_offset
+from .loss_config import AGGS, KLS, LOSS_TYPES, RATIO_LEVELS, ROLLOUT_RS, PolicyLossConfig
 from .policy_loss_finalize import folded_inv_denom
+from .policy_loss_scale import scale_grad_  # noqa: F401  (the backward's launcher, re-exported)
 from .policy_loss_torch import (
     CLIP_HIGH,
     CLIP_LOW,
@@ -52,15 +53,20 @@ from .policy_loss_torch import (
 @triton.jit
 def _policy_loss_seq_stats_kernel(
     # inputs
-    logp_ptr, old_ptr, mask_ptr, cu_ptr,
-    # outputs, [B] float32
-    count_ptr, lr_mean_ptr,
+    logp_ptr, old_ptr, mask_ptr, cu_ptr, rollout_ptr,
+    # outputs, [B] float32; seq_w [2, B]: the sequence's log rollout weight, and 1 / 0 kept
+    count_ptr, lr_mean_ptr, seq_w_ptr,
     # shapes
-    L,
+    L, B,
+    # the rejection band's logs (runtime floats)
+    log_lo, log_hi,
     # switches
-    PACKED: tl.constexpr, HAS_OLD: tl.constexpr, SEQ_LEVEL: tl.constexpr, BLOCK: tl.constexpr,
+    PACKED: tl.constexpr, HAS_OLD: tl.constexpr, SEQ_LEVEL: tl.constexpr,
+    IS_SEQ: tl.constexpr, RS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program per sequence: valid tokens |y_i| and, at sequence level, the mean log-ratio."""
+    """One program per sequence: valid tokens |y_i| and, at sequence level, the mean log-ratio.
+    With rollout rejection (RS: 0 off, 1 token, 2 sequence, 3 geometric) |y_i| and the mean count
+    the kept tokens only; IS_SEQ: the sequence's rollout log-weight, clamped to +-20."""
     seq = tl.program_id(0).to(tl.int64)
     if PACKED:
         start = tl.load(cu_ptr + seq).to(tl.int64)
@@ -69,18 +75,41 @@ def _policy_loss_seq_stats_kernel(
         start = seq * L
         end = start + L
     count = tl.zeros([BLOCK], tl.float32)
+    count_in = tl.zeros([BLOCK], tl.float32)
     lr_sum = tl.zeros([BLOCK], tl.float32)
+    lw_sum = tl.zeros([BLOCK], tl.float32)  # of old - rollout; lwc_sum: each clamped to +-20
+    lwc_sum = tl.zeros([BLOCK], tl.float32)
     for block_start in range(start, end, BLOCK):  # a loop, not a grid dim: any length works
         offs = block_start + tl.arange(0, BLOCK)
         valid = offs < end
         if not PACKED:
             valid &= tl.load(mask_ptr + offs, mask=valid, other=0) != 0
+        if IS_SEQ or RS != 0:
+            lw = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            if HAS_OLD:
+                lw = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            lw -= tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            lwc = tl.minimum(tl.maximum(lw, -20.0), 20.0)
+            lw_sum += tl.where(valid, lw, 0.0)
+            lwc_sum += tl.where(valid, lwc, 0.0)
+            count_in += valid.to(tl.float32)
+            if RS == 1:  # rejected tokens leave the mask
+                valid &= (lwc >= log_lo) & (lwc <= log_hi)
         count += valid.to(tl.float32)
         if SEQ_LEVEL and HAS_OLD:
             lp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
             old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
             lr_sum += lp - old
     n = tl.sum(count, axis=0)
+    if RS >= 2:  # the sequence's product of token ratios, or their geometric mean
+        stat = tl.sum(lwc_sum, axis=0)
+        if RS == 3:
+            stat = stat / tl.maximum(tl.sum(count_in, axis=0), 1.0)
+        kept = (stat >= log_lo) & (stat <= log_hi)
+        n = tl.where(kept, n, 0.0)
+        tl.store(seq_w_ptr + B + seq, kept.to(tl.float32))
+    if IS_SEQ:
+        tl.store(seq_w_ptr + seq, tl.minimum(tl.maximum(tl.sum(lw_sum, axis=0), -20.0), 20.0))
     tl.store(count_ptr + seq, n)
     if SEQ_LEVEL:
         tl.store(lr_mean_ptr + seq, tl.sum(lr_sum, axis=0) / tl.maximum(n, 1.0))
@@ -96,27 +125,30 @@ def _block(n: int) -> int:
 def _policy_loss_fwd_kernel(
     # inputs
     logp_ptr, old_ptr, adv_ptr, mask_ptr, cu_ptr, ref_ptr, rollout_ptr,
-    # per-sequence stats from _policy_loss_seq_stats_kernel
-    count_ptr, lr_mean_ptr,
+    # per-sequence stats from _policy_loss_seq_stats_kernel; the caller's rollout weights
+    count_ptr, lr_mean_ptr, seq_w_ptr, is_w_ptr,
     # outputs: grad like logp, partials [programs, NUM_STATS] float32
     grad_ptr, partials_ptr,
     # shapes
     N, L, B, search_steps,
     # hyper-parameters: runtime floats, a new value does not recompile
-    eps_low, eps_high, dual_clip, beta, is_cap, tau_pos, tau_neg,
+    eps_low, eps_high, dual_clip, beta, is_cap, tau_pos, tau_neg, log_lo, log_hi,
     # the stored gradient's factor: 1 / D when the counts are numbers, else 1 (a runtime float)
     grad_scale,
     # switches
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
     SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_DUAL: tl.constexpr,
-    HAS_ROLLOUT: tl.constexpr, LOSS_TYPE: tl.constexpr,
+    HAS_ROLLOUT: tl.constexpr, IS_SEQ: tl.constexpr, RS: tl.constexpr, IS_W: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
     KL_TYPE: tl.constexpr, KL_RATIO: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK flat tokens per program: per-token loss and gradient, and one row of stat sums.
 
     LOSS_TYPE: the index of loss_type in LOSS_TYPES (ppo, cispo, sapo, gpg). KL_TYPE: 0 = no KL
     term (ref_logp not read), else 1 + the index of kl in KLS (k1, k2, k3, abs, k3+). KL_RATIO:
-    the KL term times the token ratio. policy_loss_torch.py holds the formulas this kernel
+    the KL term times the token ratio. Rollout correction: IS_SEQ, the weight per sequence; RS,
+    rejection (0 off, 1 token, else per sequence: seq_w's kept flags); IS_W, the caller's weights
+    (0 none, 1 per sequence, 2 per token). policy_loss_torch.py holds the formulas this kernel
     follows line by line.
     """
     pid = tl.program_id(0)
@@ -144,6 +176,14 @@ def _policy_loss_fwd_kernel(
         adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     else:
         adv = tl.load(adv_ptr + seq, mask=valid, other=0.0).to(tl.float32)
+    if HAS_ROLLOUT:
+        rollout = tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    valid_in = valid  # the caller's mask: non-finite inputs are counted over it
+    if RS == 1:
+        lwc = tl.minimum(tl.maximum(old - rollout, -20.0), 20.0)
+        valid &= (lwc >= log_lo) & (lwc <= log_hi)  # NaN: rejected
+    elif RS != 0:
+        valid &= tl.load(seq_w_ptr + B + seq, mask=valid, other=0.0) != 0.0
     if SEQ_LEVEL:
         ratio = tl.exp(tl.load(lr_mean_ptr + seq, mask=valid, other=0.0))
     else:
@@ -179,16 +219,23 @@ def _policy_loss_fwd_kernel(
         pg = -adv * lp
         dloss = -adv
     if HAS_ROLLOUT:
-        rollout = tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        log_w = old - rollout
+        if IS_SEQ:
+            log_w = tl.load(seq_w_ptr + seq, mask=valid, other=0.0)
         # is_cap = inf when off; a NaN weight stays NaN, as torch.clamp leaves it
-        w = tl.minimum(tl.exp(old - rollout), is_cap, propagate_nan=tl.PropagateNan.ALL)
+        w = tl.minimum(tl.exp(log_w), is_cap, propagate_nan=tl.PropagateNan.ALL)
+        pg *= w
+        dloss *= w
+    elif IS_W != 0:  # the caller's, as given
+        w_offs = seq if IS_W == 1 else offs
+        w = tl.load(is_w_ptr + w_offs, mask=valid_in, other=0.0).to(tl.float32)
         pg *= w
         dloss *= w
     loss = pg
     kl = tl.zeros([BLOCK], tl.float32)
     nonfinite_ref = tl.zeros([BLOCK], tl.int1)
     if KL_TYPE != 0:
-        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + offs, mask=valid_in, other=0.0).to(tl.float32)
         nonfinite_ref = ~(tl.abs(ref) < float("inf"))
         delta = lp - ref
         if KL_TYPE == 1:
@@ -228,42 +275,24 @@ def _policy_loss_fwd_kernel(
     tl.store(row + RATIO_MIN, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
     tl.store(row + RATIO_MAX, tl.max(tl.where(valid, ratio, -float("inf")), axis=0))
     tl.store(row + COUNT, tl.sum(valid.to(tl.float32), axis=0))
-    bad_lp = valid & ~(tl.abs(lp) < float("inf"))
+    bad_lp = valid_in & ~(tl.abs(lp) < float("inf"))
     tl.store(row + NONFINITE_LOGP, tl.sum(bad_lp.to(tl.float32), axis=0))
     if HAS_OLD:  # else old is logp, already counted
-        bad_old = valid & ~(tl.abs(old) < float("inf"))
+        bad_old = valid_in & ~(tl.abs(old) < float("inf"))
         tl.store(row + NONFINITE_OLD, tl.sum(bad_old.to(tl.float32), axis=0))
     else:
         tl.store(row + NONFINITE_OLD, 0.0)
-    tl.store(row + NONFINITE_REF, tl.sum((valid & nonfinite_ref).to(tl.float32), axis=0))
-    bad_adv = valid & ~(tl.abs(adv) < float("inf"))
+    tl.store(row + NONFINITE_REF, tl.sum((valid_in & nonfinite_ref).to(tl.float32), axis=0))
+    bad_adv = valid_in & ~(tl.abs(adv) < float("inf"))
     tl.store(row + NONFINITE_ADV, tl.sum(bad_adv.to(tl.float32), axis=0))
     if HAS_ROLLOUT:
-        bad_rollout = valid & ~(tl.abs(rollout) < float("inf"))
+        bad_rollout = valid_in & ~(tl.abs(rollout) < float("inf"))
         tl.store(row + NONFINITE_ROLLOUT, tl.sum(bad_rollout.to(tl.float32), axis=0))
+    elif IS_W != 0:
+        bad_w = valid_in & ~(tl.abs(w) < float("inf"))
+        tl.store(row + NONFINITE_ROLLOUT, tl.sum(bad_w.to(tl.float32), axis=0))
     else:
         tl.store(row + NONFINITE_ROLLOUT, 0.0)
-
-
-@triton.jit
-def _policy_loss_scale_kernel(
-    # in place: the gradient the token pass stored, like logp; scale [] (float32, float64 for
-    # float64 logp)
-    grad_ptr, scale_ptr,
-    # shapes
-    N,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    """grad *= scale, BLOCK tokens per program; a program whose scale is exactly 1 does nothing.
-
-    The product is formed in the scale's dtype and rounded once to the gradient's.
-    """
-    scale = tl.load(scale_ptr)
-    if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        keep = offs < N
-        g = tl.load(grad_ptr + offs, mask=keep, other=0.0)
-        tl.store(grad_ptr + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=keep)
 
 
 # Bytes moved per token (b = bytes per input element): forward reads logp, old_logp, ref_logp,
@@ -282,12 +311,13 @@ def needs_seq_counts(cfg, num_seqs, max_len) -> bool:
 
 def policy_loss_triton(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
-    need_seq_counts=True, grad_scale=1.0,
+    need_seq_counts=True, grad_scale=1.0, rollout_is_weights=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None).
 
     Inputs are checked; ``adv_per_token`` is advantages_per_token's reading of the caller's
-    layout; the stored gradient is multiplied by ``grad_scale``. policy_loss_finalize.py turns the
+    layout; the stored gradient is multiplied by ``grad_scale``; ``rollout_is_weights`` per
+    token or per sequence as [B, 1] (check_rollout_weights). policy_loss_finalize.py turns the
     rows into the loss and metrics.
     """
     packed = cu_seqlens is not None
@@ -297,9 +327,9 @@ def policy_loss_triton(
     logp = logp.detach().contiguous()
     flat = [
         None if t is None else t.detach().contiguous()
-        for t in (old_logp, advantages, ref_logp, rollout_logp)
+        for t in (old_logp, advantages, ref_logp, rollout_logp, rollout_is_weights)
     ]
-    old_logp, advantages, ref_logp, rollout_logp = flat
+    old_logp, advantages, ref_logp, rollout_logp, is_w = flat
     if mask is not None:
         mask = mask.contiguous()
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -311,15 +341,21 @@ def policy_loss_triton(
 
     seq_level = cfg.ratio_level == "sequence"
     per_seq_mean = cfg.agg == "seq-mean-token-mean"
+    is_seq = rollout_logp is not None and cfg.is_level == "sequence"
+    rs = ROLLOUT_RS.index(cfg.rollout_rs)  # 0: off, 1: token, 2: sequence, 3: geometric
+    log_band = (math.log(cfg.rs_low), math.log(cfg.rs_high))
     counts = torch.empty(b, dtype=torch.float32, device=logp.device)  # [B]
     lr_mean = torch.empty(b if seq_level else 1, dtype=torch.float32, device=logp.device)  # [B]
-    if seq_level or per_seq_mean or need_seq_counts:  # else nothing per-sequence is needed
+    seq_w = torch.empty(2 * b if is_seq or rs >= 2 else 1, dtype=torch.float32, device=logp.device)
+    # local counts under token rejection are the kept tokens: a sequence pass then too
+    if seq_level or per_seq_mean or need_seq_counts or is_seq or rs >= 2:
         _policy_loss_seq_stats_kernel[(b,)](
-            logp, ptr(old_logp), ptr(mask), ptr(cu_seqlens),
-            counts, lr_mean,
-            length,
+            logp, ptr(old_logp), ptr(mask), ptr(cu_seqlens), ptr(rollout_logp),
+            counts, lr_mean, seq_w,
+            length, b,
+            *log_band,
             PACKED=packed, HAS_OLD=old_logp is not None, SEQ_LEVEL=seq_level,
-            BLOCK=_block(n // b),
+            IS_SEQ=is_seq, RS=rs, BLOCK=_block(n // b),
         )  # fmt: skip
     else:
         counts = None
@@ -330,30 +366,23 @@ def policy_loss_triton(
     _policy_loss_fwd_kernel[(programs,)](
         logp, ptr(old_logp), advantages, ptr(mask), ptr(cu_seqlens),
         ptr(ref_logp), ptr(rollout_logp),
-        logp if counts is None else counts, lr_mean,
+        logp if counts is None else counts, lr_mean, seq_w, ptr(is_w),
         grad, partials,
         n, length, b, (b - 1).bit_length(),
         float(cfg.eps_low), float(cfg.eps_high), float(cfg.dual_clip or 0.0),
         float(cfg.beta), math.inf if cfg.is_cap is None else float(cfg.is_cap),
-        float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg),
+        float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg), *log_band,
         float(grad_scale),
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=adv_per_token, SEQ_LEVEL=seq_level,
         PER_SEQ_MEAN=per_seq_mean, HAS_DUAL=cfg.dual_clip is not None,
-        HAS_ROLLOUT=rollout_logp is not None, LOSS_TYPE=LOSS_TYPES.index(cfg.loss_type),
+        HAS_ROLLOUT=rollout_logp is not None, IS_SEQ=is_seq, RS=rs,
+        IS_W=0 if is_w is None else (2 if is_w.shape == logp.shape else 1),
+        LOSS_TYPE=LOSS_TYPES.index(cfg.loss_type),
         KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0,
         KL_RATIO=cfg.uses_ref and cfg.kl_ratio_correction, NUM_STATS=NUM_STATS,
     )  # fmt: skip
     return grad, partials, counts
-
-
-def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad (contiguous, the token pass's) *= scale (0-dim, on grad's device), in place; no host
-    sync. Returns grad."""
-    n = grad.numel()
-    block = _block(n)
-    _policy_loss_scale_kernel[(max(1, triton.cdiv(n, block)),)](grad, scale, n, BLOCK=block)
-    return grad
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +404,9 @@ LAUNCH_SPACE = {
     "loss_type": tuple(sorted(LOSS_TYPES, key=lambda t: t == "ppo")),  # ppo: the dual clip's
     "kl_ratio": (False, True),
     "dual": (False, True),
-    "rollout": (False, True),
+    # rollout correction: none, the caller's weights (per sequence, per token), rollout_logp's
+    # weight per token, with token rejection, per sequence with sequence / geometric rejection
+    "rollout": ("off", "w-seq", "w-token", "token", "rs-token", "rs-sequence", "rs-geometric"),
     "mask": (torch.float32, torch.int64, torch.bool),
     "cu_seqlens": (torch.int64, torch.int32),
     "counts": ("given", "tensors", "local"),
@@ -397,7 +428,8 @@ def example_launch(
     cfg = PolicyLossConfig(
         beta=0.0 if kl is None else 0.1, kl=kl or "k3", ratio_level=ratio_level, agg=agg,
         dual_clip=3.0 if dual and loss_type == "ppo" else None, loss_type=loss_type,
-        kl_ratio_correction=kl_ratio and token,
+        kl_ratio_correction=kl_ratio and token, rollout_rs=rollout[3:] if rollout[:3] == "rs-" else
+        None, is_level="sequence" if rollout in ("rs-sequence", "rs-geometric") else "token",
     )  # fmt: skip
     length = -(-tokens // seqs)
     shape = (tokens,) if packed else (seqs, length)
@@ -408,8 +440,9 @@ def example_launch(
     num = (None,) * 3 if counts == "local" else (tokens, seqs, length)
     num = tuple(map(torch.tensor, num)) if counts == "tensors" else num
     inv = folded_inv_denom(cfg, *num)
+    w = given(rollout[:2] == "w-", shape if rollout == "w-token" else (seqs, 1))
     grad, *_ = policy_loss_triton(
-        logp, given(old), adv, m, cu, given(kl is not None), given(rollout), cfg, adv_per_token,
-        needs_seq_counts(cfg, *num[1:]), 1.0 if inv is None else inv,
+        logp, given(old), adv, m, cu, given(kl is not None), given(rollout not in ("off", "w-seq",
+        "w-token")), cfg, adv_per_token, needs_seq_counts(cfg, *num[1:]),
+        1.0 if inv is None else inv, w,
     )  # fmt: skip
-    scale_grad_(grad, torch.ones((), dtype=compute_dtype(logp)))  # the backward
