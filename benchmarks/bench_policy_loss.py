@@ -110,3 +110,62 @@ def test_policy_loss(benchmark, size, variant, loss_type):
         _best[size, loss_type, variant] = stats.stats.min
         if (size, loss_type, "eager") in _best:
             benchmark.extra_info["x_eager"] = _best[size, loss_type, "eager"] / stats.stats.min
+
+
+# Rollout correction (ppo): the sampler's log-probs beside old_logp. "token": the truncated token
+# weight; "sequence": one weight per sequence (exp of the summed log-ratios, clamped to +-20,
+# truncated at 2); "rs-sequence": that weight and sequence rejection outside [0.5, 2] (the
+# rejected tokens leave the mask). Eager writes verl's steps; ``bytes`` adds the rollout read.
+ROLLOUT = {
+    "token": dict(),
+    "sequence": dict(is_level="sequence"),
+    "rs-sequence": dict(is_level="sequence", rollout_rs="sequence", rs_low=0.5, rs_high=2.0),
+}
+
+
+def eager_rollout(logp, old_logp, advantages, mask, rollout_logp, rollout):
+    log_w = old_logp - rollout_logp
+    m = mask.float()
+    if rollout != "token":
+        log_w = ((log_w * m).sum(-1, keepdim=True)).clamp(-20, 20)
+    w = torch.exp(log_w).clamp(max=2.0)
+    if rollout == "rs-sequence":
+        m = m * ((log_w >= -0.6931471805599453) & (log_w <= 0.6931471805599453)).float()
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.28)) * w
+    return (pg * m).sum() / m.sum()
+
+
+@pytest.mark.benchmark(group="policy_loss_rollout")
+@pytest.mark.parametrize("rollout", list(ROLLOUT))
+@pytest.mark.parametrize("variant", ["eager", "ours"])
+def test_policy_loss_rollout(benchmark, size, variant, rollout):
+    logp, old_logp, advantages, mask = make_inputs(size, device())
+    gen = torch.Generator().manual_seed(1)
+    rollout_logp = (old_logp.cpu() + 0.02 * torch.randn(old_logp.shape, generator=gen)).to(
+        old_logp.device
+    )
+
+    def run():
+        if variant == "eager":
+            return eager_rollout(logp, old_logp, advantages, mask, rollout_logp, rollout)
+        return policy_loss(
+            logp, old_logp, advantages, mask=mask, rollout_logp=rollout_logp,
+            check_finite=False, **ROLLOUT[rollout],
+        ).loss  # fmt: skip
+
+    def step():
+        loss = run()
+        (grad,) = torch.autograd.grad(loss, logp)
+        sync()
+        return loss, grad
+
+    step()
+    loss, grad = benchmark(step)
+    ref_loss = eager_rollout(logp, old_logp, advantages, mask, rollout_logp, rollout)
+    (ref_grad,) = torch.autograd.grad(ref_loss, logp)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-8, rtol=1e-5)
+    n = logp.numel()
+    benchmark.extra_info.update(tokens=n, bytes=n * 17, bytes_moved=n * (17 + 8))
