@@ -12,8 +12,8 @@ that finds no time is recorded as skipped, never silently dropped):
     cuda_tests   the tests marked ``cuda`` (junit XML kept)
     memory       fused_linear_policy_loss's peak against liger's and against its formula
                  (benchmarks/memory_fused_linear.py)
-    benchmarks   bench_advantages / bench_policy_loss / bench_fused_linear against their
-                 baselines (pytest-benchmark JSON kept, one per suite), joined with
+    benchmarks   bench_advantages / bench_policy_loss / bench_fused_linear / bench_logits_loss
+                 against their baselines (pytest-benchmark JSON kept, one per suite), joined with
                  benchmarks/roofline.py; last, as the one stage that can use any time left
 
 ``--dry-run`` rehearses the same pipeline on the CPU on tiny inputs (the suites' SMOKE_SIZES,
@@ -42,7 +42,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SCHEMA = 1
 STAGES = ("install", "references", "cuda_tests", "memory", "benchmarks")
-SUITES = ("bench_advantages.py", "bench_policy_loss.py", "bench_fused_linear.py")
+SUITES = (
+    "bench_advantages.py",
+    "bench_policy_loss.py",
+    "bench_fused_linear.py",
+    "bench_logits_loss.py",
+)
 MODULES = ("torch", "triton", "numpy", "pytest", "pytest_benchmark", "liger_kernel", "papo_fast")
 # seconds per stage (GPU run); the sum is above the budget on purpose: a stage that ends early
 # leaves its time to the next ones
@@ -282,14 +287,24 @@ def bench_row(b: dict) -> dict:
         "size": tuple(size) if isinstance(size, list) else size,
         "variant": b["params"].get("variant") or b["name"].split("[")[0].removeprefix("test_"),
         "min_s": b["stats"]["min"], "median_s": b["stats"]["median"],
-        "rounds": b["stats"]["rounds"], "extra_info": b["extra_info"],
+        "rounds": b["stats"]["rounds"], "extra_info": b["extra_info"], "params": b["params"],
     }  # fmt: skip
 
 
+# The calls roofline.py counts: the suites' default settings (other estimators, loss types and
+# rollout corrections are timed beside them, without a roofline of their own).
+ROOFLINE_CALLS = {"test_papo_fast": {"estimator": "grpo"}, "test_policy_loss": {"loss_type": "ppo"},
+                  "test_fused_linear_loss": {}}  # fmt: skip
+
+
 def roofline_rows(rows: list[dict]) -> list[dict]:
-    """Each papo_fast row against roofline.py's count at its size: measured / floor."""
+    """Each papo_fast row of a ROOFLINE_CALLS call against roofline.py's count at its size:
+    measured / floor."""
     out = []
     for r in rows:
+        want = ROOFLINE_CALLS.get(r["name"].split("[")[0])
+        if want is None or any((r["params"] or {}).get(k, v) != v for k, v in want.items()):
+            continue
         if r["suite"] == "bench_advantages.py" and r["variant"] == "papo_fast":
             line = roofline.advantages(r["size"])
         elif r["suite"] == "bench_policy_loss.py" and r["variant"] == "ours":

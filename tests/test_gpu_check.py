@@ -66,6 +66,7 @@ def test_rehearsal_runs_every_stage(rehearsal):
     assert {p.name for p in out.iterdir()} == {
         "results.json", "results.md", "gpu_check.log", "cuda_tests.xml",
         "bench_advantages.json", "bench_policy_loss.json", "bench_fused_linear.json",
+        "bench_logits_loss.json",
     }  # fmt: skip
 
 
@@ -77,10 +78,13 @@ def test_rehearsal_json_holds_every_benchmark_and_its_roofline(rehearsal):
         ("bench_advantages.py", "papo_fast"), ("bench_advantages.py", "released_loop"),
         *(("bench_policy_loss.py", v) for v in ("eager", "compiled", "ours")),
         *(("bench_fused_linear.py", v) for v in ("floor", "naive", "liger", "ours")),
+        *(("bench_logits_loss.py", v) for v in ("eager", "liger", "ours")),
     }  # fmt: skip
     assert all(b["min_s"] > 0 and b["rounds"] >= 1 for b in result["benchmarks"])
     ops = [r["op"] for r in result["rooflines"]]
-    assert ops == ["papo_advantages", "policy_loss fwd+bwd", "fused_linear_policy_loss fwd+bwd"]
+    assert ops == [
+        "papo_advantages", "policy_loss fwd+bwd, local counts", "fused_linear_policy_loss fwd+bwd"
+    ]  # fmt: skip
     for r in result["rooflines"]:
         assert 0 < r["floor_min_s"] <= r["floor_ours_s"] and r["x_floor"] > 1
     tests = result["cuda_tests"]  # on the CPU every CUDA test is collected, then skipped
