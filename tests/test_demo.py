@@ -113,3 +113,10 @@ def test_mean_sem_and_aggregate():
     agg = aggregate(runs)
     assert agg["orm"]["1e-03"]["mean"]["x"] == 1.5 and agg["orm"]["1e-03"]["seeds"] == 2
     assert agg["papo"]["1e-03"]["mean"]["x"] == 5.0
+
+
+def test_a_bad_setting_is_named_before_the_learning_rate_override(tmp_path):
+    from papo_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.answer_field"):
+        run_demo(tmp_path, [*OVERRIDES, "optim.lr=null", "data.answer_field=null"], wc=WC)

@@ -171,11 +171,11 @@ def run_demo(
         raise ValueError(f"demo --lrs must be positive finite learning rates, got {lrs!r}")
     if len({lr_key(lr) for lr in lrs}) != len(lrs):
         raise ValueError(f"demo --lrs holds a learning rate twice, got {lrs!r}")
-    if any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides):
-        raise ValueError("demo sets optim.lr per run: give the learning rates with --lrs")
     if out.exists() and not out.is_dir():
         raise ValueError(f"demo --out {out} exists and is not a directory")
-    base = config_from_dict(DEMO_RL, overrides)
+    base = config_from_dict(DEMO_RL, overrides)  # a bad setting is named first
+    if any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides):
+        raise ValueError("demo sets optim.lr per run: give the learning rates with --lrs")
     from papo_fast.data import load_prompts  # noqa: F401  (fail early without `datasets`)
 
     runs = {  # run name -> (advantage.mode, learning rate, seed offset)
