@@ -36,6 +36,7 @@ import torch
 
 from ._backend import check_float, compute_dtype, none_grads, resolve_backend
 from .loss_config import PolicyLossConfig
+from .policy_loss_cov import cov_selection
 from .policy_loss_finalize import (
     finalize_torch,
     finalize_triton,
@@ -55,7 +56,9 @@ from .policy_loss_torch import (
     RATIO,
     RATIO_MAX,
     RATIO_MIN,
+    PerTokenOutputs,
     advantages_per_token,
+    per_token_outputs,
     policy_loss_torch,
 )
 from .policy_loss_triton import needs_seq_counts, policy_loss_triton, scale_grad_
@@ -84,6 +87,10 @@ class PolicyLossOutput(NamedTuple):
 
 
 PolicyLoss = PolicyLossOutput  # the old name, kept for one release
+_FIELDS = [*PolicyLossOutput.__annotations__.items(), ("per_token", PerTokenOutputs)]
+PolicyLossTokenOutput = NamedTuple("PolicyLossTokenOutput", _FIELDS)
+PolicyLossTokenOutput.__doc__ = """PolicyLossOutput's fields, then ``per_token`` (PerTokenOutputs):
+policy_loss's result with per_token=True. ``PolicyLossOutput(*result[:-1])`` drops it."""
 
 # Where each metric of PolicyLossOutput is in the finalized stats vector (policy_loss_torch.py);
 # num_nonfinite is the sum of the NONFINITE_* slots.
@@ -230,7 +237,8 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
-                adv_per_token, num_tokens, num_seqs, max_len, backend):  # fmt: skip
+                adv_per_token, num_tokens, num_seqs, max_len, backend, cov_select=None,
+                per_token=False):  # fmt: skip
         counts = (num_tokens, num_seqs, max_len)
         dtype = compute_dtype(logp)
         inputs = (logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg)
@@ -238,8 +246,8 @@ class PolicyLossFunction(torch.autograd.Function):
         grad_scale = 1.0 if folded is None else folded
         if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
             need = needs_seq_counts(cfg, num_seqs, max_len)
-            grad, partials, seq_counts = policy_loss_triton(
-                *inputs, adv_per_token, need_seq_counts=need, grad_scale=grad_scale
+            grad, partials, seq_counts, tokens = policy_loss_triton(
+                *inputs, adv_per_token, need, grad_scale, cov_select, per_token
             )
             if not any(isinstance(c, torch.Tensor) for c in counts):
                 loss, inv_denom, metrics = finalize_triton(
@@ -249,15 +257,18 @@ class PolicyLossFunction(torch.autograd.Function):
                 stats = reduce_partials(partials, dtype)
                 loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         else:
-            grad, stats, seq_counts = policy_loss_torch(*inputs, adv_per_token, grad_scale)
+            grad, stats, seq_counts, tokens = policy_loss_torch(
+                *inputs, adv_per_token, grad_scale, cov_select, per_token
+            )
             loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         ctx.save_for_backward(grad, inv_denom)
         ctx.folded, ctx.backend, ctx.scaled = folded is not None, backend, False
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+        tokens = tokens or ()  # per token: loss, KL, flags
+        ctx.mark_non_differentiable(metrics, *tokens)
+        return loss, metrics, *tokens
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics):
+    def backward(ctx, grad_loss, _grad_metrics, *_grad_tokens):
         # Scaled in place: a copy would be a second [T] buffer and a pass that writes it; the
         # saved gradient is then spent, so a second backward cannot reuse it.
         if ctx.scaled:
@@ -298,6 +309,8 @@ def policy_loss(
     config: PolicyLossConfig | None = None,
     check_finite: bool = True,
     backend: str = "auto",
+    per_token: bool = False,
+    generator: torch.Generator | None = None,
     **settings,
 ) -> PolicyLossOutput:
     """The clipped policy-gradient loss of GRPO / PAPO / DAPO / GSPO / Dr. GRPO, fused.
@@ -333,10 +346,14 @@ def policy_loss(
             counts come from the loss's own pass). False: no sync on the Triton path (the PyTorch
             path, the CPU's, syncs once anyway), and the loss goes NaN/inf.
         backend: "auto" (CUDA → Triton, CPU → PyTorch), "torch" or "triton".
+        per_token: also return each token's loss, KL and clip flags before the aggregation
+            (PolicyLossTokenOutput) from the same pass; the loss is the same either way.
+        generator: clip_cov's random draw (policy_loss_cov.py), a torch.Generator on logp's
+            device; None: the device's default generator. Other loss types draw nothing.
         **settings: PolicyLossConfig's fields by name (``eps_low=0.1``), replacing config's.
 
     Returns:
-        PolicyLossOutput: the scalar loss and its metrics (0-dim tensors).
+        PolicyLossOutput: the loss and its metrics (0-dim); PolicyLossTokenOutput with per_token.
 
     Raises:
         ValueError: an input of the wrong shape, dtype or layout, a setting out of range, a count
@@ -347,18 +364,19 @@ def policy_loss(
     cfg = PolicyLossConfig.resolve(config, settings)
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
-    per_token = check_inputs(
+    adv_per_token = check_inputs(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu
     )
     return apply_policy_loss(
-        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, per_token,
-        counts, check_finite, backend,
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
+        counts, check_finite, backend, per_token=per_token, generator=generator,
     )  # fmt: skip
 
 
 def apply_policy_loss(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg: PolicyLossConfig,
-    adv_per_token: bool, counts: dict, check_finite: bool, backend: str,
+    adv_per_token: bool, counts: dict, check_finite: bool, backend: str, *,
+    per_token: bool = False, generator: torch.Generator | None = None,
 ) -> PolicyLossOutput:  # fmt: skip
     """``policy_loss`` on inputs that ``check_inputs`` accepted, with its reading of the
     advantages (so a caller that repacks them keeps the reading of its own layout)."""
@@ -366,9 +384,13 @@ def apply_policy_loss(
     backend = resolve_backend(
         backend, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp
     )
-    loss, metrics = PolicyLossFunction.apply(
+    # clip_cov / kl_cov: their tokens, selected over this call's batch (None for other types)
+    select = cov_selection(
+        logp, old_logp, advantages, mask, cu_seqlens, cfg, adv_per_token, generator
+    )
+    loss, metrics, *tokens = PolicyLossFunction.apply(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
-        counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend,
+        counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend, select, per_token,
     )  # fmt: skip
     nonfinite = metrics[NONFINITE_LOGP : NONFINITE_ROLLOUT + 1]  # CHECKED's slots, in order
     if check_finite:  # one host sync: non-finite inputs, and the tensor counts' values
@@ -378,7 +400,8 @@ def apply_policy_loss(
             if k := bad[slot - NONFINITE_LOGP]:
                 raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
     named = {name: metrics[slot] for name, slot in METRIC_SLOTS.items()}
-    return PolicyLossOutput(loss, **named, num_nonfinite=nonfinite.sum())
+    res = PolicyLossOutput(loss, **named, num_nonfinite=nonfinite.sum())
+    return PolicyLossTokenOutput(*res, per_token_outputs(*tokens, select)) if per_token else res
 
 
 class PolicyLossModule(torch.nn.Module):

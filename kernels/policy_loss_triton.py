@@ -28,13 +28,16 @@ import triton
 import triton.language as tl
 
 from ._backend import at_offset, compute_dtype
-from .loss_config import AGGS, KLS, LOSS_TYPES, RATIO_LEVELS, PolicyLossConfig
+from .loss_config import AGGS, COV_TYPES, KLS, LOSS_TYPES, RATIO_LEVELS, PolicyLossConfig
 from .policy_loss_finalize import folded_inv_denom
 from .policy_loss_torch import (
     CLIP_HIGH,
     CLIP_LOW,
     COUNT,
     DUAL_CLIP,
+    FLAG_CLIP_HIGH,
+    FLAG_CLIP_LOW,
+    FLAG_DUAL,
     KL,
     LOSS,
     NONFINITE_ADV,
@@ -98,23 +101,29 @@ def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, cu_ptr, ref_ptr, rollout_ptr,
     # per-sequence stats from _policy_loss_seq_stats_kernel
     count_ptr, lr_mean_ptr,
+    # clip_cov / kl_cov's selected tokens, like logp (uint8), read by those types only
+    select_ptr,
     # outputs: grad like logp, partials [programs, NUM_STATS] float32
     grad_ptr, partials_ptr,
+    # per-token outputs (PER_TOKEN only), like logp: loss, KL (compute dtype), flags (uint8)
+    tok_loss_ptr, tok_kl_ptr, tok_flags_ptr,
     # shapes
     N, L, B, search_steps,
     # hyper-parameters: runtime floats, a new value does not recompile
-    eps_low, eps_high, dual_clip, beta, is_cap, tau_pos, tau_neg,
+    eps_low, eps_high, dual_clip, beta, is_cap, tau_pos, tau_neg, kl_cov_coef,
     # the stored gradient's factor: 1 / D when the counts are numbers, else 1 (a runtime float)
     grad_scale,
     # switches
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
     SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_DUAL: tl.constexpr,
     HAS_ROLLOUT: tl.constexpr, LOSS_TYPE: tl.constexpr,
-    KL_TYPE: tl.constexpr, KL_RATIO: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+    KL_TYPE: tl.constexpr, KL_RATIO: tl.constexpr, PER_TOKEN: tl.constexpr,
+    NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK flat tokens per program: per-token loss and gradient, and one row of stat sums.
 
-    LOSS_TYPE: the index of loss_type in LOSS_TYPES (ppo, cispo, sapo, gpg). KL_TYPE: 0 = no KL
+    LOSS_TYPE: the index of loss_type in LOSS_TYPES (ppo, cispo, sapo, gpg, clip_cov, kl_cov).
+    PER_TOKEN: store each token's loss, KL and flags too (0 where masked). KL_TYPE: 0 = no KL
     term (ref_logp not read), else 1 + the index of kl in KLS (k1, k2, k3, abs, k3+). KL_RATIO:
     the KL term times the token ratio. policy_loss_torch.py holds the formulas this kernel
     follows line by line.
@@ -153,7 +162,7 @@ def _policy_loss_fwd_kernel(
     clip_high = tl.zeros([BLOCK], tl.int1)
     clip_low = tl.zeros([BLOCK], tl.int1)
     dual = tl.zeros([BLOCK], tl.int1)
-    if LOSS_TYPE == 0:  # ppo
+    if LOSS_TYPE == 0 or LOSS_TYPE == 4:  # ppo, clip_cov
         clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
         clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
         clipped = clip_high | clip_low
@@ -165,6 +174,10 @@ def _policy_loss_fwd_kernel(
             pg = tl.where(dual, bound, pg)
             dpg = tl.where(dual, 0.0, dpg)
         dloss = dpg * ratio
+        if LOSS_TYPE == 4:  # clip_cov: the selected tokens' loss and gradient are 0
+            chosen = tl.load(select_ptr + offs, mask=valid, other=0) != 0
+            pg = tl.where(chosen, 0.0, pg)
+            dloss = tl.where(chosen, 0.0, dloss)
     elif LOSS_TYPE == 1:  # cispo: -sg(clip(ratio)) * A * logp, clipped for any A
         clip_high = ratio > 1.0 + eps_high
         clip_low = ratio < 1.0 - eps_low
@@ -175,6 +188,12 @@ def _policy_loss_fwd_kernel(
         gate = tl.sigmoid(tau * (ratio - 1.0))
         pg = -adv * gate * (4.0 / tau)
         dloss = -adv * 4.0 * gate * (1.0 - gate) * ratio
+    elif LOSS_TYPE == 5:  # kl_cov: -A * ratio, unclipped, + coef * |logp - old| where selected
+        chosen = (tl.load(select_ptr + offs, mask=valid, other=0) != 0).to(tl.float32)
+        lr = lp - old
+        sign = tl.where(lr > 0, 1.0, tl.where(lr < 0, -1.0, 0.0))
+        pg = -adv * ratio + kl_cov_coef * chosen * tl.abs(lr)
+        dloss = -adv * ratio + kl_cov_coef * chosen * sign
     else:  # gpg: -A * logp
         pg = -adv * lp
         dloss = -adv
@@ -215,6 +234,12 @@ def _policy_loss_fwd_kernel(
         coef = coef / tl.maximum(tl.load(count_ptr + seq, mask=valid, other=1.0), 1.0)
     grad = tl.where(valid, coef * dloss * grad_scale, 0.0)
     tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
+    if PER_TOKEN:  # the flags' bits: policy_loss_torch.py's FLAG_*
+        tl.store(tok_loss_ptr + offs, tl.where(valid, loss, 0.0), mask=in_range)
+        tl.store(tok_kl_ptr + offs, tl.where(valid, kl, 0.0), mask=in_range)
+        flags = (clip_low.to(tl.uint8) * FLAG_CLIP_LOW) | (clip_high.to(tl.uint8) * FLAG_CLIP_HIGH)
+        flags = tl.where(valid, flags | (dual.to(tl.uint8) * FLAG_DUAL), 0)
+        tl.store(tok_flags_ptr + offs, flags.to(tl.uint8), mask=in_range)
 
     # One row of sums, in the named slots of policy_loss_torch.py; finite means |x| < inf (NaN
     # fails it too).
@@ -282,9 +307,10 @@ def needs_seq_counts(cfg, num_seqs, max_len) -> bool:
 
 def policy_loss_triton(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
-    need_seq_counts=True, grad_scale=1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None).
+    need_seq_counts=True, grad_scale=1.0, cov_select=None, per_token=False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple | None]:  # fmt: skip
+    """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None,
+    per-token (loss, KL, flags) like logp when ``per_token``, else None).
 
     Inputs are checked; ``adv_per_token`` is advantages_per_token's reading of the caller's
     layout; the stored gradient is multiplied by ``grad_scale``. policy_loss_finalize.py turns the
@@ -325,26 +351,32 @@ def policy_loss_triton(
         counts = None
 
     grad = torch.empty_like(logp)
+    tok = torch.empty(logp.shape if per_token else 0, dtype=compute_dtype(logp), device=logp.device)
+    tokens = (tok, torch.empty_like(tok), torch.empty_like(tok, dtype=torch.uint8))  # per token
+    cov_select = None if cov_select is None else cov_select.contiguous().view(torch.uint8)
     programs = max(1, triton.cdiv(n, _block(n)))
     partials = torch.empty((programs, NUM_STATS), dtype=torch.float32, device=logp.device)
     _policy_loss_fwd_kernel[(programs,)](
         logp, ptr(old_logp), advantages, ptr(mask), ptr(cu_seqlens),
         ptr(ref_logp), ptr(rollout_logp),
         logp if counts is None else counts, lr_mean,
+        ptr(cov_select),
         grad, partials,
+        *tokens,
         n, length, b, (b - 1).bit_length(),
         float(cfg.eps_low), float(cfg.eps_high), float(cfg.dual_clip or 0.0),
         float(cfg.beta), math.inf if cfg.is_cap is None else float(cfg.is_cap),
-        float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg),
+        float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg), float(cfg.kl_cov_coef),
         float(grad_scale),
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=adv_per_token, SEQ_LEVEL=seq_level,
         PER_SEQ_MEAN=per_seq_mean, HAS_DUAL=cfg.dual_clip is not None,
         HAS_ROLLOUT=rollout_logp is not None, LOSS_TYPE=LOSS_TYPES.index(cfg.loss_type),
         KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0,
-        KL_RATIO=cfg.uses_ref and cfg.kl_ratio_correction, NUM_STATS=NUM_STATS,
+        KL_RATIO=cfg.uses_ref and cfg.kl_ratio_correction, PER_TOKEN=per_token,
+        NUM_STATS=NUM_STATS,
     )  # fmt: skip
-    return grad, partials, counts
+    return grad, partials, counts, tokens if per_token else None
 
 
 def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -374,6 +406,7 @@ LAUNCH_SPACE = {
     "ratio_level": tuple(sorted(RATIO_LEVELS, key=lambda level: level == "token")),
     "loss_type": tuple(sorted(LOSS_TYPES, key=lambda t: t == "ppo")),  # ppo: the dual clip's
     "kl_ratio": (False, True),
+    "per_token": (False, True),
     "dual": (False, True),
     "rollout": (False, True),
     "mask": (torch.float32, torch.int64, torch.bool),
@@ -386,7 +419,7 @@ HEAVY_DIMS = ("dtype", "kl", "agg")  # compiled in every combination, the other 
 
 def example_launch(
     dtype, kl, agg, packed, tokens, seqs, old, adv_per_token, ratio_level, loss_type, kl_ratio,
-    dual, rollout, mask, cu_seqlens, counts, aligned,
+    per_token, dual, rollout, mask, cu_seqlens, counts, aligned,
 ) -> None:  # fmt: skip
     """The launches policy_loss makes at one point of LAUNCH_SPACE, on CPU tensors (the compile
     check records them instead of running them); not aligned: the caller's tensors are slices.
@@ -408,8 +441,9 @@ def example_launch(
     num = (None,) * 3 if counts == "local" else (tokens, seqs, length)
     num = tuple(map(torch.tensor, num)) if counts == "tensors" else num
     inv = folded_inv_denom(cfg, *num)
+    select = given(loss_type in COV_TYPES, d=torch.bool)
     grad, *_ = policy_loss_triton(
         logp, given(old), adv, m, cu, given(kl is not None), given(rollout), cfg, adv_per_token,
-        needs_seq_counts(cfg, *num[1:]), 1.0 if inv is None else inv,
+        needs_seq_counts(cfg, *num[1:]), 1.0 if inv is None else inv, select, per_token,
     )  # fmt: skip
     scale_grad_(grad, torch.ones((), dtype=compute_dtype(logp)))  # the backward
