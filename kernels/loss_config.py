@@ -103,7 +103,14 @@ class PolicyLossConfig:
         _number("clip_cov_ratio", self.clip_cov_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         _number("kl_cov_ratio", self.kl_cov_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         _number("clip_cov_lb", self.clip_cov_lb, lambda v: True, "(any finite value)")
-        _number("clip_cov_ub", self.clip_cov_ub, lambda v: v > self.clip_cov_lb, "> clip_cov_lb")
+        _number("clip_cov_ub", self.clip_cov_ub, lambda v: True, "(any finite value)")
+        if not self.clip_cov_lb < self.clip_cov_ub:  # named by the bound moved from its default
+            ub_default = self.__dataclass_fields__["clip_cov_ub"].default
+            name = "clip_cov_ub" if self.clip_cov_ub != ub_default else "clip_cov_lb"
+            raise ValueError(
+                f"{name} leaves clip_cov's band empty: clip_cov_lb < clip_cov_ub is needed, got "
+                f"clip_cov_lb = {self.clip_cov_lb!r}, clip_cov_ub = {self.clip_cov_ub!r}"
+            )
         _number("kl_cov_coef", self.kl_cov_coef, lambda v: v >= 0.0, ">= 0")
         if self.dual_clip is not None:
             _number("dual_clip", self.dual_clip, lambda v: v > 1.0, "None or > 1")

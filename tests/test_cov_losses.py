@@ -144,7 +144,8 @@ def test_clip_cov_draw_follows_the_generator(backend):
     [
         (dict(clip_cov_ratio=0.0), r"clip_cov_ratio must be in \(0, 1\], got 0.0"),
         (dict(kl_cov_ratio=1.5), r"kl_cov_ratio must be in \(0, 1\], got 1.5"),
-        (dict(clip_cov_lb=2.0, clip_cov_ub=1.0), r"clip_cov_ub must be > clip_cov_lb, got 1.0"),
+        (dict(clip_cov_lb=2.0, clip_cov_ub=1.0), r"clip_cov_ub leaves clip_cov's band empty"),
+        (dict(clip_cov_lb=6.0), r"clip_cov_lb leaves clip_cov's band empty: clip_cov_lb < clip_"),
         (dict(clip_cov_lb=float("nan")), r"clip_cov_lb must be a finite number"),
         (dict(kl_cov_coef=-0.1), r"kl_cov_coef must be >= 0, got -0.1"),
         (dict(loss_type="clip_cov", ratio_level="sequence"), r"takes the token ratio only"),
