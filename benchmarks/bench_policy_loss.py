@@ -7,7 +7,10 @@
 
 The paper's setting: padded [B, 1024] fp32 log-probs with ragged response lengths, one advantage
 per response, clip 0.2 / 0.28, token-mean, no KL; ``loss_type`` runs each policy-gradient term
-(ppo, cispo, sapo, gpg: PolicyLossConfig's), eager and compiled writing the same formula. Each
+(ppo, cispo, sapo, gpg, clip_cov, kl_cov: PolicyLossConfig's), eager and compiled writing the
+same formula (clip_cov and kl_cov as verl selects their tokens, with a host sync; clip_cov's
+random draw the one ours makes from its seeded generator, so that the losses agree);
+``per_token`` (ppo only) also returns each token's loss and clip flags (ours: per_token=True). Each
 records ``tokens`` and ``bytes``, the op's minimal traffic (read logp, old_logp and the mask once,
 write the gradient once: 13 B/token in fp32), so that bytes / time is an effective bandwidth
 comparable across the three; ours moves ``bytes_moved`` (21 B/token: its backward reads the saved
@@ -25,11 +28,15 @@ from papo_fast.kernels.loss_config import LOSS_TYPES
 SIZES = [16_384, 131_072, 1_048_576]  # tokens
 SMOKE_SIZES = [192]
 VARIANTS = ["eager", "compiled", "ours"]
+CASES = [(t, False) for t in LOSS_TYPES] + [("ppo", True)]  # (loss_type, per_token)
+COV = dict(clip_cov_ratio=0.002, kl_cov_ratio=0.002)  # a few tokens a batch, verl's band
 _best: dict = {}  # (size, variant) -> best seconds in this session
 
 
 def make_inputs(tokens: int, dev):
-    length = min(tokens, 1024)
+    # two sequences at least: with one, every advantage is the batch mean and kl_cov's covariances
+    # all tie at 0 (its top k is then arbitrary)
+    length = min(max(tokens // 2, 1), 1024)
     b = tokens // length
     gen = torch.Generator().manual_seed(0)
     logp = (-3 * torch.rand(b, length, generator=gen)).to(dev).requires_grad_()
@@ -40,16 +47,41 @@ def make_inputs(tokens: int, dev):
     return logp, old_logp, advantages, mask
 
 
-def eager(logp, old_logp, advantages, mask, loss_type="ppo", eps_low=0.2, eps_high=0.28):
+def cov_draw(mask):
+    """The keys ours draws for clip_cov (policy_loss_cov.py) from its generator seeded 0."""
+    gen = torch.Generator(mask.device).manual_seed(0)
+    return torch.rand(mask.shape, generator=gen, dtype=torch.float64, device=mask.device)
+
+
+def eager(logp, old_logp, advantages, mask, loss_type="ppo", per_token=False, keys=None):
+    eps_low, eps_high = 0.2, 0.28
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     lo, hi = 1 - eps_low, 1 + eps_high
     clip_low = clip_high = torch.zeros_like(mask)
-    if loss_type == "ppo":
+    if loss_type in ("clip_cov", "kl_cov"):  # verl's covariance over the valid tokens
+        a = adv.expand_as(logp)
+        cov = (a - a[mask].mean()) * (logp.detach() - logp.detach()[mask].mean())
+        n_valid = int(mask.sum())  # verl reads it on the host
+    if loss_type in ("ppo", "clip_cov"):
         pg1, pg2 = -adv * ratio, -adv * ratio.clamp(lo, hi)
         pg = torch.maximum(pg1, pg2)
         clipped = pg2 > pg1
         clip_low, clip_high = clipped & (adv < 0), clipped & (adv > 0)
+        if loss_type == "clip_cov":  # a random few in the band get loss 0
+            band = torch.nonzero(mask & ~clipped & (cov > 1.0) & (cov < 5.0))
+            k = max(1, int(COV["clip_cov_ratio"] * n_valid))
+            chosen = band[torch.argsort(keys[band[:, 0], band[:, 1]], stable=True)[:k]]
+            corr = torch.ones_like(pg)
+            corr[chosen[:, 0], chosen[:, 1]] = 0.0
+            pg = pg * corr
+    elif loss_type == "kl_cov":  # the top k by covariance get 0.1 |log-ratio|
+        pg = -adv * ratio
+        top = torch.topk(cov[mask], max(1, int(COV["kl_cov_ratio"] * n_valid))).indices
+        rows, cols = torch.nonzero(mask)[top].unbind(-1)
+        penalty = torch.zeros_like(pg)
+        penalty[rows, cols] = 0.1 * (logp - old_logp).abs()[rows, cols]
+        pg = pg + penalty
     elif loss_type == "cispo":
         pg = -ratio.clamp(lo, hi).detach() * adv * logp
         clip_low, clip_high = ratio < lo, ratio > hi
@@ -70,46 +102,54 @@ def eager(logp, old_logp, advantages, mask, loss_type="ppo", eps_low=0.2, eps_hi
         torch.where(mask, r, -torch.inf).max(),
         n,
     )
+    if per_token:
+        metrics = (*metrics, pg.detach() * m, clip_low & mask, clip_high & mask)
     return loss, metrics
 
 
 _compiled = torch.compile(eager, dynamic=False)
 
 
-def ours(logp, old_logp, advantages, mask, loss_type="ppo"):
+def ours(logp, old_logp, advantages, mask, loss_type="ppo", per_token=False, keys=None):
+    gen = torch.Generator(logp.device).manual_seed(0)
     res = policy_loss(
-        logp, old_logp, advantages, mask=mask, check_finite=False, loss_type=loss_type
-    )
+        logp, old_logp, advantages, mask=mask, check_finite=False, loss_type=loss_type,
+        per_token=per_token, generator=gen, **COV,
+    )  # fmt: skip
     return res.loss, res[1:]
 
 
 @pytest.mark.benchmark(group="policy_loss")
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type, per_token", CASES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_policy_loss(benchmark, size, variant, loss_type):
+def test_policy_loss(benchmark, size, variant, loss_type, per_token):
     logp, old_logp, advantages, mask = make_inputs(size, device())
     fn = {"eager": eager, "compiled": _compiled, "ours": ours}[variant]
+    keys = cov_draw(mask) if loss_type == "clip_cov" else None
 
     def step():
-        loss, metrics = fn(logp, old_logp, advantages, mask, loss_type)
+        loss, metrics = fn(logp, old_logp, advantages, mask, loss_type, per_token, keys)
         (grad,) = torch.autograd.grad(loss, logp)
         sync()
         return loss, grad
 
     step()  # compiles (torch.compile, Triton) outside the timing
     loss, grad = benchmark(step)
-    ref_loss = eager(logp, old_logp, advantages, mask, loss_type)[0]
+    ref_loss = eager(logp, old_logp, advantages, mask, loss_type, False, keys)[0]
     (ref_grad,) = torch.autograd.grad(ref_loss, logp)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, ref_grad, atol=1e-8, rtol=1e-5)
 
     n = logp.numel()
-    benchmark.extra_info.update(tokens=n, bytes=n * 13, bytes_moved=n * (13 + 8))
+    # per_token: ours also writes each token's loss and KL (4 B each) and flags (1 B)
+    moved = n * (13 + 8 + (9 if per_token else 0))
+    benchmark.extra_info.update(tokens=n, bytes=n * 13, bytes_moved=moved)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # absent under --benchmark-disable
-        _best[size, loss_type, variant] = stats.stats.min
-        if (size, loss_type, "eager") in _best:
-            benchmark.extra_info["x_eager"] = _best[size, loss_type, "eager"] / stats.stats.min
+        case = (size, loss_type, per_token)
+        _best[(*case, variant)] = stats.stats.min
+        if (*case, "eager") in _best:
+            benchmark.extra_info["x_eager"] = _best[(*case, "eager")] / stats.stats.min
 
 
 # Rollout correction (ppo): the sampler's log-probs beside old_logp. "token": the truncated token

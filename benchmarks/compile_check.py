@@ -135,9 +135,15 @@ def _record(fn, launches, point, *args, grid, warmup, **kwargs):
     launches.append((fn, args, kwargs, dict(point)))
 
 
-def record_launches(module, kernels: dict) -> list:
+def _skip(*args, **kwargs) -> None:
+    """A kernel of another module launched by a launcher under check: compiled at its own
+    module's launches, not run here."""
+
+
+def record_launches(module, kernels: dict, others: list = ()) -> list:
     """(kernel, args, kwargs, point) of every launch ``module.example_launch`` makes over the
-    points of its LAUNCH_SPACE."""
+    points of its LAUNCH_SPACE; ``others``, kernels of other modules its launchers may launch
+    too, are neither run nor recorded."""
     launches, point = [], {}
     space = module.LAUNCH_SPACE
     heavy = getattr(module, "HEAVY_DIMS", ("dtype",) if "dtype" in space else ())
@@ -146,6 +152,8 @@ def record_launches(module, kernels: dict) -> list:
     points = covering_points(space) + heavy_points(space, heavy)
     for fn in kernels.values():
         fn.run = functools.partial(_record, fn, launches, point)
+    for fn in others:
+        fn.run = _skip
     try:
         for p in points:
             point.clear()
@@ -155,7 +163,7 @@ def record_launches(module, kernels: dict) -> list:
             except Exception as err:
                 raise RuntimeError(f"{module.__name__}.example_launch(**{p}) failed") from err
     finally:
-        for fn in kernels.values():
+        for fn in (*kernels.values(), *others):
             del fn.run
     return launches
 
@@ -365,7 +373,9 @@ def _check(args, archs, t0) -> int:
     import triton
 
     failures, launches, inlined = [], [], []
-    for module in kernel_modules(args.module):
+    modules = kernel_modules(args.module)
+    every = [fn for m in kernel_modules([]) for fn in jit_functions(m).values()]
+    for module in modules:
         kernels = jit_functions(module)
         if not kernels:
             continue
@@ -375,7 +385,8 @@ def _check(args, archs, t0) -> int:
                 "example_launch to compile them at"
             )
             continue
-        found = record_launches(module, kernels)
+        others = [fn for fn in every if fn not in kernels.values()]
+        found = record_launches(module, kernels, others)
         launched = {fn for fn, *_ in found}
         reached = launched.union(*(called_jit_functions(fn) for fn in launched))
         for name, fn in sorted(kernels.items()):

@@ -293,7 +293,8 @@ def bench_row(b: dict) -> dict:
 
 # The calls roofline.py counts: the suites' default settings (other estimators, loss types and
 # rollout corrections are timed beside them, without a roofline of their own).
-ROOFLINE_CALLS = {"test_papo_fast": {"estimator": "grpo"}, "test_policy_loss": {"loss_type": "ppo"},
+ROOFLINE_CALLS = {"test_papo_fast": {"estimator": "grpo"},
+                  "test_policy_loss": {"loss_type": "ppo", "per_token": False},
                   "test_fused_linear_loss": {}}  # fmt: skip
 
 

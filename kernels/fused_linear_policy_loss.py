@@ -50,7 +50,7 @@ from .fused_linear_logprobs import (
     chunk_stats,
     logits_buffer,
 )
-from .loss_config import PolicyLossConfig
+from .loss_config import COV_TYPES, PolicyLossConfig
 from .policy_loss import (
     Count,
     PolicyLossOutput,
@@ -344,7 +344,7 @@ def fused_linear_policy_loss(
     if cu[0] != 0 or cu[-1] != targets.numel() or any(x > y for x, y in pairwise(cu)):
         raise ValueError(f"cu_seqlens must rise from 0 to len(targets) = {targets.numel()}")
     rows = chunk_rows(max(hidden.shape[0], 1), weight.shape[0], hidden.device)
-    chunks = _plan_chunks(cu, rows)
+    chunks = None if cfg.loss_type in COV_TYPES else _plan_chunks(cu, rows)  # whole-batch cov
     h2, weight, t1 = hidden.contiguous(), weight.contiguous(), targets.long()
 
     if chunks is None:  # two passes: logp, policy_loss, then the logprobs backward

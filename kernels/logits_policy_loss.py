@@ -42,6 +42,7 @@ from .logits_policy_loss_triton import grad_logits_triton, logprobs_triton
 from .loss_config import PolicyLossConfig
 from .policy_loss import Count, PolicyLossOutput, apply_policy_loss, check_inputs
 from .policy_loss_ref import policy_loss_ref
+from .policy_loss_torch import PerTokenOutputs
 
 LogitsPolicyLossOutput = NamedTuple(
     "LogitsPolicyLossOutput",
@@ -49,6 +50,10 @@ LogitsPolicyLossOutput = NamedTuple(
 )
 LogitsPolicyLossOutput.__doc__ = """PolicyLossOutput's loss and metrics, then ``logp``: the token
 log-probs at the temperature, [B, L] or [T], fp32 (fp64 for fp64 logits), detached; 0 at padding."""
+_FIELDS = [*LogitsPolicyLossOutput.__annotations__.items(), ("per_token", PerTokenOutputs)]
+LogitsPolicyLossTokenOutput = NamedTuple("LogitsPolicyLossTokenOutput", _FIELDS)
+LogitsPolicyLossTokenOutput.__doc__ = """LogitsPolicyLossOutput's fields, then ``per_token`` (as in
+PolicyLossTokenOutput): the result with per_token=True."""
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -220,6 +225,8 @@ def logits_policy_loss(
     config: PolicyLossConfig | None = None,
     check_finite: bool = True,
     backend: str = "auto",
+    per_token: bool = False,
+    generator: torch.Generator | None = None,
     **settings,
 ) -> LogitsPolicyLossOutput:
     """``policy_loss`` on the log-probs of ``targets`` under softmax(logits / temperature).
@@ -239,9 +246,11 @@ def logits_policy_loss(
             tokens (one more host read). Out-of-range targets are an error when check_finite or
             on CPU tensors; on CUDA with check_finite=False their logp is NaN.
         backend: "auto" (CUDA -> Triton, CPU -> PyTorch), "torch" or "triton".
+        per_token, generator: as in ``policy_loss``: the per-token terms, clip_cov's draw.
 
     Returns:
-        LogitsPolicyLossOutput: policy_loss's loss and metrics, and the detached logp.
+        LogitsPolicyLossOutput: policy_loss's loss and metrics, and the detached logp;
+        LogitsPolicyLossTokenOutput (the same, then ``per_token``) with per_token.
 
     Raises:
         ValueError: a bad shape, dtype, layout, temperature or setting, target ids outside
@@ -254,7 +263,7 @@ def logits_policy_loss(
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
     acc = compute_dtype(logits)
     shape_only = torch.empty(targets.shape, dtype=acc, device="meta")  # logp's shape and dtype
-    per_token = check_inputs(
+    adv_per_token = check_inputs(
         shape_only, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts,
         verify_cu,
     )  # fmt: skip
@@ -272,10 +281,11 @@ def logits_policy_loss(
         _raise_flagged(nonfinite, bad_target, targets, logits.shape[-1], check_finite)
     logp = logp.view(targets.shape)
     res = apply_policy_loss(
-        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, per_token,
-        counts, check_finite, backend,
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
+        counts, check_finite, backend, per_token=per_token, generator=generator,
     )  # fmt: skip
-    return LogitsPolicyLossOutput(*res, logp=logp.detach())
+    out = LogitsPolicyLossOutput(*res[: len(PolicyLossOutput._fields)], logp=logp.detach())
+    return LogitsPolicyLossTokenOutput(*out, res.per_token) if per_token else out
 
 
 # ----------------------------------------------------------------------------- reference

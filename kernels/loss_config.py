@@ -29,8 +29,12 @@ AGGS = (
 KLS = ("k1", "k2", "k3", "abs", "k3+")
 RATIO_LEVELS = ("token", "sequence")
 # ppo: the clipped ratio; cispo: the clipped ratio, detached, times logp; sapo: a sigmoid gate of
-# the ratio; gpg: A times logp, no ratio. docs/design.md ("The policy loss") has the formulas.
-LOSS_TYPES = ("ppo", "cispo", "sapo", "gpg")
+# the ratio; gpg: A times logp, no ratio; clip_cov: ppo with the loss of a random few tokens of
+# high covariance of (A, logp) set to 0; kl_cov: the unclipped ratio, plus kl_cov_coef·|logp -
+# old_logp| on the tokens of the highest covariance. docs/design.md ("The policy loss") has the
+# formulas.
+LOSS_TYPES = ("ppo", "cispo", "sapo", "gpg", "clip_cov", "kl_cov")
+COV_TYPES = ("clip_cov", "kl_cov")  # the types that select tokens by covariance first
 # The rollout weight per token, or one per sequence: exp of the SUM of its tokens' log-ratios
 # old_logp - rollout_logp (verl's rollout_is="sequence", the product of the token weights).
 IS_LEVELS = ("token", "sequence")
@@ -73,6 +77,15 @@ class PolicyLossConfig:
     # The KL term times the (not detached) token ratio exp(logp - old_logp): an estimate of the KL
     # under the current policy from tokens sampled by the old one. Token ratio level only.
     kl_ratio_correction: bool = False
+    # clip_cov: the share of the valid tokens (at least 1) whose loss is set to 0, drawn at random
+    # among the unclipped ones with clip_cov_lb < cov < clip_cov_ub; in (0, 1]
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    # kl_cov: the share of the valid tokens (at least 1), of the highest covariance, that get the
+    # penalty kl_cov_coef·|logp - old_logp|; in (0, 1]
+    kl_cov_ratio: float = 0.0002
+    kl_cov_coef: float = 0.1  # >= 0; verl's ppo_kl_coef (its config's default)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "loss_type": LOSS_TYPES,
@@ -103,12 +116,30 @@ class PolicyLossConfig:
         _number("sapo_tau_pos", self.sapo_tau_pos, lambda v: v > 0.0, "> 0")
         _number("sapo_tau_neg", self.sapo_tau_neg, lambda v: v > 0.0, "> 0")
         _number("beta", self.beta, lambda v: v >= 0.0, ">= 0")
+        _number("clip_cov_ratio", self.clip_cov_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        _number("kl_cov_ratio", self.kl_cov_ratio, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        _number("clip_cov_lb", self.clip_cov_lb, lambda v: True, "(any finite value)")
+        _number("clip_cov_ub", self.clip_cov_ub, lambda v: True, "(any finite value)")
+        if not self.clip_cov_lb < self.clip_cov_ub:  # named by the bound moved from its default
+            ub_default = self.__dataclass_fields__["clip_cov_ub"].default
+            name = "clip_cov_ub" if self.clip_cov_ub != ub_default else "clip_cov_lb"
+            raise ValueError(
+                f"{name} leaves clip_cov's band empty: clip_cov_lb < clip_cov_ub is needed, got "
+                f"clip_cov_lb = {self.clip_cov_lb!r}, clip_cov_ub = {self.clip_cov_ub!r}"
+            )
+        _number("kl_cov_coef", self.kl_cov_coef, lambda v: v >= 0.0, ">= 0")
         if self.dual_clip is not None:
             _number("dual_clip", self.dual_clip, lambda v: v > 1.0, "None or > 1")
         if self.is_cap is not None:
             _number("is_cap", self.is_cap, lambda v: v > 0.0, "None or > 0")
         _number("rs_low", self.rs_low, lambda v: v > 0.0, "> 0")
         _number("rs_high", self.rs_high, lambda v: v >= self.rs_low, f">= rs_low = {self.rs_low}")
+        if self.loss_type in COV_TYPES and self.rollout_rs is not None:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} selects its tokens over the caller's mask, and "
+                f"rollout_rs={self.rollout_rs!r} would then change that mask: not combined "
+                "(reject the sequences before the call, or use another loss type)"
+            )
         if not isinstance(self.kl_ratio_correction, bool):
             raise ValueError(
                 f"kl_ratio_correction must be True or False, got {self.kl_ratio_correction!r}"

@@ -29,19 +29,24 @@ split across calls (the ratio and 1/|y_i| are per sequence; docs/design.md, "Who
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from ._backend import check_float, compute_dtype, none_grads, resolve_backend
+from ._backend import compute_dtype, none_grads, resolve_backend
 from .loss_config import PolicyLossConfig
+from .policy_loss_checks import (
+    Count,
+    bad_count_flags,
+    check_inputs,
+    raise_bad_counts,
+)
+from .policy_loss_cov import cov_selection
 from .policy_loss_finalize import (
     finalize_torch,
     finalize_triton,
     folded_inv_denom,
     reduce_partials,
-    valid_count,
 )
 from .policy_loss_torch import (
     CHECKED,
@@ -55,13 +60,12 @@ from .policy_loss_torch import (
     RATIO,
     RATIO_MAX,
     RATIO_MIN,
-    advantages_per_token,
+    PerTokenOutputs,
     check_rollout_weights,
+    per_token_outputs,
     policy_loss_torch,
 )
 from .policy_loss_triton import needs_seq_counts, policy_loss_triton, scale_grad_
-
-Count = int | float | torch.Tensor
 
 
 class PolicyLossOutput(NamedTuple):
@@ -85,6 +89,10 @@ class PolicyLossOutput(NamedTuple):
 
 
 PolicyLoss = PolicyLossOutput  # the old name, kept for one release
+_FIELDS = [*PolicyLossOutput.__annotations__.items(), ("per_token", PerTokenOutputs)]
+PolicyLossTokenOutput = NamedTuple("PolicyLossTokenOutput", _FIELDS)
+PolicyLossTokenOutput.__doc__ = """PolicyLossOutput's fields, then ``per_token`` (PerTokenOutputs):
+policy_loss's result with per_token=True. ``PolicyLossOutput(*result[:-1])`` drops it."""
 
 # Where each metric of PolicyLossOutput is in the finalized stats vector (policy_loss_torch.py);
 # num_nonfinite is the sum of the NONFINITE_* slots.
@@ -101,130 +109,6 @@ METRIC_SLOTS = {
 
 
 # -------------------------------------------------------------------------------------------------
-# Checks
-# -------------------------------------------------------------------------------------------------
-
-
-def _check_like(name: str, t: torch.Tensor | None, logp: torch.Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_float(name, t)
-    if t.shape != logp.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected logp's {tuple(logp.shape)}")
-
-
-def _check_count(name: str, value: Count | None) -> None:
-    """A number is checked here; a tensor's value in the call's one host sync (``valid_count``)."""
-    if value is None:
-        return
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            raise ValueError(
-                f"{name} must be a number or a 1-element real tensor, got a {value.dtype} tensor "
-                f"of shape {tuple(value.shape)}"
-            )
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise count_error(name, value)
-
-
-def count_error(name: str, value: Count) -> ValueError:
-    shown = value.item() if isinstance(value, torch.Tensor) else value
-    return ValueError(f"{name} must be a positive finite number, got {shown!r}")
-
-
-def bad_count_flags(counts: dict, like: torch.Tensor) -> torch.Tensor:
-    """[k] flags in ``like``'s dtype and device, nonzero where the caller's k-th tensor count is
-    not > 0 and finite. No host sync: they are read with a sync the call makes anyway, then
-    handed to ``raise_bad_counts``."""
-    flags = [(~valid_count(v)).reshape(1) for v in counts.values() if isinstance(v, torch.Tensor)]
-    return torch.cat(flags).to(like) if flags else like.new_zeros(0)
-
-
-def raise_bad_counts(counts: dict, flags: list) -> None:
-    """The error of the first tensor count whose flag (``bad_count_flags``, read) is set."""
-    tensors = [(k, v) for k, v in counts.items() if isinstance(v, torch.Tensor)]
-    for (name, value), bad in zip(tensors, flags, strict=True):
-        if bad:
-            raise count_error(name, value)
-
-
-def check_inputs(
-    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu,
-    rollout_is_weights=None,
-) -> bool:  # fmt: skip
-    """Every argument check of ``policy_loss`` (no pass over the values; one sync for cu_seqlens
-    when ``verify_cu``). Finiteness is counted in the loss's own pass. The settings in ``cfg`` are
-    checked where they are written, when the PolicyLossConfig is built.
-
-    Returns whether the advantages are per token (``advantages_per_token``, in this layout).
-    """
-    if not isinstance(logp, torch.Tensor):
-        raise ValueError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
-    check_float("logp", logp)
-    if (mask is None) == (cu_seqlens is None):
-        raise ValueError(
-            "pass exactly one of mask (padded logp [B, L]) and cu_seqlens (packed logp [T]), got "
-            + ("both" if mask is not None else "neither")
-        )
-    if mask is not None:
-        if logp.dim() != 2:
-            raise ValueError(f"logp must be [B, L] with mask, got shape {tuple(logp.shape)}")
-        if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask has shape {shape}, expected logp's {tuple(logp.shape)}")
-        b = logp.shape[0]
-    else:
-        if logp.dim() != 1:
-            raise ValueError(f"logp must be [T] with cu_seqlens, got shape {tuple(logp.shape)}")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [B + 1]")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-            raise ValueError(
-                f"cu_seqlens must be int32/int64 with B + 1 >= 2 entries, got {cu_seqlens.dtype} "
-                f"with {cu_seqlens.numel()}"
-            )
-        b = cu_seqlens.numel() - 1
-        if verify_cu:  # one host sync; skipped with check_finite=False on CUDA
-            cu = cu_seqlens.tolist()
-            if (
-                cu[0] != 0
-                or cu[-1] != logp.numel()
-                or any(x > y for x, y in zip(cu, cu[1:], strict=False))
-            ):
-                raise ValueError(
-                    f"cu_seqlens must rise from 0 to len(logp) = {logp.numel()}, got "
-                    f"{cu if len(cu) <= 8 else cu[:4] + ['...'] + cu[-3:]}"
-                )
-    if b == 0:
-        raise ValueError("logp holds no sequence (B = 0)")
-    if not isinstance(advantages, torch.Tensor):
-        raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    check_float("advantages", advantages)
-    per_token = advantages_per_token(advantages, logp, b)
-    if advantages.shape != (logp.shape if per_token else (b,)):
-        raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}, expected [{b}] (per sequence) or "
-            f"logp's {tuple(logp.shape)} (per token)"
-        )
-    _check_like("old_logp", old_logp, logp)
-    _check_like("ref_logp", ref_logp, logp)
-    _check_like("rollout_logp", rollout_logp, logp)
-    if cfg.uses_ref and ref_logp is None:
-        raise ValueError(f"ref_logp is required when beta > 0 (beta = {cfg.beta})")
-    if cfg.rollout_rs is not None and rollout_logp is None and rollout_is_weights is None:
-        raise ValueError(f"rollout_rs={cfg.rollout_rs!r} needs rollout_logp")
-    check_rollout_weights(rollout_is_weights, logp, b, rollout_logp, cfg)
-    for name, value in counts.items():
-        _check_count(name, value)
-    return per_token
-
-
-# -------------------------------------------------------------------------------------------------
 # autograd.Function: forward writes the gradient, backward scales it
 # -------------------------------------------------------------------------------------------------
 
@@ -235,7 +119,8 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
-                adv_per_token, num_tokens, num_seqs, max_len, backend, is_weights):  # fmt: skip
+                adv_per_token, num_tokens, num_seqs, max_len, backend, is_weights,
+                cov_select=None, per_token=False):  # fmt: skip
         counts = (num_tokens, num_seqs, max_len)
         dtype = compute_dtype(logp)
         inputs = (logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg)
@@ -243,10 +128,9 @@ class PolicyLossFunction(torch.autograd.Function):
         grad_scale = 1.0 if folded is None else folded
         if backend == "triton":  # local N_seqs (and L_max) need per-sequence counts
             need = needs_seq_counts(cfg, num_seqs, max_len)
-            grad, partials, seq_counts = policy_loss_triton(
-                *inputs, adv_per_token, need_seq_counts=need, grad_scale=grad_scale,
-                rollout_is_weights=is_weights,
-            )  # fmt: skip
+            grad, partials, seq_counts, tokens = policy_loss_triton(
+                *inputs, adv_per_token, need, grad_scale, is_weights, cov_select, per_token
+            )
             if not any(isinstance(c, torch.Tensor) for c in counts):
                 loss, inv_denom, metrics = finalize_triton(
                     partials, seq_counts, cfg, *counts, dtype
@@ -255,17 +139,18 @@ class PolicyLossFunction(torch.autograd.Function):
                 stats = reduce_partials(partials, dtype)
                 loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         else:
-            grad, stats, seq_counts = policy_loss_torch(
-                *inputs, adv_per_token, grad_scale, is_weights
+            grad, stats, seq_counts, tokens = policy_loss_torch(
+                *inputs, adv_per_token, grad_scale, is_weights, cov_select, per_token
             )
             loss, inv_denom, metrics = finalize_torch(cfg, stats, seq_counts, *counts)
         ctx.save_for_backward(grad, inv_denom)
         ctx.folded, ctx.backend, ctx.scaled = folded is not None, backend, False
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+        tokens = tokens or ()  # per token: loss, KL, flags
+        ctx.mark_non_differentiable(metrics, *tokens)
+        return loss, metrics, *tokens
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics):
+    def backward(ctx, grad_loss, _grad_metrics, *_grad_tokens):
         # Scaled in place: a copy would be a second [T] buffer and a pass that writes it; the
         # saved gradient is then spent, so a second backward cannot reuse it.
         if ctx.scaled:
@@ -307,6 +192,8 @@ def policy_loss(
     config: PolicyLossConfig | None = None,
     check_finite: bool = True,
     backend: str = "auto",
+    per_token: bool = False,
+    generator: torch.Generator | None = None,
     **settings,
 ) -> PolicyLossOutput:
     """The clipped policy-gradient loss of GRPO / PAPO / DAPO / GSPO / Dr. GRPO, fused.
@@ -345,10 +232,14 @@ def policy_loss(
             counts come from the loss's own pass). False: no sync on the Triton path (the PyTorch
             path, the CPU's, syncs once anyway), and the loss goes NaN/inf.
         backend: "auto" (CUDA → Triton, CPU → PyTorch), "torch" or "triton".
+        per_token: also return each token's loss, KL and clip flags before the aggregation
+            (PolicyLossTokenOutput) from the same pass; the loss is the same either way.
+        generator: clip_cov's random draw (policy_loss_cov.py), a torch.Generator on logp's
+            device; None: the device's default generator. Other loss types draw nothing.
         **settings: PolicyLossConfig's fields by name (``eps_low=0.1``), replacing config's.
 
     Returns:
-        PolicyLossOutput: the scalar loss and its metrics (0-dim tensors).
+        PolicyLossOutput: the loss and its metrics (0-dim); PolicyLossTokenOutput with per_token.
 
     Raises:
         ValueError: an input of the wrong shape, dtype or layout, a setting out of range, a count
@@ -359,21 +250,22 @@ def policy_loss(
     cfg = PolicyLossConfig.resolve(config, settings)
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
-    per_token = check_inputs(
+    adv_per_token = check_inputs(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts,
         verify_cu, rollout_is_weights,
     )  # fmt: skip
     b = logp.shape[0] if mask is not None else cu_seqlens.numel() - 1
     is_weights = check_rollout_weights(rollout_is_weights, logp, b, rollout_logp, cfg)
     return apply_policy_loss(
-        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, per_token,
-        counts, check_finite, backend, is_weights,
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
+        counts, check_finite, backend, is_weights, per_token=per_token, generator=generator,
     )  # fmt: skip
 
 
 def apply_policy_loss(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg: PolicyLossConfig,
-    adv_per_token: bool, counts: dict, check_finite: bool, backend: str, is_weights=None,
+    adv_per_token: bool, counts: dict, check_finite: bool, backend: str, is_weights=None, *,
+    per_token: bool = False, generator: torch.Generator | None = None,
 ) -> PolicyLossOutput:  # fmt: skip
     """``policy_loss`` on inputs that ``check_inputs`` accepted, with its reading of the
     advantages (so a caller that repacks them keeps the reading of its own layout)."""
@@ -381,9 +273,14 @@ def apply_policy_loss(
     backend = resolve_backend(
         backend, logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, is_weights
     )
-    loss, metrics = PolicyLossFunction.apply(
+    # clip_cov / kl_cov: their tokens, selected over this call's batch (None for other types)
+    select = cov_selection(
+        logp, old_logp, advantages, mask, cu_seqlens, cfg, adv_per_token, generator
+    )
+    loss, metrics, *tokens = PolicyLossFunction.apply(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
-        counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend, is_weights,
+        counts["num_tokens"], counts["num_seqs"], counts["max_len"], backend, is_weights, select,
+        per_token,
     )  # fmt: skip
     nonfinite = metrics[NONFINITE_LOGP : NONFINITE_ROLLOUT + 1]  # CHECKED's slots, in order
     if check_finite:  # one host sync: non-finite inputs, and the tensor counts' values
@@ -398,7 +295,8 @@ def apply_policy_loss(
             if k := bad[slot - NONFINITE_LOGP]:
                 raise ValueError(f"{name} has {int(k)} non-finite value(s) among the valid tokens")
     named = {name: metrics[slot] for name, slot in METRIC_SLOTS.items()}
-    return PolicyLossOutput(loss, **named, num_nonfinite=nonfinite.sum())
+    res = PolicyLossOutput(loss, **named, num_nonfinite=nonfinite.sum())
+    return PolicyLossTokenOutput(*res, per_token_outputs(*tokens, select)) if per_token else res
 
 
 class PolicyLossModule(torch.nn.Module):
@@ -436,12 +334,15 @@ class PolicyLossModule(torch.nn.Module):
         num_tokens: Count | None = None,
         num_seqs: Count | None = None,
         max_len: Count | None = None,
+        per_token: bool = False,
+        generator: torch.Generator | None = None,
     ) -> PolicyLossOutput:
         return policy_loss(
             logp, old_logp, advantages, mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
             rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights,
-            num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len,
-            config=self.config, check_finite=self.check_finite, backend=self.backend,
+            num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len, per_token=per_token,
+            generator=generator, config=self.config, check_finite=self.check_finite,
+            backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

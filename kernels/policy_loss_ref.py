@@ -33,6 +33,7 @@ class PolicyLossTerms(NamedTuple):
     dual_clip: torch.Tensor  # bool: bounded at -c * A by the dual clip (A < 0)
     kl: torch.Tensor  # KL_t as in the loss (0 when beta == 0: ref_logp is not read), detached
     kept: torch.Tensor  # bool: the mask after rollout rejection (the mask itself when it is off)
+    cov_select: torch.Tensor | None  # bool: clip_cov / kl_cov's selected tokens; None otherwise
 
 
 # Log-ratios of the rollout correction are held to [-20, 20] before they are exponentiated or
@@ -58,6 +59,35 @@ def rollout_kept_ref(
     return valid & (stat >= math.log(cfg.rs_low)) & (stat <= math.log(cfg.rs_high))
 
 
+def cov_selection_ref(
+    logp: torch.Tensor, old_logp: torch.Tensor | None, a: torch.Tensor, mask: torch.Tensor,
+    cfg: PolicyLossConfig, cov_keys: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """clip_cov / kl_cov's selected tokens [B, L] bool, step by step as verl selects them, in
+    float64 (policy_loss_cov.py): ``a`` the advantages [B, L]; ``cov_keys`` [B, L] clip_cov's
+    random keys, the candidates of the smallest keys chosen (verl: a random permutation)."""
+    valid = mask != 0
+    lp, a = logp.detach().double(), a.detach().double()
+    cov = (a - a[valid].mean()) * (lp - lp[valid].mean())  # masked positions: unused
+    n = int(valid.sum())
+    select = torch.zeros_like(valid)
+    if cfg.loss_type == "kl_cov":  # the top k by covariance
+        if n > 0:
+            top = torch.topk(cov[valid], max(1, int(n * cfg.kl_cov_ratio))).indices
+            rows, cols = valid.nonzero()[top].unbind(-1)
+            select[rows, cols] = True
+        return select
+    old = lp if old_logp is None else old_logp.double()
+    ratio = torch.exp(lp - old)
+    clipped = ((ratio > 1 + cfg.eps_high) & (a > 0)) | ((ratio < 1 - cfg.eps_low) & (a < 0))
+    band = valid & ~clipped & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+    rows, cols = band.nonzero().unbind(-1)
+    k = min(max(1, int(n * cfg.clip_cov_ratio)), rows.numel())
+    chosen = torch.argsort(cov_keys[rows, cols], stable=True)[:k]
+    select[rows[chosen], cols[chosen]] = True
+    return select
+
+
 def policy_loss_terms_ref(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -68,6 +98,7 @@ def policy_loss_terms_ref(
     rollout_logp: torch.Tensor | None = None,
     rollout_is_weights: torch.Tensor | None = None,
     config: PolicyLossConfig | None = None,
+    cov_keys: torch.Tensor | None = None,
     **settings,
 ) -> PolicyLossTerms:
     """The per-token loss [B, L] in logp's dtype, and its flags [B, L] bool; arguments as in
@@ -90,9 +121,17 @@ def policy_loss_terms_ref(
     lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
     r = ratio.detach()
     no_clip = torch.zeros_like(r, dtype=torch.bool)
-    if cfg.loss_type == "ppo":
+    select = None
+    if cfg.loss_type in ("clip_cov", "kl_cov"):
+        select = cov_selection_ref(logp, old_logp, a, mask, cfg, cov_keys)
+    if cfg.loss_type in ("ppo", "clip_cov"):
         pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, lo, hi))
         clip_low, clip_high = (r < lo) & (a < 0), (r > hi) & (a > 0)
+        if select is not None:  # clip_cov: the selected tokens' loss is 0
+            pg = torch.where(select, 0.0, pg)
+    elif cfg.loss_type == "kl_cov":  # the unclipped ratio, and |log-ratio| on the selected tokens
+        pg = -a * ratio + cfg.kl_cov_coef * select * (logp - old).abs()
+        clip_low, clip_high = no_clip, no_clip
     elif cfg.loss_type == "cispo":  # the weight clipped for any A, detached; the gradient via logp
         pg = -torch.clamp(r, lo, hi) * a * logp
         clip_low, clip_high = r < lo, r > hi
@@ -133,7 +172,7 @@ def policy_loss_terms_ref(
             kl = kl * ratio
     loss = pg + cfg.beta * kl if cfg.uses_ref else pg
     loss = torch.where(kept, loss, 0.0)
-    return PolicyLossTerms(loss, r, clip_low, clip_high, dual, kl.detach(), kept)
+    return PolicyLossTerms(loss, r, clip_low, clip_high, dual, kl.detach(), kept, select)
 
 
 def aggregate_ref(
@@ -181,6 +220,7 @@ def policy_loss_ref(
     num_seqs: Count | None = None,
     max_len: Count | None = None,
     config: PolicyLossConfig | None = None,
+    cov_keys: torch.Tensor | None = None,
     **settings,
 ) -> PolicyLossOutput:
     """``policy_loss`` on the padded layout, eagerly, in logp's dtype.
@@ -194,6 +234,7 @@ def policy_loss_ref(
         mask: [B, L], nonzero = valid token. Masked positions must hold finite values (they are
             multiplied by 0).
         num_tokens, num_seqs, max_len, config, **settings: as in ``policy_loss``.
+        cov_keys: [B, L] float64, clip_cov's random keys (``cov_selection_ref``).
 
     Returns:
         PolicyLossOutput: the loss and the metrics over the valid tokens (0-dim, logp's dtype;
@@ -202,7 +243,7 @@ def policy_loss_ref(
     cfg = PolicyLossConfig.resolve(config, settings)
     terms = policy_loss_terms_ref(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
-        rollout_is_weights=rollout_is_weights, config=cfg,
+        rollout_is_weights=rollout_is_weights, config=cfg, cov_keys=cov_keys,
     )  # fmt: skip
     counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     loss = aggregate_ref(terms.loss, terms.kept, cfg.agg, **counts)  # rejected: not counted

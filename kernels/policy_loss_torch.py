@@ -9,7 +9,9 @@ backends share one autograd.Function and one finalization:
   denominator (1 for a valid token, or 1/|y_i| under "seq-mean-token-mean"; 0 for a masked one),
   times ``grad_scale`` (1 / D when the counts are numbers: the backward then has less to do);
 - ``stats``: the sums the loss and its metrics are made of (the named slots below);
-- ``seq_counts``: valid tokens per sequence, for the local N_seq and L_max.
+- ``seq_counts``: valid tokens per sequence, for the local N_seq and L_max;
+- ``tokens`` (only when asked, else None): per token, in logp's layout, the loss ℓ_t [compute
+  dtype], KL_t [compute dtype] and the flags [uint8, FLAG_* bits], each 0 at masked positions.
 
 Per token t of sequence i, with A the advantage, the gradients it forms without autograd:
   ratio      d ρ_t / d logp_t = ρ_t, at token and at sequence level (GSPO, verl's
@@ -20,6 +22,9 @@ Per token t of sequence i, with A the advantage, the gradients it forms without 
       sapo   −A·g, g = σ(τ(ρ − 1))·4/τ, τ = sapo_tau_pos if A > 0 else sapo_tau_neg
              (d: −A·4σ(1 − σ)·ρ)
       gpg    −A·logp (d: −A)
+      clip_cov  ppo's, and 0 (d: 0) at the selected tokens (policy_loss_cov.py)
+      kl_cov −ρ·A, unclipped, plus kl_cov_coef·|logp − old| at the selected tokens
+             (d: −ρ·A + kl_cov_coef·sign(logp − old))
   dual clip  A < 0 and pg > −c·A → pg = −c·A, no gradient (ppo only)
   rollout    w_t = min(exp(old_t − rollout_t), is_cap), detached, multiplies pg (not the KL term);
              is_level="sequence": one w_i = min(exp(clamp(Σ_t old_t − rollout_t, ±20)), is_cap);
@@ -33,6 +38,7 @@ Per token t of sequence i, with A the advantage, the gradients it forms without 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -91,6 +97,33 @@ def rollout_kept(
     return (stat >= math.log(cfg.rs_low)) & (stat <= math.log(cfg.rs_high))
 
 
+# The bits of the per-token flags (``per_token`` outputs), the same on both backends.
+FLAG_CLIP_LOW = Slot(1)  # clipped at 1 - eps_low
+FLAG_CLIP_HIGH = Slot(2)  # clipped at 1 + eps_high
+FLAG_DUAL = Slot(4)  # bounded by the dual clip
+
+
+class PerTokenOutputs(NamedTuple):
+    """Each token's terms before the aggregation, in logp's layout ([B, L] or [T]), detached, 0 /
+    False at masked positions (liger-kernel's ``reduce=False`` outputs, and the flags apart).
+
+    Aggregating ``loss`` as ``agg`` says (policy_loss.py's docstring) gives PolicyLossOutput.loss.
+    """
+
+    loss: torch.Tensor  # float32 (float64 for float64 logp): loss_t = w·pg + beta·KL_t
+    kl: torch.Tensor  # float32 (float64): KL_t as in the loss (0 when beta == 0)
+    clip_low: torch.Tensor  # bool: clipped at 1 - eps_low (as counted by clip_frac_low)
+    clip_high: torch.Tensor  # bool: clipped at 1 + eps_high (as counted by clip_frac_high)
+    dual_clip: torch.Tensor  # bool: bounded by the dual clip
+    cov_select: torch.Tensor | None  # bool: clip_cov / kl_cov's selected tokens; None otherwise
+
+
+def per_token_outputs(loss, kl, flags, cov_select=None) -> PerTokenOutputs:
+    """PerTokenOutputs of a token pass's (loss, kl, flags), the flags' bits apart as bools."""
+    bits = [flags & bit != 0 for bit in (FLAG_CLIP_LOW, FLAG_CLIP_HIGH, FLAG_DUAL)]
+    return PerTokenOutputs(loss, kl, *bits, cov_select)
+
+
 def advantages_per_token(advantages: torch.Tensor, logp: torch.Tensor, num_seqs: int) -> bool:
     """Per token or per sequence, from the shapes in the caller's layout, never from counts.
 
@@ -145,10 +178,13 @@ def policy_loss_torch(
     adv_per_token: bool,  # advantages_per_token's reading, made in the caller's layout
     grad_scale: float = 1.0,  # the gradient's factor: 1 / D when the counts are numbers
     rollout_is_weights: torch.Tensor | None = None,  # [B] per sequence or like logp
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B]) of checked inputs; the
-    gradient is multiplied by ``grad_scale`` where the clip mask is applied (no pass of its own,
-    but where an input is not finite).
+    cov_select: torch.Tensor | None = None,  # like logp, bool: clip_cov / kl_cov's tokens
+    per_token_out: bool = False,  # also return the per-token loss, KL and flags
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+    """(grad like logp in logp's dtype, stats [NUM_STATS], seq_counts [B], tokens) of checked
+    inputs; the gradient is multiplied by ``grad_scale`` where the clip mask is applied (no pass
+    of its own, but where an input is not finite). ``tokens``: (loss, kl, flags) like logp when
+    ``per_token_out``, else None.
 
     Few passes over the tokens, as this is the CPU path: per-sequence values stay [B] until they
     broadcast; masked positions are never cleaned, what leaves is masked instead, by multiplying
@@ -221,6 +257,7 @@ def policy_loss_torch(
         given_w = rollout_is_weights.detach().to(cdt)
         given_w = given_w if given_w.shape == lp.shape else expand(given_w.reshape(b))
     delta = lp - ref_logp.detach().to(cdt) if cfg.uses_ref else None
+    abs_lr = (lp - old).abs_() if cfg.loss_type == "kl_cov" else None  # before exp_ below
     uses_logp = cfg.loss_type in ("cispo", "gpg")  # their loss holds logp itself
     input_sums = sums(log_ratio, neg_adv, log_w, delta, lp if uses_logp else None, given_w)
     if cfg.ratio_level == "sequence":
@@ -236,7 +273,7 @@ def policy_loss_torch(
 
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
     clipped = None  # tokens whose ratio was clipped (ppo: where it binds; cispo: any A)
-    if cfg.loss_type == "ppo":
+    if cfg.loss_type in ("ppo", "clip_cov"):
         pg_unclipped = (
             ratio * neg_adv
         )  # = d pg / d logp where not clipped (d ratio / d logp = ratio)
@@ -244,6 +281,16 @@ def policy_loss_torch(
         clipped = pg_clipped > pg_unclipped  # high: ratio > hi, A > 0; low: ratio < lo, A < 0
         pg = torch.maximum(pg_unclipped, pg_clipped, out=pg_clipped)
         dloss = keep_unless(clipped, pg_unclipped, grad_scale)
+        if cov_select is not None:  # clip_cov: loss 0, gradient 0
+            pg = pg.masked_fill_(cov_select, 0.0)
+            dloss = dloss.masked_fill_(cov_select, 0.0)
+    elif cfg.loss_type == "kl_cov":  # -ratio * A, plus coef * |logp - old| where selected
+        pg = ratio * neg_adv
+        dloss = pg * grad_scale
+        sel = cov_select.to(cdt)
+        pg = pg.addcmul_(sel, abs_lr, value=cfg.kl_cov_coef)
+        slope = (lp - old).sign_().mul_(sel)  # d |logp - old| / d logp, where selected
+        dloss = dloss.add_(slope, alpha=cfg.kl_cov_coef * grad_scale)
     elif cfg.loss_type == "cispo":  # pg = -sg(clip(ratio)) * A * logp, d pg / d logp = the rest
         dloss = ratio.clamp(lo, hi).mul_(neg_adv)
         clipped = (ratio < lo) | (ratio > hi)
@@ -290,13 +337,25 @@ def policy_loss_torch(
         dloss = dloss.add_(dkl, alpha=slope) if torch.is_tensor(dkl) else dloss.add_(slope)
         kl_sum = masked(kl).sum()
 
+    loss = masked(loss, inplace=True)  # loss_t, 0 at masked positions
+    tokens = None
+    if per_token_out:
+        kl_t = masked(kl) if cfg.uses_ref else torch.zeros_like(lp)
+        flags = torch.zeros(lp.shape, dtype=torch.uint8, device=dev)
+        if clipped is not None:
+            clip_t = clipped if valid is None else clipped & valid
+            high = clip_t & (ratio > 1.0)
+            flags += high * FLAG_CLIP_HIGH + (clip_t & ~high) * FLAG_CLIP_LOW
+        if cfg.dual_clip is not None:
+            flags += (dual if valid is None else dual & valid) * FLAG_DUAL
+        tokens = (loss, kl_t, flags)
     if cfg.agg == "seq-mean-token-mean":  # c_t = 1 / |y_i|
         inv_len = 1.0 / seq_counts.clamp(min=1)  # [B]
         grad = masked(dloss.mul_(expand(inv_len)), inplace=True)
-        loss_sum = (seq_sum(masked(loss, inplace=True)) * inv_len).sum()
+        loss_sum = (seq_sum(loss) * inv_len).sum()
     else:  # c_t = 1
         grad = masked(dloss, inplace=True)
-        loss_sum = masked(loss, inplace=True).sum()
+        loss_sum = loss.sum()
     grad = grad.to(logp.dtype)
 
     n_clip = n_high = zero
@@ -338,4 +397,4 @@ def policy_loss_torch(
         valid = valid_in
         slots |= {k: count(~torch.isfinite(t)) for k, t in read.items() if t is not None}
     stats = torch.stack([slots.get(k, zero) for k in range(NUM_STATS)])  # one op, in slot order
-    return grad, stats, seq_counts
+    return grad, stats, seq_counts, tokens

@@ -3,9 +3,9 @@
 Over flat token arrays of either layout (padded [B, L] + mask, packed [T] + cu_seqlens), never with
 a sequence length on a grid dimension:
 
-- ``_policy_loss_seq_stats_kernel``, one program per sequence looping over it: |y_i| and, at
-  sequence level, the mean log-ratio. Launched only when something per-sequence is needed; at
-  token level it reads only the mask.
+- ``_policy_loss_seq_stats_kernel`` (policy_loss_seq.py), one program per sequence looping over
+  it: |y_i|, at sequence level the mean log-ratio, the rollout correction's sequence values.
+  Launched only when something per-sequence is needed.
 - ``_policy_loss_fwd_kernel``, BLOCK tokens per program: the per-token loss and its gradient
   (written once) and one row of stat sums per program (loss, counts, clip/dual-clip/KL/ratio sums,
   ratio min/max, non-finite counts). A packed token finds its sequence by binary search over
@@ -27,15 +27,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import at_offset
-from .loss_config import AGGS, KLS, LOSS_TYPES, RATIO_LEVELS, ROLLOUT_RS, PolicyLossConfig
+from ._backend import at_offset, compute_dtype
+from .loss_config import (
+    AGGS,
+    COV_TYPES,
+    KLS,
+    LOSS_TYPES,
+    RATIO_LEVELS,
+    ROLLOUT_RS,
+    PolicyLossConfig,
+)
 from .policy_loss_finalize import folded_inv_denom
 from .policy_loss_scale import scale_grad_  # noqa: F401  (the backward's launcher, re-exported)
+from .policy_loss_seq import _block, seq_stats_triton
 from .policy_loss_torch import (
     CLIP_HIGH,
     CLIP_LOW,
     COUNT,
     DUAL_CLIP,
+    FLAG_CLIP_HIGH,
+    FLAG_CLIP_LOW,
+    FLAG_DUAL,
     KL,
     LOSS,
     NONFINITE_ADV,
@@ -50,76 +62,6 @@ from .policy_loss_torch import (
 )
 
 
-@triton.jit
-def _policy_loss_seq_stats_kernel(
-    # inputs
-    logp_ptr, old_ptr, mask_ptr, cu_ptr, rollout_ptr,
-    # outputs, [B] float32; seq_w [2, B]: the sequence's log rollout weight, and 1 / 0 kept
-    count_ptr, lr_mean_ptr, seq_w_ptr,
-    # shapes
-    L, B,
-    # the rejection band's logs (runtime floats)
-    log_lo, log_hi,
-    # switches
-    PACKED: tl.constexpr, HAS_OLD: tl.constexpr, SEQ_LEVEL: tl.constexpr,
-    IS_SEQ: tl.constexpr, RS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """One program per sequence: valid tokens |y_i| and, at sequence level, the mean log-ratio.
-    With rollout rejection (RS: 0 off, 1 token, 2 sequence, 3 geometric) |y_i| and the mean count
-    the kept tokens only; IS_SEQ: the sequence's rollout log-weight, clamped to +-20."""
-    seq = tl.program_id(0).to(tl.int64)
-    if PACKED:
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        end = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    else:
-        start = seq * L
-        end = start + L
-    count = tl.zeros([BLOCK], tl.float32)
-    count_in = tl.zeros([BLOCK], tl.float32)
-    lr_sum = tl.zeros([BLOCK], tl.float32)
-    lw_sum = tl.zeros([BLOCK], tl.float32)  # of old - rollout; lwc_sum: each clamped to +-20
-    lwc_sum = tl.zeros([BLOCK], tl.float32)
-    for block_start in range(start, end, BLOCK):  # a loop, not a grid dim: any length works
-        offs = block_start + tl.arange(0, BLOCK)
-        valid = offs < end
-        if not PACKED:
-            valid &= tl.load(mask_ptr + offs, mask=valid, other=0) != 0
-        if IS_SEQ or RS != 0:
-            lw = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            if HAS_OLD:
-                lw = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            lw -= tl.load(rollout_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            lwc = tl.minimum(tl.maximum(lw, -20.0), 20.0)
-            lw_sum += tl.where(valid, lw, 0.0)
-            lwc_sum += tl.where(valid, lwc, 0.0)
-            count_in += valid.to(tl.float32)
-            if RS == 1:  # rejected tokens leave the mask
-                valid &= (lwc >= log_lo) & (lwc <= log_hi)
-        count += valid.to(tl.float32)
-        if SEQ_LEVEL and HAS_OLD:
-            lp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            lr_sum += lp - old
-    n = tl.sum(count, axis=0)
-    if RS >= 2:  # the sequence's product of token ratios, or their geometric mean
-        stat = tl.sum(lwc_sum, axis=0)
-        if RS == 3:
-            stat = stat / tl.maximum(tl.sum(count_in, axis=0), 1.0)
-        kept = (stat >= log_lo) & (stat <= log_hi)
-        n = tl.where(kept, n, 0.0)
-        tl.store(seq_w_ptr + B + seq, kept.to(tl.float32))
-    if IS_SEQ:
-        tl.store(seq_w_ptr + seq, tl.minimum(tl.maximum(tl.sum(lw_sum, axis=0), -20.0), 20.0))
-    tl.store(count_ptr + seq, n)
-    if SEQ_LEVEL:
-        tl.store(lr_mean_ptr + seq, tl.sum(lr_sum, axis=0) / tl.maximum(n, 1.0))
-
-
-def _block(n: int) -> int:
-    """Tokens per program: 1024 (4 warps, 8 a thread), or the next power of two for tiny inputs."""
-    return min(1024, triton.next_power_of_2(max(n, 16)))
-
-
 @triton.heuristics({"BLOCK": lambda args: _block(args["N"])})
 @triton.jit
 def _policy_loss_fwd_kernel(
@@ -127,12 +69,16 @@ def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, cu_ptr, ref_ptr, rollout_ptr,
     # per-sequence stats from _policy_loss_seq_stats_kernel; the caller's rollout weights
     count_ptr, lr_mean_ptr, seq_w_ptr, is_w_ptr,
+    # clip_cov / kl_cov's selected tokens, like logp (uint8), read by those types only
+    select_ptr,
     # outputs: grad like logp, partials [programs, NUM_STATS] float32
     grad_ptr, partials_ptr,
+    # per-token outputs (PER_TOKEN only), like logp: loss, KL (compute dtype), flags (uint8)
+    tok_loss_ptr, tok_kl_ptr, tok_flags_ptr,
     # shapes
     N, L, B, search_steps,
     # hyper-parameters: runtime floats, a new value does not recompile
-    eps_low, eps_high, dual_clip, beta, is_cap, tau_pos, tau_neg, log_lo, log_hi,
+    eps_low, eps_high, dual_clip, beta, is_cap, tau_pos, tau_neg, kl_cov_coef, log_lo, log_hi,
     # the stored gradient's factor: 1 / D when the counts are numbers, else 1 (a runtime float)
     grad_scale,
     # switches
@@ -140,11 +86,13 @@ def _policy_loss_fwd_kernel(
     SEQ_LEVEL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, HAS_DUAL: tl.constexpr,
     HAS_ROLLOUT: tl.constexpr, IS_SEQ: tl.constexpr, RS: tl.constexpr, IS_W: tl.constexpr,
     LOSS_TYPE: tl.constexpr,
-    KL_TYPE: tl.constexpr, KL_RATIO: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+    KL_TYPE: tl.constexpr, KL_RATIO: tl.constexpr, PER_TOKEN: tl.constexpr,
+    NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK flat tokens per program: per-token loss and gradient, and one row of stat sums.
 
-    LOSS_TYPE: the index of loss_type in LOSS_TYPES (ppo, cispo, sapo, gpg). KL_TYPE: 0 = no KL
+    LOSS_TYPE: the index of loss_type in LOSS_TYPES (ppo, cispo, sapo, gpg, clip_cov, kl_cov).
+    PER_TOKEN: store each token's loss, KL and flags too (0 where masked). KL_TYPE: 0 = no KL
     term (ref_logp not read), else 1 + the index of kl in KLS (k1, k2, k3, abs, k3+). KL_RATIO:
     the KL term times the token ratio. Rollout correction: IS_SEQ, the weight per sequence; RS,
     rejection (0 off, 1 token, else per sequence: seq_w's kept flags); IS_W, the caller's weights
@@ -193,7 +141,7 @@ def _policy_loss_fwd_kernel(
     clip_high = tl.zeros([BLOCK], tl.int1)
     clip_low = tl.zeros([BLOCK], tl.int1)
     dual = tl.zeros([BLOCK], tl.int1)
-    if LOSS_TYPE == 0:  # ppo
+    if LOSS_TYPE == 0 or LOSS_TYPE == 4:  # ppo, clip_cov
         clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
         clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
         clipped = clip_high | clip_low
@@ -205,6 +153,10 @@ def _policy_loss_fwd_kernel(
             pg = tl.where(dual, bound, pg)
             dpg = tl.where(dual, 0.0, dpg)
         dloss = dpg * ratio
+        if LOSS_TYPE == 4:  # clip_cov: the selected tokens' loss and gradient are 0
+            chosen = tl.load(select_ptr + offs, mask=valid, other=0) != 0
+            pg = tl.where(chosen, 0.0, pg)
+            dloss = tl.where(chosen, 0.0, dloss)
     elif LOSS_TYPE == 1:  # cispo: -sg(clip(ratio)) * A * logp, clipped for any A
         clip_high = ratio > 1.0 + eps_high
         clip_low = ratio < 1.0 - eps_low
@@ -215,6 +167,12 @@ def _policy_loss_fwd_kernel(
         gate = tl.sigmoid(tau * (ratio - 1.0))
         pg = -adv * gate * (4.0 / tau)
         dloss = -adv * 4.0 * gate * (1.0 - gate) * ratio
+    elif LOSS_TYPE == 5:  # kl_cov: -A * ratio, unclipped, + coef * |logp - old| where selected
+        chosen = (tl.load(select_ptr + offs, mask=valid, other=0) != 0).to(tl.float32)
+        lr = lp - old
+        sign = tl.where(lr > 0, 1.0, tl.where(lr < 0, -1.0, 0.0))
+        pg = -adv * ratio + kl_cov_coef * chosen * tl.abs(lr)
+        dloss = -adv * ratio + kl_cov_coef * chosen * sign
     else:  # gpg: -A * logp
         pg = -adv * lp
         dloss = -adv
@@ -262,6 +220,12 @@ def _policy_loss_fwd_kernel(
         coef = coef / tl.maximum(tl.load(count_ptr + seq, mask=valid, other=1.0), 1.0)
     grad = tl.where(valid, coef * dloss * grad_scale, 0.0)
     tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
+    if PER_TOKEN:  # the flags' bits: policy_loss_torch.py's FLAG_*
+        tl.store(tok_loss_ptr + offs, tl.where(valid, loss, 0.0), mask=in_range)
+        tl.store(tok_kl_ptr + offs, tl.where(valid, kl, 0.0), mask=in_range)
+        flags = (clip_low.to(tl.uint8) * FLAG_CLIP_LOW) | (clip_high.to(tl.uint8) * FLAG_CLIP_HIGH)
+        flags = tl.where(valid, flags | (dual.to(tl.uint8) * FLAG_DUAL), 0)
+        tl.store(tok_flags_ptr + offs, flags.to(tl.uint8), mask=in_range)
 
     # One row of sums, in the named slots of policy_loss_torch.py; finite means |x| < inf (NaN
     # fails it too).
@@ -311,9 +275,10 @@ def needs_seq_counts(cfg, num_seqs, max_len) -> bool:
 
 def policy_loss_triton(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
-    need_seq_counts=True, grad_scale=1.0, rollout_is_weights=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None).
+    need_seq_counts=True, grad_scale=1.0, rollout_is_weights=None, cov_select=None, per_token=False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple | None]:  # fmt: skip
+    """The token pass: (grad like logp, partials [programs, NUM_STATS], seq_counts [B] or None,
+    per-token (loss, KL, flags) like logp when ``per_token``, else None).
 
     Inputs are checked; ``adv_per_token`` is advantages_per_token's reading of the caller's
     layout; the stored gradient is multiplied by ``grad_scale``; ``rollout_is_weights`` per
@@ -344,34 +309,29 @@ def policy_loss_triton(
     is_seq = rollout_logp is not None and cfg.is_level == "sequence"
     rs = ROLLOUT_RS.index(cfg.rollout_rs)  # 0: off, 1: token, 2: sequence, 3: geometric
     log_band = (math.log(cfg.rs_low), math.log(cfg.rs_high))
-    counts = torch.empty(b, dtype=torch.float32, device=logp.device)  # [B]
-    lr_mean = torch.empty(b if seq_level else 1, dtype=torch.float32, device=logp.device)  # [B]
-    seq_w = torch.empty(2 * b if is_seq or rs >= 2 else 1, dtype=torch.float32, device=logp.device)
     # local counts under token rejection are the kept tokens: a sequence pass then too
-    if seq_level or per_seq_mean or need_seq_counts or is_seq or rs >= 2:
-        _policy_loss_seq_stats_kernel[(b,)](
-            logp, ptr(old_logp), ptr(mask), ptr(cu_seqlens), ptr(rollout_logp),
-            counts, lr_mean, seq_w,
-            length, b,
-            *log_band,
-            PACKED=packed, HAS_OLD=old_logp is not None, SEQ_LEVEL=seq_level,
-            IS_SEQ=is_seq, RS=rs, BLOCK=_block(n // b),
-        )  # fmt: skip
-    else:
-        counts = None
+    counts, lr_mean, seq_w = seq_stats_triton(
+        logp, old_logp, mask, cu_seqlens, rollout_logp, cfg,
+        seq_level or per_seq_mean or need_seq_counts or is_seq or rs >= 2,
+    )  # fmt: skip
 
     grad = torch.empty_like(logp)
+    tok = torch.empty(logp.shape if per_token else 0, dtype=compute_dtype(logp), device=logp.device)
+    tokens = (tok, torch.empty_like(tok), torch.empty_like(tok, dtype=torch.uint8))  # per token
+    cov_select = None if cov_select is None else cov_select.contiguous().view(torch.uint8)
     programs = max(1, triton.cdiv(n, _block(n)))
     partials = torch.empty((programs, NUM_STATS), dtype=torch.float32, device=logp.device)
     _policy_loss_fwd_kernel[(programs,)](
         logp, ptr(old_logp), advantages, ptr(mask), ptr(cu_seqlens),
         ptr(ref_logp), ptr(rollout_logp),
         logp if counts is None else counts, lr_mean, seq_w, ptr(is_w),
+        ptr(cov_select),
         grad, partials,
+        *tokens,
         n, length, b, (b - 1).bit_length(),
         float(cfg.eps_low), float(cfg.eps_high), float(cfg.dual_clip or 0.0),
         float(cfg.beta), math.inf if cfg.is_cap is None else float(cfg.is_cap),
-        float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg), *log_band,
+        float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg), float(cfg.kl_cov_coef), *log_band,
         float(grad_scale),
         PACKED=packed, HAS_OLD=old_logp is not None,
         ADV_PER_TOKEN=adv_per_token, SEQ_LEVEL=seq_level,
@@ -380,9 +340,10 @@ def policy_loss_triton(
         IS_W=0 if is_w is None else (2 if is_w.shape == logp.shape else 1),
         LOSS_TYPE=LOSS_TYPES.index(cfg.loss_type),
         KL_TYPE=KLS.index(cfg.kl) + 1 if cfg.uses_ref else 0,
-        KL_RATIO=cfg.uses_ref and cfg.kl_ratio_correction, NUM_STATS=NUM_STATS,
+        KL_RATIO=cfg.uses_ref and cfg.kl_ratio_correction, PER_TOKEN=per_token,
+        NUM_STATS=NUM_STATS,
     )  # fmt: skip
-    return grad, partials, counts
+    return grad, partials, counts, tokens if per_token else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +364,7 @@ LAUNCH_SPACE = {
     "ratio_level": tuple(sorted(RATIO_LEVELS, key=lambda level: level == "token")),
     "loss_type": tuple(sorted(LOSS_TYPES, key=lambda t: t == "ppo")),  # ppo: the dual clip's
     "kl_ratio": (False, True),
+    "per_token": (False, True),
     "dual": (False, True),
     # rollout correction: none, the caller's weights (per sequence, per token), rollout_logp's
     # weight per token, with token rejection, per sequence with sequence / geometric rejection
@@ -417,7 +379,7 @@ HEAVY_DIMS = ("dtype", "kl", "agg")  # compiled in every combination, the other 
 
 def example_launch(
     dtype, kl, agg, packed, tokens, seqs, old, adv_per_token, ratio_level, loss_type, kl_ratio,
-    dual, rollout, mask, cu_seqlens, counts, aligned,
+    per_token, dual, rollout, mask, cu_seqlens, counts, aligned,
 ) -> None:  # fmt: skip
     """The launches policy_loss makes at one point of LAUNCH_SPACE, on CPU tensors (the compile
     check records them instead of running them); not aligned: the caller's tensors are slices.
@@ -428,8 +390,9 @@ def example_launch(
     cfg = PolicyLossConfig(
         beta=0.0 if kl is None else 0.1, kl=kl or "k3", ratio_level=ratio_level, agg=agg,
         dual_clip=3.0 if dual and loss_type == "ppo" else None, loss_type=loss_type,
-        kl_ratio_correction=kl_ratio and token, rollout_rs=rollout[3:] if rollout[:3] == "rs-" else
-        None, is_level="sequence" if rollout in ("rs-sequence", "rs-geometric") else "token",
+        kl_ratio_correction=kl_ratio and token,
+        rollout_rs=rollout[3:] if rollout[:3] == "rs-" and loss_type not in COV_TYPES else None,
+        is_level="sequence" if rollout in ("rs-sequence", "rs-geometric") else "token",
     )  # fmt: skip
     length = -(-tokens // seqs)
     shape = (tokens,) if packed else (seqs, length)
@@ -441,8 +404,9 @@ def example_launch(
     num = tuple(map(torch.tensor, num)) if counts == "tensors" else num
     inv = folded_inv_denom(cfg, *num)
     w = given(rollout[:2] == "w-", shape if rollout == "w-token" else (seqs, 1))
+    select = given(loss_type in COV_TYPES, d=torch.bool)
     grad, *_ = policy_loss_triton(
-        logp, given(old), adv, m, cu, given(kl is not None), given(rollout not in ("off", "w-seq",
-        "w-token")), cfg, adv_per_token, needs_seq_counts(cfg, *num[1:]),
-        1.0 if inv is None else inv, w,
+        logp, given(old), adv, m, cu, given(kl is not None),
+        given(rollout not in ("off", "w-seq", "w-token")), cfg, adv_per_token,
+        needs_seq_counts(cfg, *num[1:]), 1.0 if inv is None else inv, w, select, per_token,
     )  # fmt: skip
