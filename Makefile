@@ -17,8 +17,12 @@ $(VENV)/.installed: setup.py pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/papo-fast demo --out runs/demo
 
+# One worker per core (at most 4), each taking whole files; the tests that start processes of their
+# own (torchrun, accelerate) run after them, alone.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && echo 4 || echo $$n)
 test: $(VENV)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(JOBS) --dist loadfile -m "not serial"
+	$(BIN)/pytest -m serial
 
 # No import cycles (lazy imports included), kernels/ importing nothing from the rest of papo_fast,
 # no file over 450 lines. Part of `make test` too.

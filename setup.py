@@ -43,6 +43,7 @@ setup(
         "test": [
             *TRAIN,
             "pytest>=8",
+            "pytest-xdist>=3.8",  # `make test` runs on every core
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
             "ruff>=0.6",

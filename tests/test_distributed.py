@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from papo_fast.tasks import arith
 from papo_fast.tasks.demo import WarmupConfig
 
+pytestmark = pytest.mark.serial  # torchrun: two processes of its own, run alone
+
 STEPS = 3
 
 

@@ -340,6 +340,7 @@ def _free_port() -> int:
 VARIANTS = ("grpo:trl", "dapo:fused")
 
 
+@pytest.mark.serial  # accelerate launch: two processes of its own, run alone
 def test_two_processes_equal_one_process(tmp_path, one_thread):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
