@@ -18,7 +18,10 @@ STAGES = ["install", "references", "cuda_tests", "memory", "benchmarks"]
 
 
 def gpu_check(*args, timeout=300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable)
+    # the script runs outside pytest on the GPU machine: no sign of this run's xdist worker
+    # (pytest-benchmark turns timing off under xdist, and the suites would then record nothing)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHON"] = sys.executable
     return subprocess.run([str(SCRIPT), *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
