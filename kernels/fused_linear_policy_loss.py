@@ -325,7 +325,7 @@ def fused_linear_policy_loss(
     # (no memory, no pass). Finiteness is counted in the chunks' own passes. The advantages are
     # read per token or per sequence here, in the caller's layout: packing can make T equal B.
     logp_like = torch.zeros((), device=targets.device, dtype=acc).expand(targets.shape)
-    per_token_adv = check_inputs(
+    per_token_adv, _ = check_inputs(
         logp_like, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg,
         user_counts, verify_cu=False,
     )  # fmt: skip

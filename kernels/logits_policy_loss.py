@@ -263,7 +263,7 @@ def logits_policy_loss(
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
     acc = compute_dtype(logits)
     shape_only = torch.empty(targets.shape, dtype=acc, device="meta")  # logp's shape and dtype
-    adv_per_token = check_inputs(
+    adv_per_token, _ = check_inputs(
         shape_only, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts,
         verify_cu,
     )  # fmt: skip

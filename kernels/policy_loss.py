@@ -61,7 +61,6 @@ from .policy_loss_torch import (
     RATIO_MAX,
     RATIO_MIN,
     PerTokenOutputs,
-    check_rollout_weights,
     per_token_outputs,
     policy_loss_torch,
 )
@@ -250,12 +249,10 @@ def policy_loss(
     cfg = PolicyLossConfig.resolve(config, settings)
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     verify_cu = check_finite or not getattr(cu_seqlens, "is_cuda", False)
-    adv_per_token = check_inputs(
+    adv_per_token, is_weights = check_inputs(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts,
         verify_cu, rollout_is_weights,
     )  # fmt: skip
-    b = logp.shape[0] if mask is not None else cu_seqlens.numel() - 1
-    is_weights = check_rollout_weights(rollout_is_weights, logp, b, rollout_logp, cfg)
     return apply_policy_loss(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, adv_per_token,
         counts, check_finite, backend, is_weights, per_token=per_token, generator=generator,

@@ -69,12 +69,13 @@ def raise_bad_counts(counts: dict, flags: list) -> None:
 def check_inputs(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, cfg, counts, verify_cu,
     rollout_is_weights=None,
-) -> bool:  # fmt: skip
+) -> tuple[bool, torch.Tensor | None]:  # fmt: skip
     """Every argument check of ``policy_loss`` (no pass over the values; one sync for cu_seqlens
     when ``verify_cu``). Finiteness is counted in the loss's own pass. The settings in ``cfg`` are
     checked where they are written, when the PolicyLossConfig is built.
 
-    Returns whether the advantages are per token (``advantages_per_token``, in this layout).
+    Returns whether the advantages are per token (``advantages_per_token``, in this layout), and
+    the rollout weights as the token pass reads them (``check_rollout_weights``; None without).
     """
     if not isinstance(logp, torch.Tensor):
         raise ValueError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
@@ -131,7 +132,7 @@ def check_inputs(
         raise ValueError(f"ref_logp is required when beta > 0 (beta = {cfg.beta})")
     if cfg.rollout_rs is not None and rollout_logp is None and rollout_is_weights is None:
         raise ValueError(f"rollout_rs={cfg.rollout_rs!r} needs rollout_logp")
-    check_rollout_weights(rollout_is_weights, logp, b, rollout_logp, cfg)
+    is_weights = check_rollout_weights(rollout_is_weights, logp, b, rollout_logp, cfg)
     for name, value in counts.items():
         _check_count(name, value)
-    return per_token
+    return per_token, is_weights
